@@ -1,0 +1,85 @@
+"""Unit tests of the shared core: trace model, schema, private files, save-image header."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+
+import pytest
+
+from virtsave import saveimage, trace
+from virtsave.errors import ImageError, TraceError
+
+
+def _sample() -> trace.Trace:
+    tr = trace.new_trace("libvirt", host={"libvirt": "11.3.0", "qemu": "10.0.2"}, domain={"name": "g"})
+    ph = trace.add_phase(tr, "save", "managed-save")
+    ph["messages"] += [trace.command("getfd", {"fdname": "migrate"}, id="libvirt-1", fds=1, t=0.0),
+                       trace.reply("libvirt-1", t=0.001),
+                       trace.event("STOP", timestamp={"seconds": 1, "microseconds": 2}, t=0.002)]
+    ph["ok"] = True
+    return tr
+
+
+def test_trace_roundtrip_and_validate(tmp_path):
+    tr = _sample()
+    assert trace.validate(tr) == []
+    path = tmp_path / "t.json"
+    old = os.umask(0)
+    try:
+        trace.dump(tr, path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert trace.load(path) == tr
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda t: t.update(version=99), "newer"),
+    (lambda t: t["phases"][0]["messages"].append({"kind": "command", "t": 0}), "messages/3"),
+    (lambda t: t["phases"][0].update(name="bogus"), "phases/0/name"),
+    (lambda t: t.pop("phases"), "phases"),
+])
+def test_trace_rejects_bad(mutate, needle):
+    tr = _sample()
+    mutate(tr)
+    with pytest.raises(TraceError, match=needle):
+        trace.loads(json.dumps(tr))
+
+
+def test_trace_rejects_non_json():
+    with pytest.raises(TraceError, match="not valid JSON"):
+        trace.loads("{nope")
+    with pytest.raises(TraceError, match="not a virtsave trace"):
+        trace.loads("[]")
+
+
+def test_header_roundtrip():
+    buf = io.BytesIO()
+    hdr = saveimage.write_header(buf, "<domain type='qemu'/>", "<qemu-migration/>", was_running=False,
+                                 image_format="zstd")
+    assert hdr.partial and hdr.format == "zstd" and not hdr.was_running
+    assert hdr.stream_offset % saveimage.XML_PAD == 0
+    back = saveimage.read_header(io.BytesIO(buf.getvalue()))
+    assert back.cookie == "<qemu-migration/>"
+    with pytest.raises(ImageError, match="partial"):
+        saveimage.read_header(io.BytesIO(buf.getvalue()), allow_partial=False)
+
+
+@pytest.mark.parametrize("data, where", [
+    (b"LibvirtQemud", "offset 12"),
+    (b"x" * 200, "offset 0"),
+])
+def test_header_rejects(data, where):
+    with pytest.raises(ImageError, match=where):
+        saveimage.read_header(io.BytesIO(data))
+
+
+def test_finalize_flips_magic(tmp_path):
+    p = tmp_path / "img"
+    with open(p, "w+b") as f:
+        saveimage.write_header(f, "<domain/>")
+        saveimage.finalize(f.fileno())
+    assert saveimage.read_header_path(p).partial is False

@@ -1,0 +1,147 @@
+"""The built-in demo/test guest: define, start, watch its ``tick`` counter, remove.
+
+The guest (built by ``scripts/build-guest``) fills N MiB of RAM and prints ``tick N``
+on its serial port each second; the serial output is appended to a per-domain log,
+so a restored guest shows its counter continuing instead of starting again at 1.
+
+Example (needs a running libvirtd)::
+
+    import libvirt
+    from virtsave import guest
+    conn = libvirt.open("qemu:///system")
+    dom = guest.create(conn, "vs-demo-1", memory_mib=256, fill_mib=64)
+    guest.wait_tick("vs-demo-1", 3)
+    guest.remove(conn, "vs-demo-1")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import uuid as _uuid
+from pathlib import Path
+
+import libvirt
+
+from .config import GUEST_DIR, conf_path
+from .errors import LaunchError, VirtsaveError
+
+SERIAL_LOG_DIR = Path("/var/log/libvirt/qemu")
+_TICK = re.compile(rb"^tick (\d+)\r?$", re.M)
+
+
+def accel() -> str:
+    """``kvm`` when this host's KVM boots the guest kernel (probed at build), else ``tcg``."""
+    try:
+        return (GUEST_DIR / "accel").read_text().strip() or "tcg"
+    except FileNotFoundError:
+        raise LaunchError(f"test guest not built ({GUEST_DIR}/accel missing): run scripts/setup") from None
+
+
+def serial_log(name: str) -> Path:
+    """Where the guest's serial output is appended."""
+    return SERIAL_LOG_DIR / f"{name}-serial.log"
+
+
+def guest_xml(name: str, memory_mib: int = 256, fill_mib: int = 64, vcpus: int = 1,
+              domain_uuid: str | None = None) -> str:
+    """The domain XML of a test guest (template ``conf/guest.xml``)."""
+    for f in ("vmlinuz", "initrd.gz"):
+        if not (GUEST_DIR / f).is_file():
+            raise LaunchError(f"test guest not built ({GUEST_DIR / f} missing): run scripts/setup")
+    template = conf_path("guest.xml").read_text()
+    template = re.sub(r"<!--.*?-->\s*", "", template, flags=re.S)
+    return template.format(
+        name=name,
+        uuid=domain_uuid or str(_uuid.uuid4()),
+        domain_type="kvm" if accel() == "kvm" else "qemu",
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        kernel=GUEST_DIR / "vmlinuz",
+        initrd=GUEST_DIR / "initrd.gz",
+        fill_mib=fill_mib,
+        serial_log=serial_log(name),
+    )
+
+
+def create(conn: libvirt.virConnect, name: str, memory_mib: int = 256, fill_mib: int = 64,
+           vcpus: int = 1, start: bool = True) -> libvirt.virDomain:
+    """Define (persistent) and optionally start a test guest."""
+    with contextlib.suppress(FileNotFoundError):
+        serial_log(name).unlink()
+    dom = conn.defineXML(guest_xml(name, memory_mib, fill_mib, vcpus))
+    if start:
+        try:
+            dom.create()
+        except libvirt.libvirtError:
+            remove(conn, name)
+            raise
+    return dom
+
+
+def remove(conn: libvirt.virConnect, name: str) -> None:
+    """Destroy and undefine *name* with its managed-save image and serial log; quiet if gone."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        dom = None
+    if dom is not None:
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefineFlags(flags)
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        serial_log(name).unlink()
+
+
+def ticks(name: str) -> list[int]:
+    """Every tick number the guest printed so far, in order."""
+    try:
+        data = serial_log(name).read_bytes()
+    except FileNotFoundError:
+        return []
+    return [int(m) for m in _TICK.findall(data)]
+
+
+def last_tick(name: str) -> int:
+    """The newest tick number (0 when none yet)."""
+    t = ticks(name)
+    return t[-1] if t else 0
+
+
+def wait_tick(name: str, at_least: int = 1, timeout: float = 90.0) -> int:
+    """Wait until the guest printed a tick >= *at_least*; return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        t = last_tick(name)
+        if t >= at_least:
+            return t
+        time.sleep(0.2)
+    raise VirtsaveError(f"guest {name} printed no tick >= {at_least} within {timeout:.0f} s "
+                        f"(last {last_tick(name)}; see {serial_log(name)})")
+
+
+def wait_ticks_continue(name: str, before: int, timeout: float = 30.0) -> tuple[int, int]:
+    """After a restore: wait for a new tick and check the counter went on (not restarted).
+
+    Returns ``(first_new_tick, restarts_seen)`` where ``restarts_seen`` counts ticks
+    of value 1 printed after *before* ticks (a reboot shows up as one).
+    """
+    deadline = time.monotonic() + timeout
+    seen = len(ticks(name))
+    while time.monotonic() < deadline:
+        t = ticks(name)
+        if len(t) > seen:
+            new = t[seen:]
+            return new[0], sum(1 for x in new if x == 1)
+        time.sleep(0.2)
+    raise VirtsaveError(f"guest {name} printed no tick within {timeout:.0f} s after restore")
+
+
+def unique_name(prefix: str = "vs-test") -> str:
+    """A domain name that will not collide with anyone else's on a shared daemon."""
+    return f"{prefix}-{os.getpid()}-{_uuid.uuid4().hex[:6]}"
