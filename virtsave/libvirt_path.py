@@ -1,0 +1,630 @@
+"""The reference path: save, restore and managed save done by libvirt itself.
+
+Everything goes through libvirt-python (never ``virsh``). Each operation returns an
+:class:`OpResult`; a failure raises a :class:`~virtsave.errors.VirtsaveError` subclass
+with one clear line (pass ``raise_on_error=False`` to get ``OpResult(ok=False)``
+instead; the exception also carries it as ``.result``). While the blocking libvirt
+call runs, a side thread polls ``virDomainGetJobStats`` and feeds a *progress*
+callable with a dict (``domain``, ``operation``, ``data_processed``, ``data_total``,
+``data_remaining``, ``memory_*``, ``time_elapsed`` …).
+
+Bulk (like libvirt-guests ``ON_SHUTDOWN=suspend``, but with a report):
+:func:`managed_save_all` / :func:`start_all` run on a thread pool, one libvirt
+connection per worker, and never raise for a single domain's failure.
+
+Example (needs a running libvirtd)::
+
+    from virtsave import libvirt_path as lp
+    conn = lp.connect()                       # $LIBVIRT_DEFAULT_URI or qemu:///system
+    r = lp.managed_save(conn, "vm1", bypass_cache=True)
+    print(r.ok, r.seconds, r.image, r.image_size)
+    r = lp.start(conn, "vm1")
+    print(r.detail["from_managed_save"])      # True: booted from the managed-save image
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import re
+import threading
+import time
+import uuid as _uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import libvirt
+
+from . import host
+from .errors import (
+    ConnectionFailed,
+    DomainNotFound,
+    DomainStateError,
+    ImageError,
+    OperationFailed,
+    UnsupportedError,
+    VirtsaveError,
+)
+from .saveimage import read_header_path
+
+DEFAULT_URI = "qemu:///system"
+#: Where the system QEMU driver keeps managed-save images (``<save_dir>/<name>.save``).
+MANAGED_SAVE_DIR = "/var/lib/libvirt/qemu/save"
+POLL_INTERVAL = 0.2
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    """libvirt's default handler prints every error on stderr; we report them ourselves."""
+
+
+libvirt.registerErrorHandler(_silence, None)
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "no state",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+
+@dataclass
+class OpResult:
+    """Outcome of one save/restore/start on one domain."""
+
+    domain: str
+    operation: str
+    ok: bool
+    seconds: float
+    image: str | None = None
+    image_size: int | None = None
+    error: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+
+
+def map_error(exc: libvirt.libvirtError, what: str, *, image: str | None = None) -> VirtsaveError:
+    """One VirtsaveError subclass with one line for a libvirtError raised while doing *what*."""
+    code = exc.get_error_code()
+    msg = _first_line(exc.get_error_message() or str(exc))
+    text = f"{what}: {msg}"
+    low = msg.lower()
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFound(text)
+    if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED, libvirt.VIR_ERR_ACCESS_DENIED) or (
+        code == libvirt.VIR_ERR_SYSTEM_ERROR and "permission denied" in low and image is None
+    ):
+        return ConnectionFailed(f"{text} (permission problem: run as root or as a member of the libvirt group)")
+    if code == libvirt.VIR_ERR_NO_CONNECT or code == libvirt.VIR_ERR_RPC:
+        return ConnectionFailed(text)
+    if code in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED, libvirt.VIR_ERR_CONFIG_UNSUPPORTED):
+        return UnsupportedError(text)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return DomainStateError(text)
+    if image is not None and ("no such file" in low or "permission denied" in low or "image" in low
+                              or "header" in low or "magic" in low):
+        return ImageError(text)
+    return OperationFailed(text)
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+def connect(uri: str | None = None) -> libvirt.virConnect:
+    """Open a read-write connection; ConnectionFailed with one clear line otherwise."""
+    uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        msg = _first_line(exc.get_error_message() or str(exc))
+        low = msg.lower()
+        if "permission denied" in low or exc.get_error_code() in (
+            libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED, libvirt.VIR_ERR_ACCESS_DENIED
+        ):
+            raise ConnectionFailed(f"cannot connect to {uri}: permission denied ({msg}); "
+                                   "run as root or as a member of the libvirt group") from None
+        if "no such file" in low or "connection refused" in low:
+            raise ConnectionFailed(f"cannot connect to {uri}: the libvirt daemon is not running ({msg})") from None
+        raise ConnectionFailed(f"cannot connect to {uri}: {msg}") from None
+    if conn is None:  # very old bindings
+        raise ConnectionFailed(f"cannot connect to {uri}")
+    return conn
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    """The domain called *name* (or with that UUID, or that running id)."""
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise map_error(exc, f"cannot look up domain {name}") from None
+    with contextlib.suppress(ValueError, libvirt.libvirtError):
+        return conn.lookupByUUIDString(str(_uuid.UUID(name)))
+    if name.isdigit():
+        with contextlib.suppress(libvirt.libvirtError):
+            return conn.lookupByID(int(name))
+    raise DomainNotFound(f"domain not found: {name} (no domain with that name or UUID on {_uri(conn)})")
+
+
+def _uri(conn: libvirt.virConnect) -> str:
+    try:
+        return conn.getURI()
+    except libvirt.libvirtError:
+        return "?"
+
+
+def state_name(dom: libvirt.virDomain) -> str:
+    """``running``, ``paused``, ``shut off`` …"""
+    try:
+        st, _reason = dom.state()
+    except libvirt.libvirtError:
+        return "unknown"
+    return STATE_NAMES.get(st, f"state {st}")
+
+
+def managed_save_path(conn: libvirt.virConnect, name: str) -> str | None:
+    """Where the managed-save image of *name* lives (system QEMU driver only, else None)."""
+    uri = _uri(conn)
+    if uri.startswith("qemu:///system") or uri.startswith("qemu+unix:///system"):
+        return os.path.join(MANAGED_SAVE_DIR, f"{name}.save")
+    return None
+
+
+def _stat(path: str | None) -> os.stat_result | None:
+    if not path:
+        return None
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def _watch(get_dom: Callable[[], libvirt.virDomain | None], name: str, operation: str,
+           progress: Progress | None) -> Iterator[dict[str, Any]]:
+    """Poll job stats in a side thread while the body runs; yields the last stats seen."""
+    last: dict[str, Any] = {}
+    if progress is None:
+        yield last
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        dom = None
+        while not stop.wait(POLL_INTERVAL):
+            try:
+                dom = dom or get_dom()
+                if dom is None:
+                    continue
+                stats = dom.jobStats(0)
+            except libvirt.libvirtError:
+                dom = None  # e.g. restore: domain not there yet, or gone after save
+                continue
+            if not stats or stats.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
+                continue
+            # libvirt's own "operation" is an int (VIR_DOMAIN_JOB_OPERATION_*): keep it as job_operation
+            stats = {**stats, "job_operation": stats.get("operation"), "domain": name, "operation": operation}
+            last.clear()
+            last.update(stats)
+            with contextlib.suppress(Exception):  # a broken progress display must not break the save
+                progress(stats)
+
+    thread = threading.Thread(target=run, name=f"jobstats-{name}", daemon=True)
+    thread.start()
+    try:
+        yield last
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            progress({"domain": name, "operation": operation, "done": True})
+
+
+# ---------------------------------------------------------------------------- typed parameters
+
+_INT_PARAMS = {"parallel.channels"}
+
+
+def _params_call(func: str, capsule: Any, capsule_name: bytes, params: dict[str, Any], flags: int) -> int:
+    """Call ``virDomainSaveParams``/``virDomainRestoreParams`` of libvirt.so.0 directly.
+
+    Why: libvirt-python 11.3 has no type hint for ``parallel.channels`` and sends a
+    Python int as ``ullong``, which the daemon rejects ("expected 'int'"). Building
+    the typed parameters with ``virTypedParamsAdd*`` gives the right types. ctypes
+    releases the GIL, and errors land in libvirt's thread-local last error.
+    """
+    import ctypes
+
+    lib = ctypes.CDLL("libvirt.so.0", use_errno=True)
+    get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+    get_ptr.restype = ctypes.c_void_p
+    get_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    obj = get_ptr(capsule, capsule_name)
+    tparams = ctypes.c_void_p()
+    n = ctypes.c_int(0)
+    maxp = ctypes.c_int(0)
+    try:
+        for key, value in params.items():
+            k = key.encode()
+            if key in _INT_PARAMS:
+                rc = lib.virTypedParamsAddInt(ctypes.byref(tparams), ctypes.byref(n), ctypes.byref(maxp), k,
+                                              ctypes.c_int(int(value)))
+            else:
+                rc = lib.virTypedParamsAddString(ctypes.byref(tparams), ctypes.byref(n), ctypes.byref(maxp), k,
+                                                 ctypes.c_char_p(str(value).encode()))
+            if rc < 0:
+                raise libvirt.libvirtError(f"virTypedParamsAdd {key} failed")
+        fn = getattr(lib, func)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+        ret = fn(obj, tparams, n, flags)
+    finally:
+        lib.virTypedParamsFree(tparams, n)
+    if ret < 0:
+        raise libvirt.libvirtError(f"{func}() failed")
+    return ret
+
+
+def _with_typed_fallback(binding_call: Callable[[], Any], direct_call: Callable[[], Any],
+                         params: dict[str, Any]) -> Any:
+    try:
+        return binding_call()
+    except libvirt.libvirtError as exc:
+        wrong_type = (exc.get_error_code() == libvirt.VIR_ERR_INVALID_ARG
+                      and "invalid type" in str(exc) and any(k in str(exc) for k in _INT_PARAMS & params.keys()))
+        if not wrong_type:
+            raise
+    return direct_call()
+
+
+# ---------------------------------------------------------------------------- operations
+
+
+def _state_flags(state: str | None, running: int, paused: int) -> int:
+    if state is None:
+        return 0
+    if state == "running":
+        return running
+    if state == "paused":
+        return paused
+    raise ValueError(f"state must be None, 'running' or 'paused', not {state!r}")
+
+
+def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: bool,
+         what: str, image: str | None = None, image_error: bool = False,
+         after_fail: Callable[[], dict[str, Any]] | None = None) -> tuple[OpResult, Any]:
+    t0 = time.monotonic()
+    try:
+        value = call()
+    except libvirt.libvirtError as exc:
+        err = map_error(exc, what, image=image if image_error else None)
+        res = OpResult(name, operation, False, round(time.monotonic() - t0, 3), image, None, str(err))
+        if after_fail:
+            res.detail.update(after_fail())
+            if res.detail.get("state_after"):
+                # one line, but say where the guest is: a failed save leaves it running
+                err = type(err)(f"{err}; domain {name} is {res.detail['state_after']}")
+                res.error = str(err)
+        if raise_on_error:
+            err.result = res  # type: ignore[attr-defined]
+            raise err from None
+        return res, None
+    return OpResult(name, operation, True, round(time.monotonic() - t0, 3), image), value
+
+
+def _require_active(dom: libvirt.virDomain, what: str) -> None:
+    if not dom.isActive():
+        raise DomainStateError(f"{what}: domain {dom.name()} is not running (state {state_name(dom)})")
+
+
+def managed_save(conn: libvirt.virConnect, name: str, *, bypass_cache: bool = False, state: str | None = None,
+                 progress: Progress | None = None, raise_on_error: bool = True) -> OpResult:
+    """``virDomainManagedSave``: save *name*'s memory to the managed-save image and stop it."""
+    dom = lookup(conn, name)
+    name = dom.name()
+    _require_active(dom, f"cannot managed-save {name}")
+    flags = _state_flags(state, libvirt.VIR_DOMAIN_SAVE_RUNNING, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+    if bypass_cache:
+        flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
+    path = managed_save_path(conn, name)
+    with _watch(lambda: dom, name, "managed-save", progress) as last:
+        res, _ = _run(name, "managed-save", lambda: dom.managedSave(flags), raise_on_error=raise_on_error,
+                      what=f"managed-save of {name} failed", image=path,
+                      after_fail=lambda: {"state_after": state_name(dom)})
+    if res.ok:
+        st = _stat(path)
+        res.image_size = st.st_size if st else None
+        res.detail.update(has_managed_save=bool(dom.hasManagedSaveImage(0)), state_after=state_name(dom))
+    res.detail.update(flags=flags, job=dict(last))
+    return res
+
+
+def save(conn: libvirt.virConnect, name: str, path: str | os.PathLike[str], *, bypass_cache: bool = False,
+         state: str | None = None, xml: str | None = None, image_format: str | None = None,
+         parallel_channels: int | None = None, progress: Progress | None = None,
+         raise_on_error: bool = True) -> OpResult:
+    """``virDomainSaveFlags`` / ``virDomainSaveParams``: save *name* to *path* and stop it.
+
+    *xml* is a replacement domain XML (dxml) stored in the image. *image_format* and
+    *parallel_channels* need libvirt ≥ 11.2 (UnsupportedError naming the version otherwise).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if image_format is not None:
+        host.require_format(conn, image_format)
+    if parallel_channels is not None:
+        if parallel_channels < 1:
+            raise UnsupportedError(f"--parallel-channels must be ≥ 1, not {parallel_channels}")
+        host.require_save_params(conn, "--parallel-channels")
+        if image_format != "sparse":
+            # libvirt 11.3: "Parallel save is only supported with the 'sparse' save image format"
+            raise UnsupportedError("--parallel-channels needs --image-format sparse (QEMU multifd + mapped-ram)")
+    dom = lookup(conn, name)
+    name = dom.name()
+    _require_active(dom, f"cannot save {name}")
+    flags = _state_flags(state, libvirt.VIR_DOMAIN_SAVE_RUNNING, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+    if bypass_cache:
+        flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
+    if image_format is not None or parallel_channels is not None:
+        params: dict[str, Any] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path}
+        if xml:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = xml
+        if image_format is not None:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT] = image_format
+        if parallel_channels is not None:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = parallel_channels
+
+        def call() -> Any:
+            return _with_typed_fallback(
+                lambda: dom.saveParams(params, flags),
+                lambda: _params_call("virDomainSaveParams", dom._o, b"virDomainPtr", params, flags), params)
+    else:
+        def call() -> Any:
+            return dom.saveFlags(path, xml, flags)
+
+    with _watch(lambda: dom, name, "save", progress) as last:
+        res, _ = _run(name, "save", call, raise_on_error=raise_on_error, what=f"save of {name} to {path} failed",
+                      image=path, after_fail=lambda: {"state_after": state_name(dom)})
+    if res.ok:
+        st = _stat(path)
+        res.image_size = st.st_size if st else None
+        if st:
+            res.detail["image_allocated"] = st.st_blocks * 512  # sparse images have holes
+        res.detail["state_after"] = state_name(dom)
+    res.detail.update(flags=flags, image_format=image_format, parallel_channels=parallel_channels, job=dict(last))
+    return res
+
+
+_NAME = re.compile(r"<name>\s*([^<]+?)\s*</name>")
+_UUID = re.compile(r"<uuid>\s*([^<]+?)\s*</uuid>")
+
+
+def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_cache: bool = False,
+            state: str | None = None, xml: str | None = None, parallel_channels: int | None = None,
+            progress: Progress | None = None, raise_on_error: bool = True) -> OpResult:
+    """``virDomainRestoreFlags`` / ``virDomainRestoreParams``: start the domain saved in *path*.
+
+    The image header is checked first (:func:`virtsave.saveimage.read_header_path`), so a
+    missing, truncated, partial or foreign file gives one line naming the offset.
+    """
+    path = os.path.abspath(os.fspath(path))
+    hdr = read_header_path(path, allow_partial=False)
+    m, u = _NAME.search(hdr.xml), _UUID.search(hdr.xml)
+    name = m.group(1) if m else os.path.basename(path)
+    dom_uuid = u.group(1) if u else None
+    if dom_uuid:
+        with contextlib.suppress(libvirt.libvirtError):
+            existing = conn.lookupByUUIDString(dom_uuid)
+            if existing.isActive():
+                raise DomainStateError(f"cannot restore {path}: domain {existing.name()} is already running")
+    if parallel_channels is not None:
+        if parallel_channels < 1:
+            raise UnsupportedError(f"--parallel-channels must be ≥ 1, not {parallel_channels}")
+        host.require_save_params(conn, "--parallel-channels")
+    flags = _state_flags(state, libvirt.VIR_DOMAIN_SAVE_RUNNING, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+    if bypass_cache:
+        flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
+    if parallel_channels is not None:
+        params: dict[str, Any] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path,
+                                  libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS: parallel_channels}
+        if xml:
+            params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = xml
+
+        def call() -> Any:
+            return _with_typed_fallback(
+                lambda: conn.restoreParams(params, flags),
+                lambda: _params_call("virDomainRestoreParams", conn._o, b"virConnectPtr", params, flags), params)
+    else:
+        def call() -> Any:
+            return conn.restoreFlags(path, xml, flags)
+
+    def get_dom() -> libvirt.virDomain | None:
+        return conn.lookupByUUIDString(dom_uuid) if dom_uuid else conn.lookupByName(name)
+
+    with _watch(get_dom, name, "restore", progress) as last:
+        res, _ = _run(name, "restore", call, raise_on_error=raise_on_error, what=f"restore of {path} failed",
+                      image=path, image_error=True)
+    st = _stat(path)
+    res.image_size = st.st_size if st else None
+    res.detail.update(flags=flags, image_format=hdr.format, was_running=hdr.was_running,
+                      parallel_channels=parallel_channels, job=dict(last))
+    if res.ok:
+        with contextlib.suppress(libvirt.libvirtError):
+            res.detail["state_after"] = state_name(get_dom())  # type: ignore[arg-type]
+    return res
+
+
+def start(conn: libvirt.virConnect, name: str, *, bypass_cache: bool = False, state: str | None = None,
+          progress: Progress | None = None, raise_on_error: bool = True) -> OpResult:
+    """``virDomainCreateWithFlags``: boot *name*, from its managed-save image when it has one.
+
+    ``detail["from_managed_save"]`` says which happened. *state* ``"paused"`` starts paused.
+    """
+    dom = lookup(conn, name)
+    name = dom.name()
+    if dom.isActive():
+        raise DomainStateError(f"cannot start {name}: domain is already {state_name(dom)}")
+    if state not in (None, "running", "paused"):
+        raise ValueError(f"state must be None, 'running' or 'paused', not {state!r}")
+    flags = libvirt.VIR_DOMAIN_START_PAUSED if state == "paused" else 0
+    if bypass_cache:
+        flags |= libvirt.VIR_DOMAIN_START_BYPASS_CACHE
+    had = bool(dom.hasManagedSaveImage(0))
+    path = managed_save_path(conn, name) if had else None
+    st = _stat(path)
+    with _watch(lambda: dom, name, "start", progress) as last:
+        res, _ = _run(name, "start", lambda: dom.createWithFlags(flags), raise_on_error=raise_on_error,
+                      what=f"start of {name} failed", image=path, image_error=had)
+    res.image_size = st.st_size if st else None
+    res.detail.update(from_managed_save=had, flags=flags, job=dict(last), state_after=state_name(dom))
+    return res
+
+
+def managed_save_remove(conn: libvirt.virConnect, name: str) -> OpResult:
+    """Delete *name*'s managed-save image (its next start is a cold boot). No image: ok, removed False."""
+    dom = lookup(conn, name)
+    name = dom.name()
+    had = bool(dom.hasManagedSaveImage(0))
+    path = managed_save_path(conn, name)
+    st = _stat(path)
+    res, _ = _run(name, "managed-save-remove", lambda: dom.managedSaveRemove(0) if had else None,
+                  raise_on_error=True, what=f"managed-save-remove of {name} failed", image=path)
+    res.image_size = st.st_size if st and had else None
+    res.detail["removed"] = had
+    return res
+
+
+# ---------------------------------------------------------------------------- listing
+
+
+def domain_info(conn: libvirt.virConnect, dom: libvirt.virDomain, now: float | None = None) -> dict[str, Any]:
+    """Name, uuid, id, state, managed-save image (path, size, age) of one domain."""
+    name = dom.name()
+    has = bool(dom.hasManagedSaveImage(0))
+    path = managed_save_path(conn, name) if has else None
+    st = _stat(path)
+    now = time.time() if now is None else now
+    return {
+        "name": name,
+        "uuid": dom.UUIDString(),
+        "id": dom.ID() if dom.isActive() else None,
+        "state": state_name(dom),
+        "persistent": bool(dom.isPersistent()),
+        "managed_save": has,
+        "image": path,
+        "image_size": st.st_size if st else None,
+        "image_age": round(now - st.st_mtime, 1) if st else None,
+    }
+
+
+def list_domains(conn: libvirt.virConnect, match: str | None = None) -> list[dict[str, Any]]:
+    """Every domain (optionally whose name matches the glob *match*), sorted by name."""
+    out = []
+    now = time.time()
+    for dom in conn.listAllDomains(0):
+        try:
+            if match and not fnmatch.fnmatchcase(dom.name(), match):
+                continue
+            out.append(domain_info(conn, dom, now))
+        except libvirt.libvirtError as exc:  # went away while listing
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise map_error(exc, "cannot list domains") from None
+    return sorted(out, key=lambda d: d["name"])
+
+
+# ---------------------------------------------------------------------------- bulk
+
+
+def select_domains(conn: libvirt.virConnect, kind: str, names: Iterable[str] | None = None,
+                   match: str | None = None) -> list[str]:
+    """Names for a bulk run: ``kind`` ``"active"`` (running or paused) or ``"managed-save"``
+    (inactive with a managed-save image), restricted to *names* and/or the glob *match*."""
+    wanted = set(names) if names else None
+    out = []
+    for dom in conn.listAllDomains(0):
+        try:
+            name = dom.name()
+            if wanted is not None and name not in wanted:
+                continue
+            if match and not fnmatch.fnmatchcase(name, match):
+                continue
+            if kind == "active" and not dom.isActive():
+                continue
+            if kind == "managed-save" and (dom.isActive() or not dom.hasManagedSaveImage(0)):
+                continue
+        except libvirt.libvirtError:
+            continue
+        out.append(name)
+    if wanted is not None:
+        missing = sorted(wanted - {d.name() for d in conn.listAllDomains(0)})
+        if missing:
+            raise DomainNotFound(f"domain not found: {', '.join(missing)}")
+    return sorted(out)
+
+
+def _bulk(conn: libvirt.virConnect, names: list[str], parallel: int,
+          op: Callable[[libvirt.virConnect, str], OpResult], operation: str) -> list[OpResult]:
+    if parallel < 1:
+        raise UnsupportedError(f"--parallel must be ≥ 1, not {parallel}")
+    uri = _uri(conn)
+    local = threading.local()
+    opened: list[libvirt.virConnect] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> OpResult:
+        t0 = time.monotonic()
+        try:
+            c = getattr(local, "conn", None)
+            if c is None:  # one connection per worker thread
+                c = local.conn = connect(uri)
+                with lock:
+                    opened.append(c)
+            return op(c, name)
+        except VirtsaveError as exc:
+            res = getattr(exc, "result", None)
+            return res or OpResult(name, operation, False, round(time.monotonic() - t0, 3), error=str(exc))
+
+    try:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"virtsave-{operation}") as pool:
+            return list(pool.map(worker, names))
+    finally:
+        for c in opened:
+            with contextlib.suppress(libvirt.libvirtError):
+                c.close()
+
+
+def managed_save_all(conn: libvirt.virConnect, names: Iterable[str] | None = None, parallel: int = 2, *,
+                     match: str | None = None, bypass_cache: bool = False, state: str | None = None,
+                     progress: Progress | None = None) -> list[OpResult]:
+    """Managed-save every active domain (restricted to *names* / glob *match*), *parallel* at a time."""
+    todo = select_domains(conn, "active", names, match)
+    return _bulk(conn, todo, parallel, lambda c, n: managed_save(
+        c, n, bypass_cache=bypass_cache, state=state, progress=progress), "managed-save")
+
+
+def start_all(conn: libvirt.virConnect, names: Iterable[str] | None = None, parallel: int = 2, *,
+              match: str | None = None, bypass_cache: bool = False, state: str | None = None,
+              progress: Progress | None = None) -> list[OpResult]:
+    """Start every inactive domain that has a managed-save image (restricted likewise)."""
+    todo = select_domains(conn, "managed-save", names, match)
+    return _bulk(conn, todo, parallel, lambda c, n: start(
+        c, n, bypass_cache=bypass_cache, state=state, progress=progress), "start")
