@@ -135,12 +135,14 @@ def connect(uri: str | None = None) -> libvirt.virConnect:
     except libvirt.libvirtError as exc:
         msg = _first_line(exc.get_error_message() or str(exc))
         low = msg.lower()
-        if "permission denied" in low or exc.get_error_code() in (
-            libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED, libvirt.VIR_ERR_ACCESS_DENIED
-        ):
-            raise ConnectionFailed(f"cannot connect to {uri}: permission denied ({msg}); "
+        socket_gone = "failed to connect socket" in low and ("no such file" in low or "connection refused" in low)
+        if not socket_gone and (
+            any(w in low for w in ("permission denied", "authentication", "authoriz", "polkit", "system bus"))
+            or exc.get_error_code() in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED,
+                                        libvirt.VIR_ERR_ACCESS_DENIED)):
+            raise ConnectionFailed(f"cannot connect to {uri}: permission problem ({msg}); "
                                    "run as root or as a member of the libvirt group") from None
-        if "no such file" in low or "connection refused" in low:
+        if socket_gone:
             raise ConnectionFailed(f"cannot connect to {uri}: the libvirt daemon is not running ({msg})") from None
         raise ConnectionFailed(f"cannot connect to {uri}: {msg}") from None
     if conn is None:  # very old bindings
