@@ -25,8 +25,13 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import struct
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO
 
@@ -182,3 +187,698 @@ def finalize(fd: int) -> None:
         raise ImageError("refusing to finalize: image does not start with LibvirtQemudPart", offset=0)
     os.pwrite(fd, MAGIC, 0)
     os.fsync(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The QEMU migration stream after the libvirt header (read-only inspection).
+#
+# Facts (QEMU migration/savevm.c, migration/ram.c, scripts/analyze-migration.py), big-endian:
+#   "QEVM" be32 version (3)
+#   0x07 CONFIGURATION: be32 len, machine name, then subsections (0x05 u8 len name be32 version
+#        fields): "configuration/target-page-bits" (be32), "configuration/capabilities"
+#        (be32 count, count × (u8 len + name)), "configuration/uuid" (16 bytes). No footer.
+#   0x01 START / 0x04 FULL: be32 section_id, u8 len idstr, be32 instance_id, be32 version_id, data
+#   0x02 PART  / 0x03 END : be32 section_id, data
+#   every section is followed by the footer 0x7e be32 section_id (machine types ≥ 2.4)
+#   0x08 COMMAND: be16 command, be16 length, data
+#   0x00 EOF, then 0x06 VMDESCRIPTION: be32 length, JSON describing every device section written
+#
+# Only "ram" data is self-describing (be64 address|flags records). Device sections carry no length;
+# we delimit them with the JSON vmstate description QEMU appends after EOF (field sizes as written,
+# structs and subsections recursed like analyze-migration.py does) and check each result against the
+# section footer. The description is read first from the file's end when the file is seekable; for a
+# compressed stream the (small) remainder after the last RAM section is buffered to reach it. Without
+# a description (suppressed, or the stream is cut) sections are delimited by scanning for the footer
+# followed by a valid next section header; the result says which ``layout`` was used.
+# RAM page payloads are skipped (seek, or read-and-discard in 1 MiB chunks), never kept: constant
+# memory however large the image. Mapped-ram ("sparse", libvirt format 6) images: each RAM block's
+# header carries absolute file offsets of its dirty bitmap and page area; the stream continues after
+# the page area, and the bitmap (written at completion) tells which pages are present.
+# ---------------------------------------------------------------------------------------------
+
+QEVM_MAGIC = b"QEVM"
+QEVM_VERSION = 3
+SEC_EOF, SEC_START, SEC_PART, SEC_END, SEC_FULL = 0x00, 0x01, 0x02, 0x03, 0x04
+SEC_SUBSECTION, SEC_VMDESC, SEC_CONFIG, SEC_COMMAND, SEC_FOOTER = 0x05, 0x06, 0x07, 0x08, 0x7E
+SECTION_KINDS = {SEC_START: "start", SEC_PART: "part", SEC_END: "end", SEC_FULL: "full"}
+
+RAM_ZERO, RAM_MEM_SIZE, RAM_PAGE, RAM_EOS, RAM_CONTINUE = 0x02, 0x04, 0x08, 0x10, 0x20
+RAM_XBZRLE, RAM_HOOK, RAM_COMPRESS_PAGE, RAM_MULTIFD_FLUSH = 0x40, 0x80, 0x100, 0x200
+
+#: Decompressors for libvirt's compressed formats (each reads stdin, writes stdout).
+DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "bzip2": ["bzip2", "-dc"], "xz": ["xz", "-dc"],
+                 "lzop": ["lzop", "-dc"], "zstd": ["zstd", "-dc"]}
+_CHUNK = 1024 * 1024
+#: How much stream after the RAM data we buffer to find the vmstate description (device state).
+TAIL_LIMIT = 256 * 1024 * 1024
+#: Default target page size (x86 and most targets) until the stream says otherwise.
+DEFAULT_PAGE_SIZE = 4096
+
+
+@dataclass
+class Section:
+    """One section occurrence in the stream (``kind``: start/part/end/full)."""
+
+    kind: str
+    section_id: int
+    name: str
+    instance_id: int
+    version_id: int
+    offset: int          # stream offset of the section type byte
+    length: int          # bytes from the type byte through the footer
+
+
+class _Stream:
+    """Sequential reader with stream offsets over a file or a decompressor pipe.
+
+    Keeps at most one chunk buffered; ``skip`` seeks when the source allows it.
+    """
+
+    def __init__(self, src: BinaryIO, *, start: int = 0, size: int | None = None, seekable: bool = False,
+                 file_base: int | None = None, where: str = "") -> None:
+        self._src = src
+        self._buf = b""
+        self._pos = 0
+        self._consumed = start          # stream offset of _buf[0]
+        self._size = size               # stream length when known (regular files)
+        self.seekable = seekable
+        self.file_base = file_base      # file offset of stream offset 0 (uncompressed files)
+        self.where = where              # e.g. " in the decompressed zstd stream"
+        self.eof = False
+
+    @property
+    def offset(self) -> int:
+        return self._consumed + self._pos
+
+    def error(self, message: str, offset: int | None = None) -> ImageError:
+        off = self.offset if offset is None else offset
+        if self.file_base is not None:
+            return ImageError(f"{message}", offset=self.file_base + off)
+        return ImageError(f"{message}{self.where}", offset=off)
+
+    def _more(self, need: int) -> bool:
+        """Make at least *need* bytes available after the cursor; False at end of data."""
+        while len(self._buf) - self._pos < need:
+            if self.eof:
+                return False
+            chunk = self._src.read(max(_CHUNK, need))
+            if not chunk:
+                self.eof = True
+                return False
+            self._consumed += self._pos
+            self._buf = self._buf[self._pos:] + chunk
+            self._pos = 0
+        return True
+
+    def available(self, n: int = 1) -> bool:
+        return self._more(n)
+
+    def peek(self, n: int = 1) -> bytes:
+        self._more(n)
+        return self._buf[self._pos:self._pos + n]
+
+    def read(self, n: int, what: str) -> bytes:
+        if not self._more(n):
+            have = len(self._buf) - self._pos
+            raise self.error(f"truncated: stream ends inside {what} (needs {n} bytes, {have} left)")
+        b = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return b
+
+    def u8(self, what: str) -> int:
+        return self.read(1, what)[0]
+
+    def be16(self, what: str) -> int:
+        return int.from_bytes(self.read(2, what), "big")
+
+    def be32(self, what: str) -> int:
+        return int.from_bytes(self.read(4, what), "big")
+
+    def be64(self, what: str) -> int:
+        return int.from_bytes(self.read(8, what), "big")
+
+    def string(self, what: str) -> str:
+        at = self.offset
+        raw = self.read(self.u8(what), what)
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise self.error(f"corrupt stream: {what} {raw[:40]!r} is not ASCII", at) from None
+
+    def skip(self, n: int, what: str) -> None:
+        avail = len(self._buf) - self._pos
+        if n <= avail:
+            self._pos += n
+            return
+        start = self.offset
+        rest = n - avail
+        self._consumed += len(self._buf)
+        self._buf, self._pos = b"", 0
+        if self.seekable:
+            if self._size is not None and self._consumed + rest > self._size:
+                self._consumed = self._size
+                self.eof = True
+                raise self.error(f"truncated: stream ends inside {what} (needs {n} bytes)", start)
+            self._src.seek(rest, os.SEEK_CUR)
+            self._consumed += rest
+            return
+        while rest:
+            chunk = self._src.read(min(rest, _CHUNK))
+            if not chunk:
+                self.eof = True
+                raise self.error(f"truncated: stream ends inside {what} (needs {n} bytes)", start)
+            rest -= len(chunk)
+            self._consumed += len(chunk)
+
+    def seek(self, offset: int, what: str) -> None:
+        """Jump to a stream offset (mapped-ram images only: regular files)."""
+        if not self.seekable:
+            raise self.error(f"{what} needs random access, impossible in a compressed stream")
+        if self._size is not None and offset > self._size:
+            raise self.error(f"truncated: {what} points to stream offset {offset} beyond the end "
+                             f"({self._size})")
+        # The source's position is at _consumed + len(_buf); move it to *offset*.
+        self._src.seek(offset - (self._consumed + len(self._buf)), os.SEEK_CUR)
+        self._consumed, self._buf, self._pos = offset, b"", 0
+        self.eof = False
+
+    def read_rest(self, limit: int, what: str) -> bytes:
+        """Everything up to the end of data (at most *limit* bytes)."""
+        parts = [self._buf[self._pos:]]
+        total = len(parts[0])
+        while not self.eof:
+            chunk = self._src.read(_CHUNK)
+            if not chunk:
+                self.eof = True
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise self.error(f"{what}: more than {limit >> 20} MiB of stream left to buffer")
+        data = b"".join(parts)
+        self._consumed += self._pos
+        self._buf, self._pos = data, 0
+        return data
+
+    def buffered(self) -> tuple[bytes, int]:
+        """The buffered bytes and the cursor inside them (after :meth:`read_rest`)."""
+        return self._buf, self._pos
+
+    def set_pos(self, offset: int) -> None:
+        """Move the cursor inside the buffer (after :meth:`read_rest`)."""
+        self._pos = offset - self._consumed
+
+
+def _find_vmdesc(data: bytes) -> tuple[int, int] | None:
+    """Locate ``0x06 be32 len JSON`` ending the data; return (index of 0x06, json length)."""
+    end = len(data.rstrip(b"\0"))   # tolerate zero padding after the stream
+    # JSON text never holds a raw 0x06 byte, so the last one is the marker.
+    p = data.rfind(bytes([SEC_VMDESC]), 0, end)
+    while p >= 1:
+        if p + 5 <= end:
+            n = int.from_bytes(data[p + 1:p + 5], "big")
+            if p + 5 + n == end and data[p + 5:p + 6] == b"{" and data[p - 1] == SEC_EOF:
+                return p, n
+        p = data.rfind(bytes([SEC_VMDESC]), 0, p)
+    return None
+
+
+def _vmsd_skip(s: _Stream, desc: dict[str, Any], what: str) -> None:
+    """Skip one vmstate (fields, then subsections) as laid out by the description."""
+    for field in desc.get("fields", []):
+        count = int(field.get("array_len", 1))
+        if field.get("type") == "struct" and isinstance(field.get("struct"), dict):
+            for _ in range(count):
+                _vmsd_skip(s, field["struct"], f"{what}.{field.get('name')}")
+        else:
+            s.skip(int(field.get("size", 0)) * count, f"{what} field {field.get('name')}")
+    for sub in desc.get("subsections", []):
+        at = s.offset
+        if s.u8(f"{what} subsection") != SEC_SUBSECTION:
+            raise s.error(f"corrupt stream: subsection {sub.get('vmsd_name')} of {what} expected", at)
+        name = s.string(f"{what} subsection name")
+        if name != sub.get("vmsd_name"):
+            raise s.error(f"corrupt stream: subsection {name!r} found where the description has "
+                          f"{sub.get('vmsd_name')!r}", at)
+        s.be32(f"{name} version")
+        _vmsd_skip(s, sub, name)
+
+
+def _plausible_header(data: bytes, i: int, known_ids: set[int]) -> bool:
+    """Does a section header (or EOF) start at data[i]? Used by the footer scan."""
+    if i >= len(data):
+        return False
+    t = data[i]
+    if t == SEC_EOF:
+        return not data[i + 1:].strip(b"\0") or data[i + 1:i + 2] == bytes([SEC_VMDESC])
+    if t in (SEC_PART, SEC_END):
+        return int.from_bytes(data[i + 1:i + 5], "big") in known_ids
+    if t in (SEC_START, SEC_FULL):
+        n = data[i + 5] if i + 5 < len(data) else 0
+        name = data[i + 6:i + 6 + n]
+        return (n > 0 and len(name) == n and all(32 < c < 127 for c in name)
+                and int.from_bytes(data[i + 6 + n:i + 10 + n], "big") < 1 << 16)
+    return t == SEC_COMMAND
+
+
+class _Walker:
+    """Walks a QEMU stream, yielding sections and accumulating configuration/RAM facts."""
+
+    def __init__(self, s: _Stream, *, file_fd: int | None = None, vmdesc: dict[str, Any] | None = None) -> None:
+        self.s = s
+        self.fd = file_fd
+        self.vmdesc = vmdesc
+        self.vmdesc_info: dict[str, Any] = {"present": False}
+        self.layout = "vmdesc" if vmdesc else None
+        self.config: dict[str, Any] | None = None
+        self.page_size = int(vmdesc.get("page_size", DEFAULT_PAGE_SIZE)) if vmdesc else DEFAULT_PAGE_SIZE
+        self.ram: dict[str, Any] = {"total_bytes": None, "blocks": {}, "mapped_ram": False,
+                                    "multifd_flushes": 0}
+        self.commands: list[dict[str, Any]] = []
+        self.ids: dict[int, tuple[str, int, int]] = {}
+        self.eof = False
+        self.trailing = 0
+        self._tail_loaded = False
+        self._last_block: dict[str, Any] | None = None
+
+    # -- configuration -------------------------------------------------------------------
+    def _configuration(self) -> None:
+        s = self.s
+        at = s.offset - 1
+        n = s.be32("configuration name length")
+        if n > 256:
+            raise s.error(f"corrupt stream: machine-type name length {n}", at + 1)
+        raw = s.read(n, "configuration machine type")
+        cfg: dict[str, Any] = {"offset": at, "machine": raw.decode("ascii", "replace"), "capabilities": [],
+                               "target_page_bits": None, "uuid": None}
+        while s.peek(1) == bytes([SEC_SUBSECTION]):
+            s.u8("subsection")
+            name = s.string("configuration subsection name")
+            s.be32(f"{name} version")
+            if name == "configuration/target-page-bits":
+                cfg["target_page_bits"] = s.be32(name)
+                self.page_size = 1 << cfg["target_page_bits"]
+            elif name == "configuration/capabilities":
+                count = s.be32("capability count")
+                if count > 256:
+                    raise s.error(f"corrupt stream: {count} capabilities")
+                cfg["capabilities"] = [s.string("capability name") for _ in range(count)]
+            elif name == "configuration/uuid":
+                u = s.read(16, name).hex()
+                cfg["uuid"] = f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+            elif self.vmdesc and self.vmdesc.get("configuration"):
+                sub = next((x for x in self.vmdesc["configuration"].get("subsections", [])
+                            if x.get("vmsd_name") == name), None)
+                if sub is None:
+                    raise s.error(f"unknown configuration subsection {name!r}")
+                _vmsd_skip(s, sub, name)
+            else:
+                raise s.error(f"unknown configuration subsection {name!r}")
+        self.config = cfg
+        self.ram["mapped_ram"] = "mapped-ram" in cfg["capabilities"]
+
+    # -- RAM -------------------------------------------------------------------------------
+    def _block(self, name: str) -> dict[str, Any]:
+        blocks = self.ram["blocks"]
+        if name not in blocks:
+            blocks[name] = {"name": name, "length": None, "pages": 0, "zero_pages": 0, "bytes": 0}
+        return blocks[name]
+
+    def _mapped_ram_block(self, blk: dict[str, Any]) -> None:
+        s = self.s
+        version = s.be32("mapped-ram header version")
+        if version != 1:
+            raise s.error(f"unsupported mapped-ram header version {version}", s.offset - 4)
+        page_size = s.be64("mapped-ram page size")
+        bitmap_offset = s.be64("mapped-ram bitmap offset")
+        pages_offset = s.be64("mapped-ram pages offset")
+        blk.update(bitmap_offset=bitmap_offset, pages_offset=pages_offset, page_size=page_size)
+        if bitmap_offset == 0 and pages_offset == 0:
+            blk["ignored"] = True       # shared block skipped (x-ignore-shared)
+            return
+        if s.file_base is None or self.fd is None:
+            raise s.error("mapped-ram RAM block in a stream that is not a plain file")
+        num_pages = blk["length"] // page_size
+        nbytes = (num_pages + 7) // 8
+        present = 0
+        done = 0
+        while done < nbytes:
+            want = min(_CHUNK, nbytes - done)
+            chunk = os.pread(self.fd, want, bitmap_offset + done)
+            if len(chunk) < want:
+                raise ImageError(f"truncated: mapped-ram bitmap of {blk['name']} is cut", bitmap_offset + done)
+            if done + want == nbytes and num_pages % 8:
+                chunk = chunk[:-1] + bytes([chunk[-1] & ((1 << (num_pages % 8)) - 1)])
+            present += int.from_bytes(chunk, "little").bit_count()
+            done += want
+        blk["pages_present"] = present
+        blk["pages"] = present
+        blk["zero_pages"] = num_pages - present
+        blk["bytes"] = present * page_size
+        s.seek(pages_offset + blk["length"] - s.file_base, f"RAM block {blk['name']} page area")
+
+    def _ram(self) -> None:
+        s = self.s
+        ignore_shared = bool(self.config and "x-ignore-shared" in self.config["capabilities"])
+        mask = self.page_size - 1
+        # QEMU's "last sent block" outlives a section: CONTINUE may refer to the previous one.
+        block = self._last_block
+        while True:
+            at = s.offset
+            word = s.be64("RAM record")
+            flags, addr = word & mask, word & ~mask
+            if flags & RAM_MEM_SIZE:
+                self.ram["total_bytes"] = addr
+                remaining = addr
+                while remaining > 0:
+                    blk = self._block(s.string("RAM block name"))
+                    blk["length"] = s.be64(f"RAM block {blk['name']} length")
+                    if blk["length"] == 0 or blk["length"] > remaining:
+                        raise s.error(f"corrupt stream: RAM block {blk['name']} length {blk['length']}", at)
+                    if ignore_shared:
+                        blk["mr_addr"] = s.be64("RAM block address")
+                    if self.ram["mapped_ram"]:
+                        self._mapped_ram_block(blk)
+                    remaining -= blk["length"]
+                flags &= ~RAM_MEM_SIZE
+            if flags & (RAM_ZERO | RAM_PAGE):
+                if flags & RAM_CONTINUE:
+                    if block is None:
+                        raise s.error("corrupt stream: RAM page continues no block", at)
+                else:
+                    name = s.string("RAM page block name")
+                    block = self._block(name)
+                if flags & RAM_ZERO:
+                    s.u8("zero page fill byte")
+                    block["zero_pages"] += 1
+                else:
+                    s.skip(self.page_size, f"RAM page of {block['name']}")
+                    block["pages"] += 1
+                    block["bytes"] += self.page_size
+                self._last_block = block
+                flags &= ~(RAM_ZERO | RAM_PAGE | RAM_CONTINUE)
+            elif flags & (RAM_XBZRLE | RAM_HOOK | RAM_COMPRESS_PAGE):
+                raise s.error(f"unsupported RAM encoding (flags {flags:#x})", at)
+            if flags & RAM_MULTIFD_FLUSH:
+                self.ram["multifd_flushes"] += 1
+                flags &= ~RAM_MULTIFD_FLUSH
+            if flags & RAM_EOS:
+                return
+            if flags:
+                raise s.error(f"corrupt stream: unknown RAM flags {flags:#x}", at)
+
+    # -- device sections -----------------------------------------------------------------
+    def _load_tail(self) -> None:
+        """Buffer the rest of the stream to find the vmstate description (streams only)."""
+        self._tail_loaded = True
+        if self.vmdesc is not None:
+            return
+        data = self.s.read_rest(TAIL_LIMIT, "device state")
+        base = self.s.offset
+        found = _find_vmdesc(data[self.s.buffered()[1]:])
+        if found:
+            p, n = found
+            start = self.s.buffered()[1] + p + 5
+            self._set_vmdesc(data[start:start + n], base + p + 5)
+        if self.vmdesc is None:
+            self.layout = "footer-scan"
+
+    def _set_vmdesc(self, raw: bytes, offset: int) -> None:
+        try:
+            self.vmdesc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self.s.error(f"corrupt vmstate description: {exc}", offset) from None
+        if not isinstance(self.vmdesc, dict) or not isinstance(self.vmdesc.get("devices"), list):
+            raise self.s.error("corrupt vmstate description: no device list", offset)
+        self.layout = "vmdesc"
+
+    def _device(self, name: str, instance_id: int, section_id: int) -> None:
+        s = self.s
+        if not self._tail_loaded and self.vmdesc is None:
+            self._load_tail()
+        desc = None
+        if self.vmdesc is not None:
+            desc = next((d for d in self.vmdesc["devices"]
+                         if d.get("name") == name and d.get("instance_id") == instance_id), None)
+        if desc is not None:
+            _vmsd_skip(s, desc, name)
+            return
+        # Footer scan: the first "0x7e be32 id" followed by a plausible header.
+        if not self._tail_loaded:
+            self._tail_loaded = True
+            s.read_rest(TAIL_LIMIT, f"section {name}")
+        data, pos = s.buffered()
+        pat = bytes([SEC_FOOTER]) + section_id.to_bytes(4, "big")
+        i = data.find(pat, pos)
+        while i >= 0 and not _plausible_header(data, i + 5, set(self.ids)):
+            i = data.find(pat, i + 1)
+        if i < 0:
+            raise s.error(f"cannot delimit section {name!r} (id {section_id}): no vmstate description "
+                          "and no section footer found")
+        self.layout = self.layout or "footer-scan"
+        s.set_pos(s.offset + (i - pos))
+
+    def _footer(self, section_id: int, name: str) -> None:
+        s = self.s
+        at = s.offset
+        t = s.u8(f"footer of section {name}")
+        sid = s.be32(f"footer of section {name}")
+        if t != SEC_FOOTER or sid != section_id:
+            raise s.error(f"corrupt stream: section {name!r} (id {section_id}) does not end with its footer "
+                          f"(found byte {t:#04x}, id {sid})", at)
+
+    # -- main loop ---------------------------------------------------------------------------
+    def walk(self) -> Iterator[Section]:
+        s = self.s
+        if s.read(4, "stream magic") != QEVM_MAGIC:
+            raise s.error("not a QEMU migration stream: no QEVM magic", 0)
+        version = s.be32("stream version")
+        if version != QEVM_VERSION:
+            raise s.error(f"unsupported QEMU stream version {version}", 4)
+        while True:
+            at = s.offset
+            t = s.u8("section type")
+            if t == SEC_EOF:
+                self.eof = True
+                self._after_eof()
+                return
+            if t == SEC_CONFIG:
+                self._configuration()
+                continue
+            if t == SEC_COMMAND:
+                cmd, n = s.be16("command"), s.be16("command length")
+                s.skip(n, "command data")
+                self.commands.append({"offset": at, "command": cmd, "length": n})
+                continue
+            if t not in SECTION_KINDS:
+                raise s.error(f"corrupt stream: unknown section type {t:#04x}", at)
+            sid = s.be32("section id")
+            if t in (SEC_START, SEC_FULL):
+                name = s.string("section name")
+                inst, ver = s.be32("instance id"), s.be32("version id")
+                self.ids[sid] = (name, inst, ver)
+            elif sid in self.ids:
+                name, inst, ver = self.ids[sid]
+            else:
+                raise s.error(f"corrupt stream: {SECTION_KINDS[t]} of unknown section id {sid}", at)
+            if name == "ram":
+                self._ram()
+            else:
+                self._device(name, inst, sid)
+            self._footer(sid, name)
+            yield Section(SECTION_KINDS[t], sid, name, inst, ver, at, s.offset - at)
+
+    def _after_eof(self) -> None:
+        s = self.s
+        if not s.available(1):
+            return
+        at = s.offset
+        if s.peek(1) == bytes([SEC_VMDESC]):
+            s.u8("vmstate description")
+            n = s.be32("vmstate description length")
+            raw = s.read(n, "vmstate description")
+            self.vmdesc_info = {"present": True, "offset": at, "length": n}
+            if self.vmdesc is None:
+                self._set_vmdesc(raw, at + 5)
+        rest = 0
+        while s.available(1):
+            chunk = s.peek(_CHUNK)
+            if chunk.strip(b"\0"):
+                raise s.error("corrupt stream: unexpected data after the end of the stream")
+            rest += len(chunk)
+            s.skip(len(chunk), "padding")
+        self.trailing = rest
+
+
+class _Source:
+    """Opens the stream part of an image: the file itself, or a decompressor's stdout."""
+
+    def __init__(self, path: str | os.PathLike[str], header: Header) -> None:
+        self.path = os.fspath(path)
+        self.header = header
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._errf: Any = None
+        self.f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self.size = os.fstat(self.f.fileno()).st_size
+        fmt = header.format
+        if fmt in ("raw", "sparse"):
+            self.f.seek(header.stream_offset)
+            self.stream = _Stream(self.f, size=self.size - header.stream_offset, seekable=True,
+                                  file_base=header.stream_offset)
+            return
+        argv = DECOMPRESSORS.get(fmt)
+        if argv is None:
+            raise ImageError(f"cannot read image format {fmt}", offset=28)
+        if shutil.which(argv[0]) is None:
+            raise ImageError(f"image is {fmt}-compressed but {argv[0]} is not installed")
+        self.f.seek(header.stream_offset)
+        self._errf = tempfile.TemporaryFile()  # noqa: SIM115 - stderr must not block the pipe
+        self.proc = subprocess.Popen(argv, stdin=self.f, stdout=subprocess.PIPE, stderr=self._errf)
+        assert self.proc.stdout is not None
+        self.stream = _Stream(self.proc.stdout, where=f" in the decompressed {fmt} stream")
+
+    def check_decompressor(self) -> None:
+        """After the whole stream was read: the decompressor must have succeeded."""
+        if self.proc is None:
+            return
+        assert self.proc.stdout is not None
+        while self.proc.stdout.read(_CHUNK):
+            pass
+        rc = self.proc.wait()
+        if rc != 0:
+            self._errf.seek(0)
+            msg = self._errf.read(500).decode(errors="replace").strip().splitlines()
+            raise ImageError(f"{self.header.format} stream is corrupt or truncated: "
+                             f"{msg[-1] if msg else f'exit {rc}'}", offset=self.header.stream_offset)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            self._errf.close()
+        self.f.close()
+
+
+def _read_vmdesc_from_end(f: BinaryIO, size: int, stream_offset: int) -> tuple[dict[str, Any] | None, int]:
+    """For plain files: the vmstate description from the file's end (analyze-migration.py's way)."""
+    window = min(size - stream_offset, 16 * 1024 * 1024)
+    if window <= 0:
+        return None, 0
+    data = os.pread(f.fileno(), window, size - window)
+    found = _find_vmdesc(data)
+    if not found:
+        return None, 0
+    p, n = found
+    try:
+        desc = json.loads(data[p + 5:p + 5 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, 0
+    if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
+        return None, 0
+    return desc, size - window + p
+
+
+def _open_walker(path: str | os.PathLike[str], allow_partial: bool) -> tuple[Header, _Source, _Walker]:
+    header = read_header_path(path, allow_partial=allow_partial)
+    src = _Source(path, header)
+    try:
+        vmdesc = None
+        if src.proc is None:
+            vmdesc, _ = _read_vmdesc_from_end(src.f, src.size, header.stream_offset)
+        walker = _Walker(src.stream, file_fd=src.f.fileno() if src.proc is None else None, vmdesc=vmdesc)
+    except BaseException:
+        src.close()
+        raise
+    return header, src, walker
+
+
+def iter_sections(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Iterator[Section]:
+    """Yield every section of the image's QEMU stream, in stream order (streaming, constant memory).
+
+    Offsets are stream offsets (0 = the ``QEVM`` magic at ``header.stream_offset``).
+    """
+    _header, src, walker = _open_walker(path, allow_partial)
+    try:
+        yield from walker.walk()
+        src.check_decompressor()
+    finally:
+        src.close()
+
+
+def _domain_ids(xml: str) -> dict[str, str | None]:
+    from lxml import etree
+
+    try:
+        root = etree.fromstring(xml.encode())
+    except etree.XMLSyntaxError:
+        return {"name": None, "uuid": None}
+    return {"name": root.findtext("name"), "uuid": root.findtext("uuid")}
+
+
+def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) -> dict[str, Any]:
+    """Everything virtsave can tell about a save image, as a JSON-friendly dict.
+
+    Reads the libvirt header, XML and cookie, then walks the whole QEMU stream (through the
+    decompressor for compressed images). Raises :class:`ImageError` naming the offset for
+    truncated, corrupt, foreign or (unless *allow_partial*) partial images.
+    """
+    header, src, walker = _open_walker(path, allow_partial)
+    sections: dict[int, dict[str, Any]] = {}
+    try:
+        for sec in walker.walk():
+            agg = sections.get(sec.section_id)
+            if agg is None:
+                agg = sections[sec.section_id] = {
+                    "id": sec.section_id, "name": sec.name, "instance_id": sec.instance_id,
+                    "version_id": sec.version_id, "offset": sec.offset, "bytes": 0,
+                    "count": {"start": 0, "part": 0, "end": 0, "full": 0}}
+            agg["bytes"] += sec.length
+            agg["count"][sec.kind] += 1
+        stream_len = walker.s.offset
+        src.check_decompressor()
+    finally:
+        src.close()
+    if not walker.eof:
+        raise ImageError("truncated: no end-of-stream marker", offset=header.stream_offset + walker.s.offset)
+    blocks = list(walker.ram["blocks"].values())
+    ram = {
+        "page_size": walker.page_size,
+        "mapped_ram": walker.ram["mapped_ram"],
+        "total_bytes": walker.ram["total_bytes"],
+        "pages": sum(b["pages"] for b in blocks),
+        "zero_pages": sum(b["zero_pages"] for b in blocks),
+        "bytes": sum(b["bytes"] for b in blocks),
+        "multifd_flushes": walker.ram["multifd_flushes"],
+        "blocks": blocks,
+    }
+    device_keys = [(d.get("name"), d.get("instance_id")) for d in (walker.vmdesc or {}).get("devices", [])]
+    full_keys = [(s["name"], s["instance_id"]) for s in sections.values() if s["count"]["full"]]
+    vmdesc = dict(walker.vmdesc_info)
+    if walker.vmdesc is not None:
+        vmdesc.update(devices=len(device_keys), page_size=walker.vmdesc.get("page_size"),
+                      matches_sections=device_keys == full_keys)
+    return {
+        "path": os.fspath(path),
+        "size": src.size,
+        "header": header.to_dict(),
+        "domain": _domain_ids(header.xml),
+        "xml": header.xml,
+        "cookie": header.cookie,
+        "stream": {
+            "offset": header.stream_offset,
+            "compression": header.format if header.format not in ("raw", "sparse") else None,
+            "magic": QEVM_MAGIC.decode(),
+            "version": QEVM_VERSION,
+            "length": stream_len,
+            "layout": walker.layout or "vmdesc",
+            "configuration": walker.config,
+            "sections": list(sections.values()),
+            "commands": walker.commands,
+            "ram": ram,
+            "vmdesc": vmdesc,
+            "trailing_zero_bytes": walker.trailing,
+        },
+    }
