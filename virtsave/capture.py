@@ -1,0 +1,336 @@
+"""Trace what libvirt says to QEMU while it saves and restores a domain.
+
+:func:`trace_domain` runs the operation through :mod:`virtsave.libvirt_path` while
+:mod:`virtsave.logcapture` has libvirtd's monitor logging switched on, cuts this run's
+window out of the log, parses the domain's monitor conversation with
+:func:`virtsave.logparse.trace_from_log` (one phase per operation, by time window) and
+fills in the host, the domain (XML, the QEMU command line libvirt used) and each phase's
+image. Secrets are redacted before the trace is returned.
+
+Operations (``op``):
+
+- ``cycle`` (default): save then restore, so the domain ends as it began. Without *file*
+  (and without a format/channel option) it is managed save + start; otherwise save to *file*
+  (or to a private temporary image, removed afterwards) + restore from it.
+- ``managed-save``, ``save`` (needs *file*), ``restore`` (needs *file*): one phase.
+
+A failed save (e.g. target filesystem full) does not raise: the trace records it (phase
+``ok: false``, ``error``, the ``failed`` MIGRATION event, libvirt's ``cont``) and the restore
+phase of a cycle is skipped — the guest is still running. Ctrl-C (or SIGTERM) during the
+operation cancels libvirt's job (``abortJob``: libvirt cancels the migration and resumes the
+guest); if the save had already finished in a cycle, the domain is started again from its
+image; then :class:`KeyboardInterrupt` propagates after logging is restored.
+
+Example (needs a running libvirtd, as root)::
+
+    from virtsave import capture, libvirt_path as lp, trace
+    conn = lp.connect()
+    tr = capture.trace_domain(conn, "vm1")            # managed save + start
+    trace.dump(tr, "vm1.trace.json")
+
+    tr = capture.import_log("libvirtd.log", "vm1")    # an existing daemon log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from . import config, logcapture, saveimage
+from . import libvirt_path as lp
+from . import trace as tr
+from .errors import DomainStateError, ImageError, UnsupportedError, VirtsaveError
+
+OPS = ("cycle", "managed-save", "save", "restore")
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+# libvirt writes log timestamps with millisecond resolution: widen the per-phase window by
+# this much on both sides so the first and last lines are not cut off by rounding.
+_SLACK = _dt.timedelta(milliseconds=2)
+_ENV_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def host_info(conn: libvirt.virConnect) -> dict[str, Any]:
+    """libvirt and QEMU versions of the daemon behind *conn*, and this host's name."""
+    from . import host
+
+    v = host.versions(conn)
+    return {"libvirt": v.libvirt, "qemu": v.qemu, "hostname": socket.gethostname()}
+
+
+def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
+              domain_log: str | os.PathLike[str] | None = None) -> list[str]:
+    """The QEMU command line libvirt used for *name*: the last start in its QEMU log, else
+    ``domxml-to-native qemu-argv`` of *xml* (an approximation: no fds, no runtime paths)."""
+    path = Path(domain_log) if domain_log else QEMU_LOG_DIR / f"{name}.log"
+    if path.is_file():
+        with contextlib.suppress(ImportError, VirtsaveError, OSError):
+            from . import qemulog
+
+            starts = qemulog.parse_domain_log(path)
+            if starts and getattr(starts[-1], "argv", None):
+                return list(starts[-1].argv)
+    if domain_log:
+        return []  # the caller named a log; do not silently describe another machine
+    if xml and conn is not None:
+        with contextlib.suppress(libvirt.libvirtError, ValueError):
+            words = shlex.split(conn.domainXMLToNative("qemu-argv", xml, 0))
+            while words and _ENV_WORD.match(words[0]):  # leading VAR=value environment words
+                words.pop(0)
+            return words
+    return []
+
+
+def image_info(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """Path, size and header fields of a save image (header None when unreadable)."""
+    if not path:
+        return None
+    p = os.fspath(path)
+    try:
+        size: int | None = os.stat(p).st_size
+    except OSError:
+        return {"path": p, "size": None, "header": None}
+    header = None
+    with contextlib.suppress(ImageError):
+        header = saveimage.read_header_path(p).to_dict()
+    return {"path": p, "size": size, "header": header}
+
+
+def _redact(trace: tr.Trace) -> tr.Trace:
+    from . import redact
+
+    return redact.redact_trace(trace)
+
+
+def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetime,
+                  want: str) -> tuple[list[tr.Message], str | None]:
+    """Messages (and monitor) of *name*'s monitors between *since* and *until* in the window."""
+    from . import logparse
+
+    parsed = logparse.trace_from_log(path, domain=name, since=since - _SLACK, until=until + _SLACK)
+    phases = parsed.get("phases", [])
+    picked = [p for p in phases if p.get("name") == want] or phases
+    messages: list[tr.Message] = []
+    for p in picked:
+        messages.extend(p.get("messages", []))
+    if len(picked) > 1:  # several jobs in one op window: keep wire order, re-base t
+        messages.sort(key=lambda m: m.get("t", 0))
+    monitor = next((p.get("monitor") for p in picked if p.get("monitor")), None)
+    return messages, monitor
+
+
+def _run_interruptible(call: Callable[[], lp.OpResult], dom: libvirt.virDomain | None) -> lp.OpResult:
+    """Run a blocking libvirt call in a worker thread so Ctrl-C reaches us while it runs.
+
+    On KeyboardInterrupt libvirt's job is aborted (a save is cancelled and the guest resumed by
+    libvirt), the worker is awaited, and the interrupt is re-raised.
+    """
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="virtsave-trace-op", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        if dom is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.abortJob()
+        # Signals stay pending while we wait for libvirt to finish cleaning up.
+        with logcapture._signals_blocked():
+            worker.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+# --------------------------------------------------------------------------- the traced run
+
+
+class _Run:
+    """One traced run: operations in order, each with its time window and result."""
+
+    def __init__(self, conn: libvirt.virConnect, name: str, progress: Progress | None) -> None:
+        self.conn = conn
+        self.name = name
+        self.progress = progress
+        self.steps: list[dict[str, Any]] = []
+
+    def step(self, phase: str, operation: str, call: Callable[[], lp.OpResult],
+             dom: libvirt.virDomain | None, image: str | None, options: dict[str, Any]) -> lp.OpResult:
+        since = _dt.datetime.now(_dt.UTC)
+        res = _run_interruptible(call, dom)
+        until = _dt.datetime.now(_dt.UTC)
+        # Read the image now: a managed-save image is deleted by the start that follows.
+        img = image_info(res.image or image)
+        self.steps.append({"phase": phase, "operation": operation, "result": res, "since": since,
+                           "until": until, "image": img, "options": options})
+        return res
+
+
+def _check_op(op: str, file: str | None, image_format: str | None, parallel_channels: int | None) -> None:
+    if op not in OPS:
+        raise UnsupportedError(f"--op must be one of {', '.join(OPS)}, not {op!r}")
+    if op in ("save", "restore") and not file:
+        raise UnsupportedError(f"--op {op} needs --file IMAGE")
+    if op == "managed-save" and (image_format or parallel_channels or file):
+        raise UnsupportedError("--op managed-save takes no --file/--image-format/--parallel-channels "
+                               "(use --op save or cycle)")
+    if op == "restore" and image_format:
+        raise UnsupportedError("--image-format is a save option (the image header says the format)")
+
+
+def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: str | os.PathLike[str] | None = None,
+                 *, uri: str | None = None, bypass_cache: bool = False, image_format: str | None = None,
+                 parallel_channels: int | None = None, state: str | None = None,
+                 progress: Progress | None = None, on_warning: Callable[[str], None] | None = None) -> tr.Trace:
+    """Run *op* on domain *name* with monitor logging on and return its trace (redacted).
+
+    *state* (``"running"``/``"paused"``) is the state after restore/start, as in ``virsh``.
+    """
+    file = os.path.abspath(os.fspath(file)) if file else None
+    _check_op(op, file, image_format, parallel_channels)
+    dom = lp.lookup(conn, name)
+    name = dom.name()
+    if op == "restore":
+        if dom.isActive():
+            raise DomainStateError(f"cannot trace restore of {name}: it is running (save it first)")
+        if not os.path.exists(file):  # type: ignore[arg-type]
+            raise ImageError(f"cannot read image {file}: No such file or directory")
+    elif not dom.isActive():
+        raise DomainStateError(f"cannot trace {op} of {name}: domain is {lp.state_name(dom)}, not running")
+
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+    options = {"bypass_cache": bypass_cache, "image_format": image_format,
+               "parallel_channels": parallel_channels, "state": state}
+    use_file = op in ("save", "restore") or (op == "cycle" and (file or image_format or parallel_channels))
+    tmpdir: Path | None = None
+    if op == "cycle" and use_file and not file:
+        # A private scratch image for the cycle (libvirt/iohelper run as root; QEMU gets an fd).
+        tmpdir = Path(config.STATE_DIR) / "trace-images" / f"{os.getpid()}-{secrets.token_hex(4)}"
+        tmpdir.mkdir(mode=0o700, parents=True)
+        file = str(tmpdir / f"{name}.save")
+
+    run = _Run(conn, name, progress)
+    trace = tr.new_trace("libvirt", host=host_info(conn),
+                         domain={"name": name, "uuid": dom.UUIDString(), "xml": xml, "argv": []})
+    try:
+        with logcapture.capture(uri or _conn_uri(conn), on_warning=on_warning) as cap:
+            was_running = dom.isActive()
+            try:
+                _do_ops(run, dom, op, file, use_file, bypass_cache, image_format, parallel_channels, state, options)
+            except KeyboardInterrupt:
+                _recover_after_interrupt(conn, dom, op, was_running, file if use_file else None)
+                raise
+            window = cap.window_path()
+            for s in run.steps:
+                res: lp.OpResult = s["result"]
+                messages, monitor = _parse_window(window, name, s["since"], s["until"], s["phase"])
+                phase = tr.add_phase(trace, s["phase"], s["operation"], monitor=monitor,
+                                     options={k: v for k, v in s["options"].items() if v not in (None, False)})
+                phase["ok"] = bool(res.ok)
+                phase["error"] = res.error
+                phase["image"] = s["image"]
+                phase["messages"] = messages
+                phase["seconds"] = res.seconds
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    trace["domain"]["argv"] = qemu_argv(conn, name, xml)
+    return _redact(trace)
+
+
+def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_file: bool, bypass_cache: bool,
+            image_format: str | None, parallel_channels: int | None, state: str | None,
+            options: dict[str, Any]) -> None:
+    conn, name, progress = run.conn, run.name, run.progress
+    save_opts = {k: options[k] for k in ("bypass_cache", "image_format", "parallel_channels")}
+    rest_opts = {"bypass_cache": bypass_cache, "parallel_channels": parallel_channels, "state": state}
+    if op in ("cycle", "managed-save") and not use_file:
+        res = run.step("save", "managed-save", lambda: lp.managed_save(
+            conn, name, bypass_cache=bypass_cache, progress=progress, raise_on_error=False),
+            dom, lp.managed_save_path(conn, name), save_opts)
+        if op == "cycle" and res.ok:
+            run.step("restore", "start", lambda: lp.start(
+                conn, name, bypass_cache=bypass_cache, state=state, progress=progress, raise_on_error=False),
+                dom, None, {"bypass_cache": bypass_cache, "state": state})
+        return
+    if op in ("cycle", "save"):
+        res = run.step("save", "save", lambda: lp.save(
+            conn, name, file, bypass_cache=bypass_cache, image_format=image_format,  # type: ignore[arg-type]
+            parallel_channels=parallel_channels, progress=progress, raise_on_error=False),
+            dom, file, {**save_opts, "file": file})
+        if op == "save" or not res.ok:
+            return
+    run.step("restore", "restore", lambda: lp.restore(
+        conn, file, bypass_cache=bypass_cache, state=state,  # type: ignore[arg-type]
+        parallel_channels=parallel_channels, progress=progress, raise_on_error=False),
+        dom, file, {**rest_opts, "file": file})
+
+
+def _recover_after_interrupt(conn: libvirt.virConnect, dom: libvirt.virDomain, op: str, was_running: bool,
+                             file: str | None) -> None:
+    """After Ctrl-C: a cycle must not leave the guest saved-and-stopped."""
+    if op != "cycle" or not was_running:
+        return
+    with contextlib.suppress(libvirt.libvirtError, VirtsaveError):
+        if dom.isActive():
+            return  # the save was cancelled: libvirt resumed the guest
+        if file is None and dom.hasManagedSaveImage(0):
+            dom.create()
+        elif file is not None and os.path.exists(file):
+            conn.restore(file)
+
+
+def _conn_uri(conn: libvirt.virConnect) -> str | None:
+    try:
+        return conn.getURI()
+    except libvirt.libvirtError:
+        return None
+
+
+# --------------------------------------------------------------------------- importing a log
+
+
+def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monitor: str | None = None,
+               domain_log: str | os.PathLike[str] | None = None, since: Any = None,
+               until: Any = None) -> tr.Trace:
+    """A trace from an existing libvirtd debug log (the seed's ``LIBVIRT_LOG_FILTERS=1:monitor``
+    or richer). Raises :class:`~virtsave.errors.AmbiguousMonitor` (``.monitors``) when the log
+    cannot tell which monitor is *domain*'s and no *monitor* was given."""
+    from . import logparse
+
+    if not os.path.isfile(log):
+        from .errors import LogError
+
+        raise LogError(f"cannot read log {log}: No such file")
+    trace = logparse.trace_from_log(log, domain=domain, monitor=monitor, since=since, until=until)
+    if domain and not trace.get("domain", {}).get("name"):
+        trace.setdefault("domain", {})["name"] = domain
+    if domain_log:
+        trace.setdefault("domain", {})["argv"] = qemu_argv(None, domain or "", None,  # type: ignore[arg-type]
+                                                           domain_log=domain_log)
+    return _redact(trace)
