@@ -1,0 +1,273 @@
+"""Save and restore QEMUs without libvirt, in libvirt's image format.
+
+:func:`save` drives an existing QEMU over its QMP socket the way libvirt does
+(``stop``, capabilities, ``getfd`` + ``migrate fd:migrate``, wait for the ``MIGRATION``
+event), but QEMU writes straight into the image file (no ``libvirt_iohelper`` pipe) and
+gets ``quit`` instead of a SIGTERM-and-poll at the end. :func:`restore` launches a QEMU
+from an argv with ``-incoming defer``, feeds it the image from its stream offset, ``cont``.
+
+Over TCP no fd can be passed: QEMU opens the file itself (``file:PATH,offset=N``, QEMU ≥ 8.2)
+or, on older QEMUs, a shell helper does (``exec:``; only ever built here, never taken from input).
+
+The header needs a domain XML: pass the real one (``--xml``) if libvirt is to restore the
+image (``virsh restore`` re-creates the domain from it); otherwise a minimal XML is
+synthesized from ``query-name``/``query-uuid``/memory size, enough for virtsave's own
+restore but not for libvirt's.
+
+Example::
+
+    from virtsave import direct
+    r = direct.save("unix:/tmp/q/qmp.sock", "/var/tmp/g.save", xml=open("g.xml").read())
+    print(r.seconds, r.image_size)
+    proc, r2 = direct.restore("/var/tmp/g.save", argv)   # QEMU keeps running: proc.stop() ends it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import escape
+
+from . import qemu_launch, saveimage
+from . import trace as _trace
+from .errors import ImageError, OperationFailed, QMPError, UnsupportedError
+from .fileio import open_private
+from .qmp import QMPSession
+
+#: libvirt's "unlimited" migration bandwidth (QEMU's default of 128 MiB/s would throttle us).
+UNLIMITED_BANDWIDTH = 9223372036853727232
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DirectResult:
+    """Outcome of a direct save or restore."""
+
+    operation: str
+    image: str
+    ok: bool = True
+    seconds: float = 0.0
+    image_size: int | None = None
+    status: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    phase: _trace.Phase | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "phase"}
+
+
+def qemu_version(session: QMPSession) -> tuple[int, int, int]:
+    """QEMU's version as reported over QMP."""
+    q = (session.execute("query-version") or {}).get("qemu", {})
+    return int(q.get("major", 0)), int(q.get("minor", 0)), int(q.get("micro", 0))
+
+
+def has_file_uri(version: tuple[int, int, int]) -> bool:
+    """``file:PATH,offset=N`` migration URIs exist from QEMU 8.2."""
+    return version >= (8, 2, 0)
+
+
+def exec_save_uri(path: str, offset: int) -> str:
+    """An ``exec:`` URI appending the stream to *path* after its header (QEMU < 8.2 over TCP)."""
+    return f"exec:dd of={shlex.quote(path)} bs=4M oflag=seek_bytes seek={offset} conv=notrunc status=none"
+
+
+def exec_restore_uri(path: str, offset: int) -> str:
+    """An ``exec:`` URI reading the stream from *path* at *offset* (QEMU < 8.2 over TCP)."""
+    return f"exec:dd if={shlex.quote(path)} bs=4M iflag=skip_bytes skip={offset} status=none"
+
+
+def create_image(path: str | os.PathLike[str], xml: str, cookie: str | None = None, *,
+                 was_running: bool = True, image_format: str = "raw") -> tuple[int, saveimage.Header]:
+    """Create *path* (0600) with a partial header; return (read-write fd, header)."""
+    fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        with io.FileIO(fd, "r+", closefd=False) as f:
+            hdr = saveimage.write_header(f, xml, cookie, was_running=was_running, image_format=image_format,
+                                         partial=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, hdr
+
+
+def synthesize_xml(session: QMPSession) -> str:
+    """A minimal domain XML from what QEMU tells about itself (not enough for ``virsh restore``)."""
+    name = "virtsave-direct"
+    with contextlib.suppress(QMPError):
+        name = (session.execute("query-name") or {}).get("name") or name
+    uuid = None
+    with contextlib.suppress(QMPError):
+        uuid = (session.execute("query-uuid") or {}).get("UUID")
+    mem = 0
+    with contextlib.suppress(QMPError):
+        mem = int((session.execute("query-memory-size-summary") or {}).get("base-memory", 0))
+    cpus = 1
+    with contextlib.suppress(QMPError):
+        cpus = max(1, len(session.execute("query-cpus-fast") or []))
+    uuid_el = f"<uuid>{escape(uuid)}</uuid>" if uuid and uuid != "00000000-0000-0000-0000-000000000000" else ""
+    kib = mem // 1024
+    return (f"<domain type='qemu'><name>{escape(name)}</name>{uuid_el}"
+            f"<memory unit='KiB'>{kib}</memory><currentMemory unit='KiB'>{kib}</currentMemory>"
+            f"<vcpu>{cpus}</vcpu><os><type arch='x86_64'>hvm</type></os></domain>")
+
+
+def _progress_cb(progress: Progress | None, name: str, operation: str) -> Progress | None:
+    if progress is None:
+        return None
+
+    def cb(info: dict[str, Any]) -> None:
+        ram = info.get("ram") or {}
+        progress({"domain": name, "operation": operation, "data_processed": ram.get("transferred"),
+                  "data_total": ram.get("total"), "status": info.get("status")})
+    return cb
+
+
+def _fail_info(session: QMPSession) -> str:
+    with contextlib.suppress(QMPError):
+        info = session.execute("query-migrate") or {}
+        return str(info.get("error-desc") or info.get("status"))
+    return "unknown error"
+
+
+def save(qmp_address: str, image_path: str | os.PathLike[str], *, xml: str | None = None,
+         cookie: str | None = None, quit: bool = True, progress: Progress | None = None,
+         phase: _trace.Phase | None = None, timeout: float | None = None) -> DirectResult:
+    """Save the QEMU at *qmp_address* into *image_path* (libvirt's format, 0600).
+
+    The guest is paused first; on success QEMU gets ``quit`` (unless *quit* is False: then it
+    stays paused like after ``virsh save --paused``… and you own it); on failure it is resumed
+    if it was running and the partial image removed. *phase* (optional) records the QMP
+    conversation.
+    """
+    image = os.fspath(image_path)
+    t_start = time.monotonic()
+    with QMPSession(qmp_address) as s:
+        s.record_into(phase)
+        status = s.execute("query-status") or {}
+        was_running = bool(status.get("running"))
+        unix = not qmp_address.startswith("tcp:")
+        version = qemu_version(s) if not unix else (0, 0, 0)
+        if xml is None:
+            xml = synthesize_xml(s)
+        s.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        s.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
+        if was_running:
+            s.execute("stop")
+        fd, hdr = create_image(image, xml, cookie, was_running=was_running)
+        ok = False
+        try:
+            mark = s.event_mark()
+            if unix:
+                os.lseek(fd, hdr.stream_offset, os.SEEK_SET)
+                s.execute("getfd", {"fdname": "migrate"}, fds=[fd])
+                uri = "fd:migrate"
+            elif has_file_uri(version):
+                uri = f"file:{image},offset={hdr.stream_offset:#x}"
+            else:
+                uri = exec_save_uri(image, hdr.stream_offset)
+            s.execute("migrate", {"uri": uri})
+            final = s.wait_migration(since=mark, timeout=timeout, progress=_progress_cb(progress, "", "save"))
+            if final != "completed":
+                raise OperationFailed(f"migration to {image} {final}: {_fail_info(s)}")
+            stats = s.execute("query-migrate") or {}
+            if not unix:
+                # QEMU opened the file itself: rewrite the header in case it truncated it.
+                os.pwrite(fd, saveimage.encode_header(xml, cookie, was_running=was_running), 0)
+            saveimage.finalize(fd)
+            ok = True
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+            if not ok:
+                with contextlib.suppress(OSError):
+                    os.unlink(image)
+                if was_running:
+                    with contextlib.suppress(QMPError):
+                        s.execute("cont")
+        if quit:
+            s.quit()
+    return DirectResult("save", image, True, time.monotonic() - t_start, size, "completed",
+                        {"total-time": stats.get("total-time"), "ram": stats.get("ram")}, phase)
+
+
+def open_image(image_path: str | os.PathLike[str]) -> tuple[int, saveimage.Header]:
+    """Open a complete save image read-only; return (fd at its stream offset, header)."""
+    hdr = saveimage.read_header_path(image_path, allow_partial=False)
+    if hdr.format not in ("raw", "sparse"):
+        raise UnsupportedError(f"image format {hdr.format} is not supported by the direct backend (raw, sparse)")
+    try:
+        fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"cannot open image {image_path}: {exc.strerror}") from None
+    os.lseek(fd, hdr.stream_offset, os.SEEK_SET)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return fd, hdr
+
+
+def restore(image_path: str | os.PathLike[str], argv: list[str], *, transport: str = "unix",
+            paused: bool = False, serial_log: str | os.PathLike[str] | None = None,
+            parallel_channels: int = 2, progress: Progress | None = None,
+            phase: _trace.Phase | None = None, timeout: float | None = None
+            ) -> tuple[qemu_launch.QemuProcess, DirectResult]:
+    """Launch QEMU from *argv* and load *image_path* into it; the guest runs unless *paused*.
+
+    Returns the running :class:`~virtsave.qemu_launch.QemuProcess` (call ``.stop()`` to end
+    it) and the result. QEMU is killed again if anything fails.
+    """
+    image = os.fspath(image_path)
+    t_start = time.monotonic()
+    fd, hdr = open_image(image)
+    sparse = hdr.format == "sparse"
+    proc = None
+    try:
+        binary_ver = qemu_launch.binary_version(argv[0] if argv else "qemu-system-x86_64")
+        use_exec = transport == "tcp" and not has_file_uri(binary_ver)
+        add_fds: list[tuple[int, int, str]] = []
+        pass_fds: tuple[int, ...] = ()
+        if transport == "tcp":
+            uri = exec_restore_uri(image, hdr.stream_offset) if use_exec else \
+                f"file:{image},offset={hdr.stream_offset:#x}"
+        elif sparse:
+            add_fds = [(0, fd, "virtsave-incoming")]
+            uri = f"file:/dev/fdset/0,offset={hdr.stream_offset:#x}"
+        else:
+            pass_fds = (fd,)
+            uri = f"fd:{fd}"
+        plan = qemu_launch.plan_launch(argv, incoming="defer", transport=transport, serial_log=serial_log,
+                                       add_fds=add_fds, pass_fds=pass_fds, allow_spawn=use_exec)
+        plan.owns_run_dir = False  # QEMU keeps running after we return: its socket dir must stay
+        proc = qemu_launch.start(plan)
+        with proc.connect() as s:
+            s.record_into(phase)
+            caps = [{"capability": "events", "state": True}]
+            if sparse:
+                caps += [{"capability": "mapped-ram", "state": True},
+                         {"capability": "multifd", "state": parallel_channels > 1}]
+            s.execute("migrate-set-capabilities", {"capabilities": caps})
+            if sparse and parallel_channels > 1:
+                s.execute("migrate-set-parameters", {"multifd-channels": parallel_channels})
+            mark = s.event_mark()
+            s.execute("migrate-incoming", {"uri": uri})
+            final = s.wait_migration(since=mark, timeout=timeout, progress=_progress_cb(progress, "", "restore"))
+            if final != "completed":
+                raise OperationFailed(f"loading {image} {final}: {_fail_info(s)} {proc.last_stderr(2)}")
+            run = hdr.was_running and not paused
+            if run:
+                s.execute("cont")
+            s.record_into(None)
+        return proc, DirectResult("restore", image, True, time.monotonic() - t_start,
+                                  os.stat(image).st_size, "running" if run else "paused")
+    except BaseException:
+        if proc is not None:
+            proc.plan.owns_run_dir = True
+            proc.stop(grace=1.0)
+        raise
+    finally:
+        os.close(fd)
