@@ -24,6 +24,7 @@ from .. import host
 from .. import libvirt_path as lp
 from ..errors import OperationFailed, VirtsaveError
 from ..progress import job_progress
+from ..saveimage import read_header_path
 from .common import OPTIONS, emit_json, info
 
 
@@ -211,6 +212,8 @@ def restore_cmd(
     state = _state(running, paused)
     _check_channels(parallel_channels)
     dxml = _read_xml(xml)
+    # A missing, partial or corrupt image is reported (with its offset) before the daemon is asked.
+    read_header_path(file, allow_partial=False)
     conn = lp.connect(OPTIONS.uri)
     with job_progress("restore") as cb:
         res = lp.restore(conn, file, bypass_cache=bypass_cache, state=state, xml=dxml,
