@@ -316,15 +316,38 @@ def _restore(runner: Any, state: State, paths: Paths) -> str | None:
     return warning
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP turned into an exception so ``finally`` blocks run."""
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """Keep SIGINT/SIGTERM pending while settings and the state file are being changed."""
-    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+def deferred_signals() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM/SIGHUP while settings and the state file change; re-raise after.
+
+    A signal arriving inside the block is recorded, not acted on; at the end of the block
+    (if it ended normally) it becomes :class:`KeyboardInterrupt`. So a second Ctrl-C cannot cut
+    a restore of the daemon's settings in half. Python runs signal handlers in the main thread
+    only, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    got: list[int] = []
+
+    def hold(signum: int, _frame: Any) -> None:
+        got.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in _HELD_SIGNALS}
     try:
-        yield
+        yield got
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    if got:
+        raise _Terminated(f"signal {got[0]}") if got[0] != signal.SIGINT else KeyboardInterrupt()
 
 
 def repair_if_stale(uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
@@ -337,7 +360,7 @@ def repair_if_stale(uri: str | None = None, *, state_dir: str | os.PathLike[str]
     paths = Paths(state_dir)
     if not paths.state.exists():
         return None
-    with _signals_blocked(), _locked(paths):
+    with deferred_signals(), _locked(paths):
         state = _load_state(paths)
         if state is None:
             return None
@@ -396,7 +419,7 @@ class CaptureSession:
         """Join (or open) the shared session and mark the start of this window."""
         me = Owner(pid=os.getpid(), start=proc_starttime(os.getpid()), session=self.session,
                    since=_utcnow().isoformat())
-        with _signals_blocked(), _locked(self.paths):
+        with deferred_signals(), _locked(self.paths):
             state = _load_state(self.paths)
             if state is not None:
                 state.prune()
@@ -484,7 +507,7 @@ class CaptureSession:
         """Leave the shared session; the last one out restores the settings. Returns a warning, if any."""
         if not self._active:
             return self.warning
-        with _signals_blocked(), _locked(self.paths):
+        with deferred_signals(), _locked(self.paths):
             self._active = False
             if self._window is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -510,10 +533,6 @@ def _restore_force(runner: Any, state: State, paths: Paths) -> None:
     with contextlib.suppress(FileNotFoundError):
         paths.state.unlink()
     shutil.rmtree(paths.dir, ignore_errors=True)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM/SIGHUP turned into an exception so ``finally`` blocks run."""
 
 
 @contextlib.contextmanager
@@ -551,8 +570,8 @@ def capture(uri: str | None = None, *, state_dir: str | os.PathLike[str] | None 
         on_warning(repaired)
     sess = CaptureSession(uri, state_dir=state_dir, runner=runner)
     with _term_as_interrupt():
-        sess.start()
         try:
+            sess.start()  # a signal held during start() is raised after it: stop() still runs
             yield sess
         finally:
             warning = sess.stop()
