@@ -343,9 +343,11 @@ class QemuProcess:
         if rc is not None:
             raise LaunchError(f"QEMU exited with status {rc}: {self.last_stderr() or '(no output)'}")
 
-    def connect(self, timeout: float = 30.0) -> QMPSession:
-        """Connect a recorded QMP session to this QEMU (fails fast if QEMU dies)."""
+    def connect(self, timeout: float = 30.0, phase: dict[str, Any] | None = None) -> QMPSession:
+        """Connect a QMP session to this QEMU (fails fast if QEMU dies); record into *phase*
+        from the very first message (the negotiation) when given."""
         s = QMPSession(self.qmp_address, connect_timeout=timeout, alive=self.alive)
+        s.record_into(phase)
         try:
             return s.connect()
         except Exception:

@@ -216,7 +216,7 @@ class QMPSession:
             with self._lock:
                 self._pending_fds = len(fd_list)
             msg = client.make_execute_msg(cmd, args)
-            return dict(await client._raw(msg))  # noqa: SLF001 - _raw keeps error replies
+            return dict(await client._raw(msg))  # _raw: keeps error replies as replies
 
         try:
             return self._run(go(), timeout)
