@@ -331,7 +331,7 @@ def _parse_monitor(line: bytes, clock: _Clock, lineno: int, writes: bool = True)
                 return None
             e = p
         rec.payload = line[e + len(key):].rstrip(b"\r\n")
-        if not rec.payload.startswith(b"{"):
+        if not (rec.payload.startswith(b"{") and rec.payload.endswith(b"}")):   # truncated or not JSON
             return None
     elif kind == "sendfd":
         f = _RE_FD.search(line, e)
@@ -683,10 +683,9 @@ def _spans(msgs: list[dict[str, Any]]) -> list[tuple[str, int, int, int]]:
             e += 1
         end = cmd_idx[e] - 1 if e < len(cmd_idx) else len(msgs) - 1
         name = "save" if ex == "migrate" else "restore"
-        if out and start <= out[-1][2]:           # overlapping: a second migrate in the same operation
+        if out and start <= out[-1][2]:   # the previous tail walk ran into this operation: cut it there
             prev = out[-1]
-            out[-1] = (prev[0], prev[1], max(prev[2], end), prev[3])
-            continue
+            out[-1] = (prev[0], prev[1], start - 1, prev[3])
         out.append((name, start, end, i))
     # Close gaps between phases of the same instance (restore … later save): nothing in between is dropped.
     for n in range(len(out) - 1):
@@ -840,7 +839,7 @@ def _select(sc: Scan, domain: str | None, monitor: str | Iterable[str] | None) -
                   for w in w.split(",") if w.strip()]
         keys: list[str] = []
         for w in wanted:
-            hit = [m.key for m in cands if m.key == w] or [m.key for m in cands if m.pointer == w]
+            hit = [m.key for m in cands if (m.key == w if "#" in w else m.pointer == w)]
             if not hit:
                 raise LogError(f"monitor {w} not found in log; monitors: "
                                + ", ".join(m.key for m in cands) if cands else f"monitor {w}: log has no monitors")
@@ -935,6 +934,7 @@ def parse_bytes_per_second(path: str | os.PathLike[str], *, full: bool = False) 
 
 _RE_TS = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3})", re.M)
 _RE_PTR = re.compile(rb"0x7f[0-9a-f]{6,10}")
+_RE_MONPTR = re.compile(rb"mon[=:](0x7f[0-9a-f]{6,10})")
 
 
 def generate_log(path: str | os.PathLike[str], size_mb: float, sources: Iterable[str | os.PathLike[str]] = ()) -> int:
@@ -942,7 +942,7 @@ def generate_log(path: str | os.PathLike[str], size_mb: float, sources: Iterable
 
     Each repetition of a source (default: the recorded fixtures of both stacks) gets its timestamps
     shifted forward so time keeps increasing, and every ``0x7f…`` pointer remapped to a fresh value
-    (every fourth repetition reuses the previous pointers, exercising monitor-pointer reuse).
+    (every fourth repetition reuses the previous repetition's pointers, exercising pointer reuse).
     Returns the number of bytes written.
     """
     srcs = [os.fspath(s) for s in sources]
@@ -963,7 +963,7 @@ def generate_log(path: str | os.PathLike[str], size_mb: float, sources: Iterable
     written = 0
     offset = 0.0
     rep = 0
-    mapping: dict[bytes, bytes] = {}
+    last_mon: bytes | None = None
     with open(path, "wb") as out:
         while written < target:
             for chunk in chunks:
@@ -973,14 +973,19 @@ def generate_log(path: str | os.PathLike[str], size_mb: float, sources: Iterable
                 t_first = clock(stamps[0][0] + b"." + stamps[0][1] + b"+0000") or 0.0
                 t_last = clock(stamps[-1][0] + b"." + stamps[-1][1] + b"+0000") or 0.0
                 shift = offset - t_first if rep else 0.0
-                if rep % 4 != 3:
-                    mapping = {}
+                # k-th distinct pointer of the chunk → base of its group + k; every fourth repetition
+                # shares the previous one's group, so its pointers are reused after the earlier CLOSE.
+                group = rep - 1 if rep % 4 == 3 else rep
+                mapping: dict[bytes, bytes] = {}
+                first_mon = _RE_MONPTR.search(chunk)
+                if rep % 4 == 3 and first_mon and last_mon:
+                    mapping[first_mon.group(1)] = last_mon
 
-                def ptr(m: re.Match[bytes], rep: int = rep, mapping: dict[bytes, bytes] = mapping) -> bytes:
+                def ptr(m: re.Match[bytes], group: int = group, mapping: dict[bytes, bytes] = mapping) -> bytes:
                     p = m.group(0)
                     q = mapping.get(p)
                     if q is None:
-                        q = b"0x7f%010x" % ((int(p, 16) + rep * 0x10000 + len(mapping) * 0x40) & 0xFFFFFFFFFF)
+                        q = b"0x7f%010x" % ((0x0600000000 + group * 0x100000 + len(mapping) * 0x40) & 0xFFFFFFFFFF)
                         mapping[p] = q
                     return q
 
@@ -989,6 +994,8 @@ def generate_log(path: str | os.PathLike[str], size_mb: float, sources: Iterable
                     return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:23].encode()
 
                 data = _RE_PTR.sub(ptr, chunk)
+                mons = _RE_MONPTR.findall(data)
+                last_mon = mons[-1] if mons else None
                 data = _RE_TS.sub(ts, data)
                 out.write(data)
                 written += len(data)

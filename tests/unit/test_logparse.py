@@ -1,0 +1,427 @@
+"""virtsave.logparse on the recorded libvirtd logs of both stacks and on logs derived from them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from virtsave import errors, logparse, trace
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+
+# Exact command sequences libvirt sent, per stack and scenario (read off the fixtures).
+SAVE_90 = ["query-migrate", "stop", "migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate",
+           "query-migrate", "migrate-set-capabilities", "migrate-set-parameters"]
+SAVE_113 = ["query-migrate", "stop", "migrate-set-capabilities", "migrate-set-parameters", "getfd", "migrate",
+            "query-migrate", "query-fdsets", "migrate-set-capabilities", "migrate-set-parameters"]
+SAVE_113_SPARSE = ["query-migrate", "stop", "migrate-set-capabilities", "migrate-set-parameters", "query-fdsets",
+                   "add-fd", "migrate", "query-migrate", "query-fdsets", "migrate-set-capabilities",
+                   "migrate-set-parameters"]
+_RESTORE_HEAD = ["qmp_capabilities", "query-migrate-capabilities", "migrate-set-capabilities", "query-chardev",
+                 "query-hotpluggable-cpus", "query-cpus-fast", "qom-list"]
+RESTORE_90 = [*_RESTORE_HEAD, "qom-get*398", "query-iothreads", "balloon", "migrate-incoming", "qom-list",
+              "query-block"]
+RESTORE_113 = [*_RESTORE_HEAD, "qom-get*464", "query-iothreads", "balloon", "migrate-set-capabilities",
+               "migrate-incoming", "qom-list", "query-block"]
+RESTORE_113_SPARSE = [*_RESTORE_HEAD, "qom-get*464", "query-iothreads", "balloon", "migrate-set-capabilities",
+                      "migrate-set-parameters", "migrate-incoming", "qom-list", "query-block", "cont"]
+
+# (fixture, monitor key, domain, phase, operation, expected commands)
+CASES = [
+    ("libvirt-9.0/managedsave-running.log", "0x7f06e4005180", None, "save", "save", SAVE_90),
+    ("libvirt-9.0/save-bypass-cache.log", "0x7f06d41ce2f0", None, "save", "save", SAVE_90),
+    ("libvirt-9.0/managedsave-restore.log", "0x7f06d41ce2f0", None, "restore", "restore", [*RESTORE_90, "cont"]),
+    ("libvirt-9.0/restore-bypass-cache-paused.log", "0x7f06d41ce740", None, "restore", "restore", RESTORE_90),
+    ("libvirt-9.0-attributed/managedsave-running.log", "0x7f06d41ceb90", "fxa", "save", "managed-save", SAVE_90),
+    ("libvirt-9.0-attributed/save-bypass-cache.log", "0x7f06e4005460", "fxa", "save", "save", SAVE_90),
+    ("libvirt-9.0-attributed/managedsave-restore.log", "0x7f06e4005460", "fxa", "restore", "start",
+     [*RESTORE_90, "cont"]),
+    ("libvirt-9.0-attributed/restore-bypass-cache-paused.log", "0x7f06e40052f0", "fxa", "restore", "restore",
+     RESTORE_90),
+    ("libvirt-11.3-attributed/managedsave-running.log", "0x7fe8380075d0", "fxa", "save", "managed-save", SAVE_113),
+    ("libvirt-11.3-attributed/save-bypass-cache.log", "0x7fe838007b90", "fxa", "save", "save", SAVE_113),
+    ("libvirt-11.3-attributed/save-sparse-parallel2.log", "0x7fe838007b90", "fxc", "save", "save", SAVE_113_SPARSE),
+    ("libvirt-11.3-attributed/managedsave-restore.log", "0x7fe838007b90", "fxa", "restore", "start",
+     [*RESTORE_113, "cont"]),
+    ("libvirt-11.3-attributed/restore-bypass-cache-paused.log", "0x7fe838007b90", "fxa", "restore", "restore",
+     RESTORE_113),
+    ("libvirt-11.3-attributed/restore-sparse-parallel2.log", "0x7fe838007460", "fxc", "restore", "restore",
+     RESTORE_113_SPARSE),
+]
+
+
+def collapse(executes: list[str]) -> list[str]:
+    """Collapse runs of qom-get into 'qom-get*N'."""
+    out: list[str] = []
+    for ex in executes:
+        if ex == "qom-get" and out and out[-1].startswith("qom-get*"):
+            out[-1] = f"qom-get*{int(out[-1].split('*')[1]) + 1}"
+        elif ex == "qom-get":
+            out.append("qom-get*1")
+        else:
+            out.append(ex)
+    return out
+
+
+def executes(phase: dict) -> list[str]:
+    return [m["execute"] for m in phase["messages"] if m["kind"] == "command"]
+
+
+def grep_count(path: Path, mon: str) -> int:
+    """Independent count of the monitor's SEND_MSG/RECV_REPLY/RECV_EVENT lines."""
+    pat = re.compile(rf"QEMU_MONITOR_(SEND_MSG|RECV_REPLY|RECV_EVENT): mon={mon}\b")
+    return sum(1 for line in path.read_text(errors="replace").splitlines() if pat.search(line))
+
+
+@pytest.mark.parametrize(("fixture", "mon", "domain", "phase", "operation", "expected"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_fixture_sequences(fixture, mon, domain, phase, operation, expected):
+    path = FIX / fixture
+    tr = logparse.trace_from_log(path)
+    assert trace.validate(tr) == []
+    assert tr["source"] == "libvirt"
+    assert tr["domain"]["name"] == domain
+    assert [p["name"] for p in tr["phases"]] == [phase]
+    ph = tr["phases"][0]
+    assert ph["monitor"] == mon
+    assert ph["operation"] == operation
+    assert ph["ok"] is True and ph["error"] is None
+    assert collapse(executes(ph)) == expected
+    # none dropped: every probe of the monitor is a message of the phase
+    assert len(ph["messages"]) == grep_count(path, mon)
+    assert tr["log"]["unphased"] == 0 and tr["log"]["skipped"] == 0 and tr["log"]["malformed"] == 0
+    # replies match their commands, in order, times relative and monotonic
+    ids = [m["id"] for m in ph["messages"] if m["kind"] == "command"]
+    rids = [m["id"] for m in ph["messages"] if m["kind"] == "reply"]
+    assert rids == ids
+    ts = [m["t"] for m in ph["messages"]]
+    assert ts[0] == 0 and ts == sorted(ts)
+    if domain:
+        assert logparse.trace_from_log(path, domain=domain)["phases"][0]["messages"] == ph["messages"]
+
+
+@pytest.mark.parametrize("fixture", [c[0] for c in CASES if c[3] == "save"])
+def test_save_phase_details(fixture):
+    ph = logparse.trace_from_log(FIX / fixture)["phases"][0]
+    cmds = [m for m in ph["messages"] if m["kind"] == "command"]
+    with_fds = [(m["execute"], m.get("fds")) for m in cmds if m.get("fds")]
+    mig = next(m for m in cmds if m["execute"] == "migrate")
+    if "sparse" in fixture:
+        assert with_fds == [("add-fd", 1)]
+        assert mig["arguments"]["uri"].startswith("file:/dev/fdset/")
+    else:
+        assert with_fds == [("getfd", 1)]
+        assert mig["arguments"]["uri"] == "fd:migrate"
+    statuses = [m["data"]["status"] for m in ph["messages"] if m["kind"] == "event" and m["event"] == "MIGRATION"]
+    assert statuses[0] == "setup" and statuses[-1] == "completed"
+    assert any(m["kind"] == "event" and m["event"] == "STOP" for m in ph["messages"])
+
+
+@pytest.mark.parametrize("fixture", [c[0] for c in CASES if c[3] == "restore"])
+def test_restore_phase_details(fixture):
+    ph = logparse.trace_from_log(FIX / fixture)["phases"][0]
+    inc = next(m for m in ph["messages"] if m["kind"] == "command" and m["execute"] == "migrate-incoming")
+    if "sparse" in fixture:
+        assert inc["arguments"]["uri"].startswith("file:/dev/fdset/0,offset=")
+    else:
+        assert inc["arguments"]["uri"].startswith("fd:")
+    if "11.3" in fixture:
+        assert inc["arguments"]["exit-on-error"] is False
+    statuses = [m["data"]["status"] for m in ph["messages"] if m["kind"] == "event" and m["event"] == "MIGRATION"]
+    assert statuses[-1] == "completed"
+
+
+def test_restore_image_path_from_process_start():
+    tr = logparse.trace_from_log(FIX / "libvirt-9.0-attributed/managedsave-restore.log")
+    assert tr["phases"][0]["image"]["path"] == "/var/lib/libvirt/qemu/save/fxa.save"
+
+
+def test_list_monitors_fields():
+    mons = logparse.list_monitors(FIX / "libvirt-11.3-attributed/save-sparse-parallel2.log")
+    assert len(mons) == 1
+    m = mons[0]
+    assert m["key"] == "0x7fe838007b90" and m["domain"] == "fxc" and m["role"] == "save"
+    assert m["commands"] == 11 and m["closed"] is True and m["opened"] is False
+    assert m["notable"] == ["stop", "add-fd", "migrate"]
+    assert m["migrate_uris"][0].startswith("file:/dev/fdset/1,offset=0x")
+    assert m["operations"] == ["remoteDispatchDomainSaveParams"]
+    assert m["migration_status"] == "completed"
+    assert m["first"] <= m["last"]
+
+
+# ---------------------------------------------------------------- derived logs
+
+
+def read(rel: str) -> str:
+    return (FIX / rel).read_text()
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    p = tmp_path / name
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+    return p
+
+
+def test_monitor_only_cycle_same_vm_is_taken(tmp_path):
+    p = write(tmp_path, "cycle.log", read("libvirt-9.0/managedsave-running.log") +
+              read("libvirt-9.0/managedsave-restore.log"))
+    tr = logparse.trace_from_log(p, domain="fxa")
+    assert [ph["name"] for ph in tr["phases"]] == ["save", "restore"]
+    assert tr["domain"]["name"] == "fxa"
+    assert tr["log"]["attribution"].startswith("assumed")
+    assert collapse(executes(tr["phases"][0])) == SAVE_90
+    assert collapse(executes(tr["phases"][1])) == [*RESTORE_90, "cont"]
+    assert tr["log"]["unphased"] == 0
+    # since/until cut the window: only the save
+    save_end = logparse.list_monitors(p)[0]["last"]
+    only = logparse.trace_from_log(p, until=save_end + 0.0005)
+    assert [ph["name"] for ph in only["phases"]] == ["save"]
+    later = logparse.trace_from_log(p, since=save_end + 0.5)
+    assert [ph["name"] for ph in later["phases"]] == ["restore"]
+
+
+def _rewrite(text: str, mon_from: str, mon_to: str, vm_from: str | None = None, vm_to: str | None = None) -> str:
+    text = text.replace(mon_from, mon_to)
+    if vm_from and vm_to:
+        text = text.replace(vm_from, vm_to)
+    return text
+
+
+def test_monitor_only_two_domains_is_ambiguous(tmp_path):
+    a = read("libvirt-9.0/managedsave-running.log")
+    b = _rewrite(read("libvirt-9.0/save-bypass-cache.log"), "0x7f06d41ce2f0", "0x7f06d41c0000",
+                 "0x7f06cc0346d0", "0x7f06cc999990")
+    p = write(tmp_path, "two.log", a + b)
+    with pytest.raises(errors.AmbiguousMonitor) as ei:
+        logparse.trace_from_log(p, domain="fxa")
+    exc = ei.value
+    assert "\n" not in str(exc)
+    assert "0x7f06e4005180" in str(exc) and "0x7f06d41c0000" in str(exc)
+    assert [m["key"] for m in exc.monitors] == ["0x7f06e4005180", "0x7f06d41c0000"]
+    assert all(m["role"] == "save" and m["commands"] == 9 for m in exc.monitors)
+    assert all("migrate" in m["notable"] for m in exc.monitors)
+    tr = logparse.trace_from_log(p, domain="fxa", monitor="0x7f06d41c0000")
+    assert [ph["monitor"] for ph in tr["phases"]] == ["0x7f06d41c0000"]
+    assert tr["domain"]["name"] == "fxa"
+    with pytest.raises(errors.LogError, match="not found"):
+        logparse.trace_from_log(p, monitor="0xdeadbeef")
+
+
+def test_pointer_reuse_after_close(tmp_path):
+    save = read("libvirt-9.0/managedsave-running.log")      # mon 0x7f06e4005180, ends with CLOSE
+    restore = _rewrite(read("libvirt-9.0/managedsave-restore.log"), "0x7f06d41ce2f0", "0x7f06e4005180")
+    p = write(tmp_path, "reuse.log", save + restore)
+    keys = [m["key"] for m in logparse.list_monitors(p)]
+    assert keys == ["0x7f06e4005180", "0x7f06e4005180#2"]
+    tr = logparse.trace_from_log(p)
+    assert [(ph["name"], ph["monitor"]) for ph in tr["phases"]] == [
+        ("save", "0x7f06e4005180"), ("restore", "0x7f06e4005180#2")]
+    # without the NEW line the closed pointer still starts a new instance
+    no_new = "".join(line for line in restore.splitlines(keepends=True) if "QEMU_MONITOR_NEW" not in line)
+    p2 = write(tmp_path, "reuse2.log", save + no_new)
+    assert [m["key"] for m in logparse.list_monitors(p2)] == ["0x7f06e4005180", "0x7f06e4005180#2"]
+    # the instance key selects exactly one instance; the bare pointer both
+    assert [ph["name"] for ph in logparse.trace_from_log(p, monitor="0x7f06e4005180#2")["phases"]] == ["restore"]
+    assert len(logparse.trace_from_log(p, monitor="0x7f06e4005180")["phases"]) == 2
+
+
+_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})")
+
+
+def _records(text: str) -> list[tuple[str, str]]:
+    """Split a log into (timestamp, record text incl. continuation lines)."""
+    recs: list[tuple[str, str]] = []
+    for line in text.splitlines(keepends=True):
+        m = _TS.match(line)
+        if m:
+            recs.append((m.group(1), line))
+        elif recs:
+            recs[-1] = (recs[-1][0], recs[-1][1] + line)
+    return recs
+
+
+def test_interleaved_domains(tmp_path):
+    a = read("libvirt-11.3-attributed/save-bypass-cache.log")                # fxa, 19:03:52
+    b = read("libvirt-11.3-attributed/save-sparse-parallel2.log")            # fxc, same mon pointer
+    b = _rewrite(b, "0x7fe838007b90", "0x7fe8380aaaa0", "0x7fe8185b1940", "0x7fe8185bbbb0")
+    b = re.sub(r"(\+0000: )(\d+)(: )", lambda m: f"{m.group(1)}{int(m.group(2)) + 100000}{m.group(3)}", b)
+    b = re.sub(r"Thread (\d+) ", lambda m: f"Thread {int(m.group(1)) + 100000} ", b)
+    ra, rb = _records(a), _records(b)
+    # move b onto a's clock (same second range) so the two saves overlap
+    sa, sb = ra[0][0], rb[0][0]
+    assert sa[:16] == "2026-11-25 19:03" and sb[:16] == "2026-11-25 19:04"
+    rb = [(t.replace("19:04:", "19:03:", 1), r.replace(t, t.replace("19:04:", "19:03:", 1), 1)) for t, r in rb]
+    shift = int(sa[17:19]) - int(sb[17:19])
+
+    def sh(t: str) -> str:
+        s = int(t[17:19]) + shift
+        return f"{t[:17]}{s:02d}{t[19:]}"
+
+    rb = [(sh(t), r.replace(t, sh(t), 1)) for t, r in rb]
+    merged = sorted(ra + rb, key=lambda x: x[0])
+    p = write(tmp_path, "inter.log", "".join(r for _, r in merged))
+    mons = logparse.list_monitors(p)
+    assert {m["domain"] for m in mons} == {"fxa", "fxc"}
+    # the two conversations really interleave in time
+    ma, mb = sorted(mons, key=lambda m: m["domain"])
+    assert ma["first"] < mb["last"] and mb["first"] < ma["last"]
+    ta = logparse.trace_from_log(p, domain="fxa")
+    tc = logparse.trace_from_log(p, domain="fxc")
+    assert collapse(executes(ta["phases"][0])) == SAVE_113
+    assert collapse(executes(tc["phases"][0])) == SAVE_113_SPARSE
+    assert ta["phases"][0]["monitor"] == "0x7fe838007b90" and tc["phases"][0]["monitor"] == "0x7fe8380aaaa0"
+    assert len(ta["phases"][0]["messages"]) == grep_count(p, "0x7fe838007b90")
+    assert len(tc["phases"][0]["messages"]) == grep_count(p, "0x7fe8380aaaa0")
+    with pytest.raises(errors.AmbiguousMonitor):
+        logparse.trace_from_log(p)
+    with pytest.raises(errors.LogError, match="domains seen: fxa, fxc"):
+        logparse.trace_from_log(p, domain="nosuch")
+
+
+def _failed_save_log() -> str:
+    """A failed save built from the real one: the migration fails (disk full), libvirt resumes the guest."""
+    text = read("libvirt-9.0/managedsave-running.log")
+    text = text.replace('"data": {"status": "completed"}', '"data": {"status": "failed"}')
+    text = re.sub(r'reply=\{"return": \{"status": "completed".*?"id": "libvirt-419"\}',
+                  'reply={"return": {"status": "failed", "error-desc": "Unable to write to file: No space left '
+                  'on device"}, "id": "libvirt-419"}', text)
+    lines = text.splitlines(keepends=True)
+    close = next(i for i, ln in enumerate(lines) if "QEMU_MONITOR_CLOSE" in ln)
+    last_reply = max(i for i, ln in enumerate(lines[:close]) if "QEMU_MONITOR_RECV_REPLY" in ln)
+    ts = lines[last_reply][:29]
+    extra = [
+        f"{ts} 3968: info : qemuMonitorSend:861 : QEMU_MONITOR_SEND_MSG: mon=0x7f06e4005180 "
+        'msg={"execute":"cont","id":"libvirt-422"}\r\n', " fd=-1\n",
+        f"{ts} 12968: info : qemuMonitorIOWrite:366 : QEMU_MONITOR_IO_WRITE: mon=0x7f06e4005180 "
+        'buf={"execute":"cont","id":"libvirt-422"}\r\n', " len=39 ret=39 errno=0\n",
+        f"{ts} 12968: info : qemuMonitorJSONIOProcessLine:203 : QEMU_MONITOR_RECV_EVENT: mon=0x7f06e4005180 "
+        'event={"timestamp": {"seconds": 1795633093, "microseconds": 1}, "event": "RESUME"}\n',
+        f"{ts} 12968: info : qemuMonitorJSONIOProcessLine:208 : QEMU_MONITOR_RECV_REPLY: mon=0x7f06e4005180 "
+        'reply={"return": {}, "id": "libvirt-422"}\n',
+    ]
+    return "".join(lines[:last_reply + 1] + extra)   # no CLOSE: the guest keeps running
+
+
+def test_failed_save_recorded_with_cont(tmp_path):
+    text = _failed_save_log()
+    assert "libvirt-419" in text and "No space left" in text
+    p = write(tmp_path, "failed.log", text)
+    ph = logparse.trace_from_log(p)["phases"][0]
+    assert ph["ok"] is False
+    assert "No space left on device" in ph["error"]
+    assert executes(ph) == [*SAVE_90, "cont"]
+    assert ph["messages"][-1]["kind"] == "reply" and ph["messages"][-2]["event"] == "RESUME"
+
+
+def test_error_reply_fails_phase(tmp_path):
+    text = read("libvirt-9.0/managedsave-running.log").replace(
+        'reply={"return": {}, "id": "libvirt-418"}',
+        'reply={"id": "libvirt-418", "error": {"class": "GenericError", "desc": "There\'s a migration process in '
+        'progress"}}')
+    p = write(tmp_path, "err.log", text)
+    ph = logparse.trace_from_log(p)["phases"][0]
+    rep = next(m for m in ph["messages"] if m["kind"] == "reply" and m["id"] == "libvirt-418")
+    assert rep["error"]["class"] == "GenericError" and "return" not in rep
+    assert ph["ok"] is False and "migration process in progress" in ph["error"]
+    assert trace.validate(logparse.trace_from_log(p)) == []
+    assert logparse.list_monitors(p)[0]["errors"] == 1
+
+
+def test_failed_job_from_attributed_log(tmp_path):
+    text = read("libvirt-9.0-attributed/managedsave-running.log")
+    assert "finished job remoteDispatchDomainManagedSave with ret=0" in text
+    m = re.search(r"^(\S+ \S+ )(\d+): debug : virThreadJobClear:\d+ : Thread (\d+) \(rpc-libvirtd\) finished job "
+                  r"remoteDispatchDomainManagedSave", text, re.M)
+    err = (f"{m.group(1)}{m.group(3)}: error : qemuMigrationSrcToFile:99 : operation failed: "
+           "domain save job: failed\n")
+    text = text.replace(m.group(0), err + m.group(0)).replace(
+        "finished job remoteDispatchDomainManagedSave with ret=0",
+        "finished job remoteDispatchDomainManagedSave with ret=-1")
+    ph = logparse.trace_from_log(write(tmp_path, "job.log", text))["phases"][0]
+    assert ph["operation"] == "managed-save"
+    assert ph["ok"] is False and ph["error"] == "operation failed: domain save job: failed"
+
+
+def test_garbage_truncation_and_non_utf8(tmp_path):
+    raw = (FIX / "libvirt-9.0/managedsave-running.log").read_bytes()
+    lines = raw.splitlines(keepends=True)
+    junk = [b"garbage line without timestamp\n", b"\xff\xfe\x00binary\x80junk\n", b"2026-11-25 not a log line\n",
+            b"2026-11-25 18:58:12.820+0000: 3968: info : qemuMonitorSend:861 : QEMU_MONITOR_SEND_MSG: "
+            b"mon=0x7f06e4005180 msg={not json\n"]
+    mixed = lines[:2] + junk + lines[2:]
+    # a non-UTF-8 byte inside a reply string survives as U+FFFD
+    mixed = [ln.replace(b'"return": {}, "id": "libvirt-416"', b'"return": {"x": "a\xffb"}, "id": "libvirt-416"')
+             for ln in mixed]
+    # truncated lines: cut the final line in half and add a half SEND_MSG
+    mixed[-1] = mixed[-1][:40] + b"\n"
+    mixed.append(b'2026-11-25 18:58:14.000+0000: 3968: info : qemuMonitorSend:861 : QEMU_MONITOR_SEND_MSG: '
+                 b'mon=0x7f06e4005180 msg={"execute":"query-st')
+    p = write(tmp_path, "junk.log", b"".join(mixed))
+    tr = logparse.trace_from_log(p)
+    assert trace.validate(tr) == []
+    assert tr["log"]["skipped"] == 3      # the three junk lines (the cut last line still looks like a log line)
+    assert tr["log"]["malformed"] == 2    # the bad SEND_MSG and the truncated one
+    ph = tr["phases"][0]
+    assert executes(ph) == SAVE_90
+    rep = next(m for m in ph["messages"] if m["kind"] == "reply" and m["id"] == "libvirt-416")
+    assert rep["return"] == {"x": "a\ufffdb"}
+
+
+def test_missing_and_empty_file(tmp_path):
+    with pytest.raises(errors.LogError) as ei:
+        logparse.trace_from_log(tmp_path / "nope.log")
+    assert "\n" not in str(ei.value) and "nope.log" in str(ei.value)
+    with pytest.raises(errors.LogError, match="no QEMU monitor commands"):
+        logparse.trace_from_log(write(tmp_path, "empty.log", ""))
+    with pytest.raises(errors.LogError):
+        logparse.list_monitors(tmp_path)      # a directory
+
+
+def test_host_versions_from_banner(tmp_path):
+    banner = ("2026-11-25 19:03:40.000+0000: 15831: info : libvirt version: 11.3.0, package: 11.3.0-2~bpo12+1 "
+              "(Debian)\n2026-11-25 19:03:40.000+0000: 15831: info : hostname: vm\n")
+    p = write(tmp_path, "banner.log", banner + read("libvirt-11.3-attributed/save-bypass-cache.log"))
+    tr = logparse.trace_from_log(p)
+    assert tr["host"]["libvirt"] == "11.3.0" and tr["host"]["hostname"] == "vm"
+
+
+def test_iter_records_streams(tmp_path):
+    recs = logparse.iter_records(FIX / "libvirt-9.0/managedsave-running.log")
+    first = next(recs)                       # a generator: nothing read past what is needed
+    assert first.kind == "monvm"
+    kinds = {r.kind for r in recs}
+    assert {"send", "write", "sendfd", "reply", "event", "close"} <= kinds
+
+
+def test_generate_log_and_benchmark_helpers(tmp_path):
+    p = tmp_path / "big.log"
+    n = logparse.generate_log(p, 3)
+    assert n >= 3_000_000 and p.stat().st_size == n
+    mons = logparse.list_monitors(p)
+    assert len(mons) > 6
+    assert any("#" in m["key"] for m in mons)          # pointer reuse exercised
+    firsts = [m["first"] for m in mons]
+    assert firsts == sorted(firsts)
+    assert logparse.parse_bytes_per_second(p) > 0
+    tr = logparse.trace_from_log(p, monitor=mons[-1]["key"])
+    assert trace.validate(tr) == [] and tr["log"]["skipped"] == 0
+
+
+def test_restore_then_save_on_one_instance(tmp_path):
+    """The 9.0 fixtures managedsave-restore and save-bypass-cache are one monitor instance, recorded in a row."""
+    text = read("libvirt-9.0/managedsave-restore.log") + read("libvirt-9.0/save-bypass-cache.log")
+    if True:
+        path = write(tmp_path, "rs.log", text)
+        assert [m["key"] for m in logparse.list_monitors(path)] == ["0x7f06d41ce2f0"]
+        tr = logparse.trace_from_log(path)
+        assert [(ph["name"], ph["monitor"]) for ph in tr["phases"]] == [
+            ("restore", "0x7f06d41ce2f0"), ("save", "0x7f06d41ce2f0")]
+        assert collapse(executes(tr["phases"][0])) == [*RESTORE_90, "cont"]
+        assert collapse(executes(tr["phases"][1])) == SAVE_90
+        assert tr["log"]["unphased"] == 0
+        assert sum(len(ph["messages"]) for ph in tr["phases"]) == grep_count(path, "0x7f06d41ce2f0")
