@@ -1,0 +1,836 @@
+"""Compare two traces, or two save images, and say what differs — once, in place.
+
+Traces: every message is normalized first by the rules in ``conf/normalize.json`` (the one table of
+what must differ between runs: ids, time, fd numbers and names, image paths, qemu.qmp's ``oob``,
+volatile ``query-migrate`` statistics; recorded transport substitutions are undone). Then, per phase,
+commands are aligned as sequences (:class:`difflib.SequenceMatcher` on the normalized command keys,
+replaced blocks paired by command name), and the result reports missing, extra, reordered and changed
+commands, reply differences, event sequence differences and phase outcomes. A command missing in one
+place and present in another is reported once, as reordered. ``strict=True`` keeps only the ids/time
+rules.
+
+Images: header fields, domain XML and cookie (canonicalized with lxml, dropping what libvirt
+regenerates), stream configuration, section list and versions, RAM block sizes.
+
+Example::
+
+    >>> from virtsave import trace
+    >>> a = trace.new_trace("libvirt")
+    >>> ph = trace.add_phase(a, "save", "managed-save", ok=True)
+    >>> ph["messages"] += [trace.command("stop", id="libvirt-1"), trace.reply("libvirt-1")]
+    >>> diff_traces(a, a).equivalent
+    True
+    >>> import copy
+    >>> b = copy.deepcopy(a)
+    >>> b["phases"][0]["messages"][0]["id"] = b["phases"][0]["messages"][1]["id"] = 7
+    >>> diff_traces(a, b).equivalent
+    True
+    >>> del b["phases"][0]["messages"][:2]
+    >>> print(diff_traces(a, b).render().splitlines()[3])
+    - stop
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import conf_path
+from .errors import VirtsaveError
+
+# ---------------------------------------------------------------------------------------------
+# The normalization table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of ``conf/normalize.json``."""
+
+    id: str
+    category: str
+    strict: bool
+    kind: str
+    execute: re.Pattern[str] | None
+    path: tuple[str, ...]
+    action: str
+    params: dict[str, Any]
+
+
+_ACTIONS = {"drop", "placeholder", "regex", "type", "remove-items", "image-path"}
+
+
+@functools.cache
+def _load_table(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except OSError as exc:
+        raise VirtsaveError(f"cannot read normalization table {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise VirtsaveError(f"normalization table {path} is not valid JSON: {exc}") from None
+    if not isinstance(table, dict) or table.get("format") != "virtsave-normalize":
+        raise VirtsaveError(f"{path}: not a virtsave normalization table")
+    return table
+
+
+def load_rules(path: str | Path | None = None) -> list[Rule]:
+    """The trace rules of the table (default ``conf/normalize.json``)."""
+    p = str(path or conf_path("normalize.json"))
+    rules = []
+    for i, r in enumerate(_load_table(p).get("rules", [])):
+        if r.get("action") not in _ACTIONS:
+            raise VirtsaveError(f"{p}: rule {i} ({r.get('id')}): unknown action {r.get('action')!r}")
+        params = {k: v for k, v in r.items()
+                  if k not in ("id", "category", "strict", "kind", "execute", "path", "action", "why")}
+        rules.append(Rule(r["id"], r.get("category", ""), bool(r.get("strict")), r.get("kind", "any"),
+                          re.compile(r["execute"]) if r.get("execute") else None,
+                          tuple(r["path"].split(".")), r["action"], params))
+    return rules
+
+
+def image_rules(path: str | Path | None = None) -> dict[str, Any]:
+    """The ``image`` part of the table (XML/cookie XPaths to ignore)."""
+    return _load_table(str(path or conf_path("normalize.json"))).get("image", {})
+
+
+def _type_of(v: Any) -> Any:
+    """Replace leaves by their JSON type name, keeping dict/list shape."""
+    if isinstance(v, dict):
+        return {k: _type_of(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_type_of(x) for x in v]
+    if isinstance(v, bool):
+        return "<bool>"
+    if isinstance(v, int | float):
+        return "<number>"
+    if v is None:
+        return "<null>"
+    return "<str>"
+
+
+def _walk(obj: Any, segs: tuple[str, ...], fn: Any) -> None:
+    if not segs:
+        return
+    seg, rest = segs[0], segs[1:]
+    if isinstance(obj, dict):
+        keys: list[Any] = [k for k in list(obj) if seg == "*" or re.fullmatch(seg, str(k))]
+    elif isinstance(obj, list):
+        keys = [i for i in range(len(obj)) if seg == "*" or seg == str(i)]
+    else:
+        return
+    for k in reversed(keys) if isinstance(obj, list) else keys:
+        if rest:
+            _walk(obj[k], rest, fn)
+        else:
+            fn(obj, k)
+
+
+def _map_strings(v: Any, fn: Any) -> Any:
+    if isinstance(v, str):
+        return fn(v)
+    if isinstance(v, dict):
+        return {k: _map_strings(x, fn) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_map_strings(x, fn) for x in v]
+    return v
+
+
+def _apply(rule: Rule, msg: dict[str, Any], images: list[str]) -> None:
+    p = rule.params
+    if rule.path == ("**",) and rule.action == "regex":
+        for k in list(msg):
+            if k not in ("kind", "execute", "event"):
+                msg[k] = _map_strings(msg[k], lambda v: re.sub(p["pattern"], p.get("replace", ""), v))
+        return
+    if rule.action == "image-path":
+        paths = sorted({i for i in images if i}, key=len, reverse=True)
+        if not paths:
+            return
+
+        def sub(s: str) -> str:
+            for ip in paths:
+                s = s.replace(ip, "<image>")
+            return s
+        for k in list(msg):
+            if k not in ("kind", "execute", "event"):
+                msg[k] = _map_strings(msg[k], sub)
+        return
+
+    def fn(obj: Any, k: Any) -> None:
+        v = obj[k]
+        if rule.action == "drop":
+            if isinstance(obj, dict):
+                del obj[k]
+        elif rule.action == "placeholder":
+            obj[k] = p.get("value")
+        elif rule.action == "regex":
+            if isinstance(v, str):
+                obj[k] = re.sub(p["pattern"], p.get("replace", ""), v)
+        elif rule.action == "type":
+            obj[k] = _type_of(v)
+        elif rule.action == "remove-items" and isinstance(v, list):
+            obj[k] = [x for x in v if x not in p.get("items", [])]
+            if p.get("prune") and not obj[k] and isinstance(obj, dict):
+                del obj[k]
+    _walk(msg, rule.path, fn)
+    if rule.action == "remove-items" and p.get("prune") and msg.get("arguments") == {}:
+        del msg["arguments"]
+
+
+def _undo_substitutions(phase: dict[str, Any], msgs: list[dict[str, Any]]) -> None:
+    """Put back what a replay replaced (e.g. an ``exec:`` URI for ``fd:``) so the meaning is compared."""
+    commands = [m for m in msgs if m.get("kind") == "command"]
+    for sub in phase.get("substitutions") or []:
+        idx, fld = sub.get("index"), sub.get("field")
+        if not isinstance(idx, int) or not isinstance(fld, str) or "original" not in sub:
+            continue
+        target = msgs[idx] if 0 <= idx < len(msgs) and msgs[idx].get("kind") == "command" else (
+            commands[idx] if 0 <= idx < len(commands) else None)
+        if target is None:
+            continue
+        segs = fld.split(".")
+        obj: Any = target if segs[0] in ("arguments", "execute") else target.setdefault("arguments", {})
+        for s in segs[:-1]:
+            obj = obj.setdefault(s, {}) if isinstance(obj, dict) else None
+            if obj is None:
+                break
+        if isinstance(obj, dict):
+            obj[segs[-1]] = sub["original"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalized phases
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cmd:
+    key: str
+    name: str
+    body: dict[str, Any]            # normalized command (execute, arguments, fds)
+    reply: dict[str, Any] | None    # normalized reply (return | error), None when none came
+
+
+@dataclass
+class _Evt:
+    key: str
+    name: str
+    body: dict[str, Any]
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _normalize_phase(phase: dict[str, Any], rules: list[Rule], strict: bool,
+                     images: list[str]) -> tuple[list[_Cmd], list[_Evt]]:
+    msgs = copy.deepcopy(phase.get("messages") or [])
+    if not strict:
+        _undo_substitutions(phase, msgs)
+    active = [r for r in rules if r.strict or not strict]
+    # Pair replies with commands by id first (ids are dropped by the rules afterwards).
+    names_by_id: dict[str, str] = {}
+    for m in msgs:
+        if m.get("kind") == "command" and m.get("id") is not None:
+            names_by_id.setdefault(_dumps(m["id"]), m.get("execute", ""))
+    cmds: list[_Cmd] = []
+    open_by_id: dict[str, list[_Cmd]] = {}
+    events: list[_Evt] = []
+    for m in msgs:
+        kind = m.get("kind")
+        if kind == "command":
+            name = m.get("execute", "")
+        elif kind == "reply":
+            name = names_by_id.get(_dumps(m.get("id")), "")
+        else:
+            name = m.get("event", "")
+        mid = _dumps(m.get("id")) if m.get("id") is not None else None
+        for r in active:
+            if r.kind not in ("any", kind):
+                continue
+            if r.execute is not None and not r.execute.fullmatch(name):
+                continue
+            _apply(r, m, images)
+        if kind == "command":
+            if not strict and m.get("arguments") == {}:
+                del m["arguments"]
+            body = {k: v for k, v in m.items() if k in ("execute", "arguments", "fds")}
+            c = _Cmd(_dumps(body), name, body, None)
+            cmds.append(c)
+            if mid is not None:
+                open_by_id.setdefault(mid, []).append(c)
+        elif kind == "reply":
+            body = {k: v for k, v in m.items() if k in ("return", "error")}
+            pending = open_by_id.get(mid or "", [])
+            if pending:
+                pending.pop(0).reply = body
+        elif kind == "event":
+            body = {k: v for k, v in m.items() if k in ("event", "data")}
+            events.append(_Evt(_dumps(body), name, body))
+    return cmds, events
+
+
+# ---------------------------------------------------------------------------------------------
+# Value differences
+# ---------------------------------------------------------------------------------------------
+
+_ABSENT = object()
+#: Keys that name the items of a list (QMP lists of properties, capabilities, devices...).
+_IDENTITY_KEYS = ("name", "capability", "qom-path", "device", "node-name", "id", "path")
+
+
+def _list_identity(a: list[Any], b: list[Any]) -> str | None:
+    if not a or not b or not all(isinstance(x, dict) for x in a + b):
+        return None
+    for k in _IDENTITY_KEYS:
+        if (all(k in x and isinstance(x[k], str | int) for x in a + b)
+                and len({x[k] for x in a}) == len(a) and len({x[k] for x in b}) == len(b)):
+            return k
+    return None
+
+
+def _short(v: Any, width: int = 100) -> str:
+    if v is _ABSENT:
+        return "(absent)"
+    s = json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+    return s if len(s) <= width else s[:width - 1] + "…"
+
+
+def value_diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Human lines ``path: A → B`` for every leaf that differs (dicts by key, lists aligned)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in list(a) + [k for k in b if k not in a]:
+            sub = f"{path}.{k}" if path else str(k)
+            out += value_diff(a.get(k, _ABSENT), b.get(k, _ABSENT), sub)
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if a == b:
+            return []
+        ident = _list_identity(a, b)
+        if ident:
+            # Lists of named things (properties, capabilities...) compare as sets keyed by name.
+            ma, mb = {x[ident]: x for x in a}, {x[ident]: x for x in b}
+            out = []
+            for k in list(ma) + [k for k in mb if k not in ma]:
+                out += value_diff(ma.get(k, _ABSENT), mb.get(k, _ABSENT), f"{path}[{ident}={k}]")
+            return out
+        out = []
+        sm = difflib.SequenceMatcher(None, [_dumps(x) for x in a], [_dumps(x) for x in b], autojunk=False)
+        for op, i1, i2, j1, j2 in sm.get_opcodes():
+            if op == "equal":
+                continue
+            if op == "replace" and i2 - i1 == j2 - j1:
+                for k in range(i2 - i1):
+                    out += value_diff(a[i1 + k], b[j1 + k], f"{path}[{i1 + k}]")
+                continue
+            out += [f"{path}[{i}]: {_short(a[i])} → (absent)" for i in range(i1, i2)]
+            out += [f"{path}[{j}]: (absent) → {_short(b[j])}" for j in range(j1, j2)]
+        return out
+    if a == b and type(a) is type(b):
+        return []
+    return [f"{path or '(value)'}: {_short(a)} → {_short(b)}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace diff
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Difference:
+    """One difference, reported once. ``a``/``b``: positions in the phase's command (or event) list."""
+
+    phase: str
+    kind: str        # missing extra reordered changed reply event-missing event-extra event-reordered
+    #                  event-changed outcome phase-missing phase-extra
+    name: str
+    a: int | None = None
+    b: int | None = None
+    details: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "kind": self.kind, "name": self.name, "a_index": self.a,
+                "b_index": self.b, "details": self.details}
+
+
+@dataclass
+class _Row:
+    mark: str        # ' ' same, '-' only in A, '+' only in B, '~' changed, '>' moved here
+    text: str
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Hunk:
+    title: str
+    rows: list[_Row]
+
+
+def _label(cmd: dict[str, Any]) -> str:
+    args = cmd.get("arguments")
+    fds = f" [fds={cmd['fds']}]" if cmd.get("fds") else ""
+    return f"{cmd['execute']}{' ' + _short(args, 90) if args is not None else ''}{fds}"
+
+
+def _evt_label(e: dict[str, Any]) -> str:
+    return f"{e['event']}{' ' + _short(e['data'], 90) if e.get('data') is not None else ''}"
+
+
+def _align(a: list[Any], b: list[Any]) -> list[tuple[str, int | None, int | None]]:
+    """Rows (op, i, j), op in equal/change/delete/insert/moved, in B's order.
+
+    ``moved``: an item missing at one place and extra at another (same key) — one row, where B has it.
+    ``change``: inside a replaced block, same-named items paired in order when the block holds as many
+    of that name on both sides (so a removed and an added ``qom-get`` are not passed off as a change).
+    """
+    ka, kb = [x.key for x in a], [x.key for x in b]
+    ops = difflib.SequenceMatcher(None, ka, kb, autojunk=False).get_opcodes()
+    gone: dict[str, list[int]] = {}
+    for op, i1, i2, _j1, _j2 in ops:
+        if op in ("delete", "replace"):
+            for i in range(i1, i2):
+                gone.setdefault(ka[i], []).append(i)
+    moved_to: dict[int, int] = {}     # j -> i
+    moved_from: set[int] = set()
+    for op, _i1, _i2, j1, j2 in ops:
+        if op in ("insert", "replace"):
+            for j in range(j1, j2):
+                if gone.get(kb[j]):
+                    i = gone[kb[j]].pop(0)
+                    moved_to[j] = i
+                    moved_from.add(i)
+    rows: list[tuple[str, int | None, int | None]] = []
+
+    def extra(j: int) -> tuple[str, int | None, int | None]:
+        return ("moved", moved_to[j], j) if j in moved_to else ("insert", None, j)
+
+    for op, i1, i2, j1, j2 in ops:
+        if op == "equal":
+            rows += [("equal", i1 + k, j1 + k) for k in range(i2 - i1)]
+            continue
+        ia = [i for i in range(i1, i2) if i not in moved_from]
+        jb = [j for j in range(j1, j2) if j not in moved_to]
+        na, nb = Counter(a[i].name for i in ia), Counter(b[j].name for j in jb)
+        jcur = j1
+        for i in ia:
+            jp = None
+            if na[a[i].name] == nb[a[i].name]:
+                jp = next((j for j in jb if j >= jcur and b[j].name == a[i].name), None)
+            if jp is None:
+                rows.append(("delete", i, None))
+                continue
+            rows += [extra(j) for j in range(jcur, jp)]
+            rows.append(("change", i, jp))
+            jcur = jp + 1
+        rows += [extra(j) for j in range(jcur, j2)]
+    return rows
+
+
+@dataclass
+class TraceDiff:
+    """Result of :func:`diff_traces`."""
+
+    a_label: str
+    b_label: str
+    strict: bool
+    differences: list[Difference]
+    hunks: list[_Hunk]
+    rules: list[str]
+    a_info: dict[str, Any] = field(default_factory=dict)
+    b_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def equivalent(self) -> bool:
+        return not self.differences
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(d.kind for d in self.differences))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "virtsave-diff", "kind": "trace", "equivalent": self.equivalent,
+                "strict": self.strict, "a": {"label": self.a_label, **self.a_info},
+                "b": {"label": self.b_label, **self.b_info}, "summary": self.summary(),
+                "differences": [d.to_json() for d in self.differences],
+                "normalization": {"table": str(conf_path("normalize.json")), "rules": self.rules}}
+
+    def render(self, color: bool = False, context: int = 2) -> str:
+        return _render(f"--- {self.a_label}{_info(self.a_info)}", f"+++ {self.b_label}{_info(self.b_info)}",
+                       self.hunks, self.differences, color, context)
+
+
+def _info(info: dict[str, Any]) -> str:
+    host = info.get("host") or {}
+    parts = [info.get("source"), host.get("libvirt") and f"libvirt {host['libvirt']}",
+             host.get("qemu") and f"QEMU {host['qemu']}"]
+    parts = [p for p in parts if p]
+    return f"  ({', '.join(parts)})" if parts else ""
+
+
+_COLORS = {"-": "\x1b[31m", "+": "\x1b[32m", "~": "\x1b[33m", ">": "\x1b[36m", "@": "\x1b[1;35m", "h": "\x1b[1m"}
+_RESET = "\x1b[0m"
+
+
+def _render(head_a: str, head_b: str, hunks: list[_Hunk], diffs: list[Any], color: bool, context: int) -> str:
+    def paint(mark: str, text: str) -> str:
+        return f"{_COLORS[mark]}{text}{_RESET}" if color and mark in _COLORS else text
+
+    out = [paint("h", head_a), paint("h", head_b)]
+    for h in hunks:
+        if all(r.mark == " " for r in h.rows):
+            continue    # like a unified diff: only hunks that hold a difference
+        out.append(paint("@", f"@@ {h.title} @@"))
+        keep = set()
+        for n, r in enumerate(h.rows):
+            if r.mark != " ":
+                keep.update(range(n - context, n + context + 1))
+        skipped = 0
+        for n, r in enumerate(h.rows):
+            if n not in keep:
+                skipped += 1
+                continue
+            if skipped:
+                out.append(f"  … {skipped} unchanged")
+                skipped = 0
+            out.append(paint(r.mark, f"{r.mark} {r.text}"))
+            out += [paint(r.mark, f"      {d}") for d in r.details]
+        if skipped:
+            out.append(f"  … {skipped} unchanged")
+    kinds = Counter(getattr(d, "kind", "difference") for d in diffs)
+    if diffs:
+        out.append(f"{len(diffs)} difference{'s' if len(diffs) != 1 else ''}: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    else:
+        out.append("equivalent")
+    return "\n".join(out) + "\n"
+
+
+def _phase_keys(tr: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    seen: Counter[str] = Counter()
+    out = []
+    for ph in tr.get("phases") or []:
+        seen[ph.get("name", "?")] += 1
+        n = seen[ph.get("name", "?")]
+        out.append((ph.get("name", "?") + (f"#{n}" if n > 1 else ""), ph))
+    return out
+
+
+def _image_paths(*phases: dict[str, Any] | None) -> list[str]:
+    out = []
+    for ph in phases:
+        img = (ph or {}).get("image") or {}
+        if isinstance(img, dict) and isinstance(img.get("path"), str):
+            out.append(img["path"])
+    return out
+
+
+def _diff_phase(label: str, pa: dict[str, Any], pb: dict[str, Any], rules: list[Rule],
+                strict: bool) -> tuple[list[Difference], list[_Hunk]]:
+    diffs: list[Difference] = []
+    ca, ea = _normalize_phase(pa, rules, strict, _image_paths(pa) if strict else _image_paths(pa, pb))
+    cb, eb = _normalize_phase(pb, rules, strict, _image_paths(pb) if strict else _image_paths(pa, pb))
+    rows: list[_Row] = []
+    for op, i, j in _align(ca, cb):
+        a = ca[i] if i is not None else None
+        b = cb[j] if j is not None else None
+        if op == "delete" and a is not None:
+            diffs.append(Difference(label, "missing", a.name, i, None))
+            rows.append(_Row("-", _label(a.body)))
+            continue
+        if op == "insert" and b is not None:
+            diffs.append(Difference(label, "extra", b.name, None, j))
+            rows.append(_Row("+", _label(b.body)))
+            continue
+        assert a is not None and b is not None
+        details: list[str] = []
+        mark = " "
+        if op == "moved":
+            mark = ">"
+            d = Difference(label, "reordered", b.name, i, j, [f"command #{i} in A is #{j} in B"])
+            diffs.append(d)
+            details += d.details
+        if op == "change":
+            mark = "~"
+            lines = value_diff({k: v for k, v in a.body.items() if k != "execute"},
+                               {k: v for k, v in b.body.items() if k != "execute"})
+            diffs.append(Difference(label, "changed", b.name, i, j, lines))
+            details += lines
+        if a.reply != b.reply:
+            lines = [f"reply {x}" for x in value_diff(a.reply if a.reply is not None else _ABSENT,
+                                                      b.reply if b.reply is not None else _ABSENT)]
+            diffs.append(Difference(label, "reply", b.name, i, j, lines))
+            details += lines
+            mark = "~" if mark == " " else mark
+        rows.append(_Row(mark, _label(b.body), details))
+    hunks = [_Hunk(f"{label}: commands (A {len(ca)}, B {len(cb)})", rows)]
+    erows: list[_Row] = []
+    for op, i, j in _align(ea, eb):
+        a = ea[i] if i is not None else None
+        b = eb[j] if j is not None else None
+        if op == "delete" and a is not None:
+            diffs.append(Difference(label, "event-missing", a.name, i, None))
+            erows.append(_Row("-", _evt_label(a.body)))
+        elif op == "insert" and b is not None:
+            diffs.append(Difference(label, "event-extra", b.name, None, j))
+            erows.append(_Row("+", _evt_label(b.body)))
+        elif op == "moved" and b is not None:
+            d = Difference(label, "event-reordered", b.name, i, j, [f"event #{i} in A is #{j} in B"])
+            diffs.append(d)
+            erows.append(_Row(">", _evt_label(b.body), d.details))
+        elif op == "change" and a is not None and b is not None:
+            lines = value_diff(a.body.get("data"), b.body.get("data"), "data")
+            diffs.append(Difference(label, "event-changed", b.name, i, j, lines))
+            erows.append(_Row("~", _evt_label(b.body), lines))
+        elif b is not None:
+            erows.append(_Row(" ", _evt_label(b.body)))
+    hunks.append(_Hunk(f"{label}: events (A {len(ea)}, B {len(eb)})", erows))
+    orows: list[_Row] = []
+    images = _image_paths(pa, pb)
+    for key in ("operation", "ok", "error"):
+        va, vb = pa.get(key), pb.get(key)
+        if key == "error" and not strict:
+            va, vb = (_map_strings(v, lambda s: functools.reduce(lambda x, p: x.replace(p, "<image>"), images, s))
+                      for v in (va, vb))
+        if va != vb:
+            diffs.append(Difference(label, "outcome", key, details=[f"{key}: {_short(va)} → {_short(vb)}"]))
+            orows.append(_Row("-", f"{key}: {_short(va)}"))
+            orows.append(_Row("+", f"{key}: {_short(vb)}"))
+        else:
+            orows.append(_Row(" ", f"{key}: {_short(va)}"))
+    hunks.append(_Hunk(f"{label}: outcome", orows))
+    return diffs, hunks
+
+
+def diff_traces(a: dict[str, Any], b: dict[str, Any], *, strict: bool = False, a_label: str = "A",
+                b_label: str = "B", rules_path: str | Path | None = None) -> TraceDiff:
+    """Compare two traces phase by phase after normalization (see the module docstring)."""
+    rules = load_rules(rules_path)
+    pa, pb = _phase_keys(a), _phase_keys(b)
+    bmap = dict(pb)
+    diffs: list[Difference] = []
+    hunks: list[_Hunk] = []
+    for label, ph in pa:
+        other = bmap.get(label)
+        if other is None:
+            diffs.append(Difference(label, "phase-missing", label, details=[f"phase {label} only in A"]))
+            hunks.append(_Hunk(f"{label}: only in A", [_Row("-", f"phase {label} ({ph.get('operation')})")]))
+            continue
+        d, h = _diff_phase(label, ph, other, rules, strict)
+        diffs += d
+        hunks += h
+    amap = dict(pa)
+    for label, ph in pb:
+        if label not in amap:
+            diffs.append(Difference(label, "phase-extra", label, details=[f"phase {label} only in B"]))
+            hunks.append(_Hunk(f"{label}: only in B", [_Row("+", f"phase {label} ({ph.get('operation')})")]))
+    used = [r.id for r in rules if r.strict or not strict]
+    info = ({"source": t.get("source"), "host": {k: t.get("host", {}).get(k) for k in ("libvirt", "qemu")}}
+            for t in (a, b))
+    return TraceDiff(a_label, b_label, strict, diffs, hunks, used, *info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image diff
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageDifference:
+    """One difference between two images (``area``: header, xml, cookie, stream, sections, ram)."""
+
+    area: str
+    name: str
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.area
+
+    def to_json(self) -> dict[str, Any]:
+        return {"area": self.area, "name": self.name, "details": self.details}
+
+
+@dataclass
+class ImageDiff:
+    """Result of :func:`diff_images`; ``info`` lists differences expected between any two saves."""
+
+    a_label: str
+    b_label: str
+    differences: list[ImageDifference]
+    hunks: list[_Hunk]
+    info: list[str]
+
+    @property
+    def equivalent(self) -> bool:
+        return not self.differences
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "virtsave-diff", "kind": "image", "equivalent": self.equivalent,
+                "a": {"label": self.a_label}, "b": {"label": self.b_label},
+                "summary": dict(Counter(d.area for d in self.differences)),
+                "differences": [d.to_json() for d in self.differences], "info": self.info}
+
+    def render(self, color: bool = False, context: int = 2) -> str:
+        return _render(f"--- {self.a_label}", f"+++ {self.b_label}", self.hunks, self.differences, color, context)
+
+
+def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
+    """Pretty, canonical lines of *text* without the nodes the XPaths in *ignore* select."""
+    if not text:
+        return []
+    from lxml import etree
+
+    try:
+        root = etree.fromstring(text.encode(), etree.XMLParser(remove_blank_text=True, remove_comments=True))
+    except etree.XMLSyntaxError as exc:
+        return [f"(unparsable XML: {exc})"]
+    for xp in ignore:
+        try:
+            hits = root.xpath(xp)
+        except etree.XPathError:
+            continue
+        for node in hits if isinstance(hits, list) else []:
+            if isinstance(node, etree._ElementUnicodeResult | etree._ElementStringResult):
+                parent = node.getparent()
+                if node.is_attribute and parent is not None:
+                    del parent.attrib[node.attrname]
+            elif isinstance(node, etree._Element) and node.getparent() is not None:
+                node.getparent().remove(node)
+    for el in root.iter():
+        if isinstance(el.tag, str) and len(el.attrib) > 1:
+            items = sorted(el.attrib.items())
+            el.attrib.clear()
+            el.attrib.update(items)
+    return etree.tostring(root, pretty_print=True, encoding="unicode").splitlines()
+
+
+def _xml_hunk(title: str, area: str, a: str | None, b: str | None, ignore: list[str],
+              diffs: list[ImageDifference]) -> _Hunk:
+    la, lb = canonical_xml(a, ignore), canonical_xml(b, ignore)
+    rows: list[_Row] = []
+    changed: list[str] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, la, lb, autojunk=False).get_opcodes():
+        if op == "equal":
+            rows += [_Row(" ", x.rstrip()) for x in la[i1:i2]]
+            continue
+        rows += [_Row("-", x.rstrip()) for x in la[i1:i2]]
+        rows += [_Row("+", x.rstrip()) for x in lb[j1:j2]]
+        changed += [f"- {x.strip()}" for x in la[i1:i2]] + [f"+ {x.strip()}" for x in lb[j1:j2]]
+    if changed:
+        diffs.append(ImageDifference(area, title, changed))
+    return _Hunk(title, rows)
+
+
+def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None = None,
+                inspect_a: dict[str, Any] | None = None, inspect_b: dict[str, Any] | None = None) -> ImageDiff:
+    """Compare two save images (header, XML, cookie, stream configuration, sections, RAM sizes).
+
+    Partial images are compared too (the magic then differs or is reported); corrupt ones raise.
+    """
+    from .saveimage import inspect_image
+
+    ia = inspect_a or inspect_image(a, allow_partial=True)
+    ib = inspect_b or inspect_image(b, allow_partial=True)
+    conf = image_rules(rules_path)
+    layout = set(conf.get("header_layout_fields", []))
+    diffs: list[ImageDifference] = []
+    info: list[str] = []
+    hunks: list[_Hunk] = []
+    rows = []
+    ha, hb = ia["header"], ib["header"]
+    for k in ("magic", "version", "format", "was_running", "data_len", "cookie_offset", "stream_offset"):
+        if ha.get(k) == hb.get(k):
+            rows.append(_Row(" ", f"{k}: {ha.get(k)}"))
+        elif k in layout:
+            info.append(f"header {k}: {ha.get(k)} → {hb.get(k)} (follows the XML length)")
+            rows.append(_Row(" ", f"{k}: {ha.get(k)} → {hb.get(k)} (layout, follows the XML length)"))
+        else:
+            diffs.append(ImageDifference("header", k, [f"{k}: {ha.get(k)} → {hb.get(k)}"]))
+            rows += [_Row("-", f"{k}: {ha.get(k)}"), _Row("+", f"{k}: {hb.get(k)}")]
+    hunks.append(_Hunk("header", rows))
+    hunks.append(_xml_hunk("domain XML", "xml", ia["xml"], ib["xml"], conf.get("xml_ignore", []), diffs))
+    hunks.append(_xml_hunk("cookie", "cookie", ia["cookie"], ib["cookie"], conf.get("cookie_ignore", []), diffs))
+
+    sa, sb = ia["stream"], ib["stream"]
+    rows = []
+    ca, cb = sa.get("configuration") or {}, sb.get("configuration") or {}
+    for k in ("machine", "capabilities", "target_page_bits"):
+        if ca.get(k) != cb.get(k):
+            diffs.append(ImageDifference("stream", f"configuration.{k}", [f"{k}: {_short(ca.get(k))} → "
+                                                                          f"{_short(cb.get(k))}"]))
+            rows += [_Row("-", f"{k}: {_short(ca.get(k))}"), _Row("+", f"{k}: {_short(cb.get(k))}")]
+        else:
+            rows.append(_Row(" ", f"{k}: {_short(ca.get(k))}"))
+    for k in ("present",):
+        va, vb = sa["vmdesc"].get(k), sb["vmdesc"].get(k)
+        if va != vb:
+            diffs.append(ImageDifference("stream", "vmdesc", [f"vmstate description present: {va} → {vb}"]))
+            rows += [_Row("-", f"vmstate description: {va}"), _Row("+", f"vmstate description: {vb}")]
+    hunks.append(_Hunk("stream configuration", rows))
+
+    def sec_key(s: dict[str, Any]) -> str:
+        return f"{s['name']} (instance {s['instance_id']})"
+
+    @dataclass
+    class _S:
+        key: str
+        name: str
+        sec: dict[str, Any]
+
+    la = [_S(sec_key(s) + f" v{s['version_id']}", sec_key(s), s) for s in sa["sections"]]
+    lb = [_S(sec_key(s) + f" v{s['version_id']}", sec_key(s), s) for s in sb["sections"]]
+    rows = []
+    for op, i, j in _align(la, lb):
+        x = la[i] if i is not None else None
+        y = lb[j] if j is not None else None
+        if op == "delete" and x is not None:
+            diffs.append(ImageDifference("sections", x.name, [f"section {x.key} only in A"]))
+            rows.append(_Row("-", x.key))
+        elif op == "insert" and y is not None:
+            diffs.append(ImageDifference("sections", y.name, [f"section {y.key} only in B"]))
+            rows.append(_Row("+", y.key))
+        elif op == "change" and x is not None and y is not None:
+            d = [f"version_id: {x.sec['version_id']} → {y.sec['version_id']}"]
+            diffs.append(ImageDifference("sections", y.name, d))
+            rows.append(_Row("~", y.name, d))
+        elif op == "moved" and y is not None:
+            d = [f"section order: #{i} in A, #{j} in B"]
+            diffs.append(ImageDifference("sections", y.name, d))
+            rows.append(_Row(">", y.key, d))
+        elif y is not None:
+            rows.append(_Row(" ", y.key))
+    hunks.append(_Hunk(f"sections (A {len(la)}, B {len(lb)})", rows))
+
+    ra, rb = sa["ram"], sb["ram"]
+    rows = []
+    # mapped_ram follows the stream capabilities (reported there), so it is context only here.
+    rows.append(_Row(" ", f"mapped_ram: {ra.get('mapped_ram')} / {rb.get('mapped_ram')}"))
+    for k in ("page_size", "total_bytes"):
+        if ra.get(k) != rb.get(k):
+            diffs.append(ImageDifference("ram", k, [f"{k}: {ra.get(k)} → {rb.get(k)}"]))
+            rows += [_Row("-", f"{k}: {ra.get(k)}"), _Row("+", f"{k}: {rb.get(k)}")]
+        else:
+            rows.append(_Row(" ", f"{k}: {ra.get(k)}"))
+    ba = {x["name"]: x for x in ra["blocks"]}
+    bb = {x["name"]: x for x in rb["blocks"]}
+    for name in list(ba) + [n for n in bb if n not in ba]:
+        x, y = ba.get(name), bb.get(name)
+        if x is None or y is None or x.get("length") != y.get("length"):
+            la_, lb_ = (x or {}).get("length"), (y or {}).get("length")
+            diffs.append(ImageDifference("ram", f"block {name}", [f"length: {la_} → {lb_}"]))
+            rows += [_Row("-", f"block {name}: {la_}"), _Row("+", f"block {name}: {lb_}")]
+        else:
+            rows.append(_Row(" ", f"block {name}: {x['length']}"))
+    for k in ("pages", "zero_pages", "bytes"):
+        if ra.get(k) != rb.get(k):
+            info.append(f"ram {k}: {ra.get(k)} → {rb.get(k)} (depends on guest memory contents)")
+    hunks.append(_Hunk("ram", rows))
+    return ImageDiff(str(a), str(b), diffs, hunks, info)
