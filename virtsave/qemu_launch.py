@@ -373,13 +373,8 @@ class QemuProcess:
                     self.proc.kill()
                 self.wait(10)
         if self.plan.owns_run_dir:
-            keep = self.plan.serial_log
-            for p in self.plan.run_dir.iterdir() if self.plan.run_dir.exists() else ():
-                if p != keep:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-            with contextlib.suppress(OSError):
-                self.plan.run_dir.rmdir()
+            # Everything in the run dir goes (pass serial_log= elsewhere to keep the guest output).
+            shutil.rmtree(self.plan.run_dir, ignore_errors=True)
 
     def __enter__(self) -> QemuProcess:
         return self

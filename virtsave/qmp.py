@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -42,6 +44,8 @@ from . import trace as _trace
 from .errors import ConnectionFailed, QMPError
 
 T = TypeVar("T")
+# qemu.qmp logs connection retries at ERROR level; virtsave reports errors itself.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
 
 #: Migration states after which nothing more happens.
 FINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -124,6 +128,14 @@ class QMPSession:
         deadline = time.monotonic() + self.connect_timeout
         last: BaseException | None = None
         while True:
+            if isinstance(addr, str) and not os.path.exists(addr):
+                last = FileNotFoundError(f"no socket at {addr}")
+                if self._alive is not None and not self._alive():
+                    raise ConnectionFailed(f"QEMU exited before creating its QMP socket {addr}")
+                if time.monotonic() >= deadline:
+                    raise ConnectionFailed(f"cannot connect to QMP at {self.address}: {last}")
+                time.sleep(0.02)
+                continue
             client = _RecordingClient(self)
             try:
                 self._run(client.connect(addr), timeout=max(1.0, deadline - time.monotonic()))

@@ -1,0 +1,135 @@
+"""QEMU launcher: rewriting libvirt's recorded command line, refusing what it cannot own.
+
+Uses the real libvirt 9.0 domain log in tests/fixtures (no daemon). The launch test starts
+the rewritten QEMU for real (no libvirt needed) and talks QMP to it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from virtsave import qemu_launch as ql
+from virtsave import replay, trace
+from virtsave.errors import LaunchError, UnsafeTraceError
+
+FXA = Path(__file__).resolve().parent.parent / "fixtures" / "qemu-domain-logs" / "fxa.log"
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+@pytest.fixture
+def fxa_argv() -> list[str]:
+    return ql.argv_from_domain_log(FXA, 0)
+
+
+@pytest.fixture
+def plans():
+    made: list[ql.LaunchPlan] = []
+    yield made
+    for p in made:
+        shutil.rmtree(p.run_dir, ignore_errors=True)
+
+
+def _plan(plans, argv, **kw) -> ql.LaunchPlan:
+    p = ql.plan_launch(argv, **kw)
+    plans.append(p)
+    return p
+
+
+def _opt(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name]
+
+
+def test_domain_log_argv_is_read(fxa_argv):
+    assert fxa_argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert "-S" in fxa_argv and "socket,id=charmonitor,fd=29,server=on,wait=off" in fxa_argv
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+def test_rewrite_removes_every_libvirt_fd_and_path(plans, fxa_argv):
+    p = _plan(plans, fxa_argv, incoming="defer")
+    argv = p.argv
+    joined = " ".join(argv)
+    assert "fd=" not in joined and "/dev/fdset/" not in joined and "-add-fd" not in argv
+    assert "/var/lib/libvirt/qemu/domain-" not in joined
+    sock = Path(p.qmp_address.removeprefix("unix:"))
+    assert sock.parent == p.run_dir
+    assert stat.S_IMODE(os.stat(p.run_dir).st_mode) == 0o700
+    assert f"socket,id=charmonitor,path={sock},server=on,wait=off" in argv
+    key = p.run_dir / "master-key.aes"
+    assert key.stat().st_size == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert any(str(key) in v for v in _opt(argv, "-object"))
+    assert f"file,id=charserial0,path={p.serial_log},append=on" in argv
+    assert _opt(argv, "-incoming") == ["defer"]
+    assert argv.count("-S") == 1
+    assert "-no-acpi" not in argv and _opt(argv, "-machine")[0].endswith(",acpi=off")
+    assert {r["option"] for r in p.rewrites} >= {"-object", "-chardev", "-add-fd", "-no-acpi"}
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+def test_tcp_transport_uses_loopback(plans, fxa_argv):
+    p = _plan(plans, fxa_argv, transport="tcp")
+    assert p.qmp_address.startswith("tcp:127.0.0.1:")
+    port = p.qmp_address.rsplit(":", 1)[1]
+    assert f"socket,id=charmonitor,host=127.0.0.1,port={port},server=on,wait=off" in p.argv
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+def test_extra_fds_are_added_and_inherited(plans, fxa_argv):
+    p = _plan(plans, fxa_argv, incoming="defer", add_fds=[(0, 7, "virtsave-incoming")], pass_fds=(9,))
+    assert "set=0,fd=7,opaque=virtsave-incoming" in _opt(p.argv, "-add-fd")
+    assert p.pass_fds == (7, 9)
+
+
+@pytest.mark.parametrize("extra, what", [
+    (["-netdev", "tap,id=n0,fd=33"], "fd 33"),
+    (["-chardev", "socket,id=chx,fd=40,server=on,wait=off"], "fd 40"),
+    (["-drive", "file=/dev/fdset/0,if=none,id=d0"], "fdset 0"),
+])
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+def test_unknown_fds_are_refused(plans, fxa_argv, extra, what):
+    with pytest.raises(LaunchError, match=what):
+        _plan(plans, fxa_argv + extra)
+
+
+def test_missing_binary_and_guest_files(plans, fxa_argv):
+    with pytest.raises(LaunchError, match="QEMU binary not found"):
+        ql.plan_launch(["/nonexistent/qemu-system-x86_64", *fxa_argv[1:]])
+    bad = [a.replace("/var/lib/virtsave/guest/vmlinuz", "/nonexistent/vmlinuz") for a in fxa_argv]
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    with pytest.raises(LaunchError, match="guest file missing: /nonexistent/vmlinuz"):
+        _plan(plans, bad)
+
+
+def test_exec_trace_refused_before_launch(tmp_path):
+    tr = trace.new_trace("libvirt", domain={"name": "evil", "argv": ["/nonexistent/qemu"]})
+    ph = trace.add_phase(tr, "save", "save")
+    ph["messages"].append(trace.command("migrate", {"uri": "exec:touch /tmp/pwned"}, id="libvirt-1"))
+    with pytest.raises(UnsafeTraceError, match="exec:"):
+        replay.replay(tr, image=tmp_path / "x.save")
+    assert not (tmp_path / "x.save").exists()
+
+
+@pytest.mark.skipif(QEMU is None or not Path("/var/lib/virtsave/guest/vmlinuz").exists(),
+                    reason="needs QEMU and the built test guest")
+def test_rewritten_fxa_command_line_starts(fxa_argv):
+    """The rewritten libvirt 9.0 command line (machine pc-i440fx-7.2) runs on this QEMU."""
+    plan = ql.plan_launch(fxa_argv)
+    tr = trace.new_trace("direct", domain={"name": "fxa"})
+    ph = trace.add_phase(tr, "save", "save")
+    with ql.start(plan) as proc:
+        s = proc.connect(phase=ph)
+        with s:
+            assert s.execute("query-status")["status"] == "prelaunch"
+            assert s.execute("query-name")["name"] == "fxa"
+            s.quit()
+        assert proc.wait(10) == 0
+    cmds = [m["execute"] for m in trace.iter_commands(ph)]
+    assert cmds == ["qmp_capabilities", "query-status", "query-name", "quit"]
+    assert trace.validate(tr) == []
+    assert not plan.run_dir.exists()
