@@ -1,0 +1,161 @@
+"""Parse a domain's QEMU log as libvirt writes it (``/var/log/libvirt/qemu/NAME.log``).
+
+Each QEMU start is a block::
+
+    2026-11-25 18:58:10.516+0000: starting up libvirt version: 9.0.0, package: 9.0.0-4+deb12u2 (Debian), \
+qemu version: 7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3, kernel: 6.18.44-fc-v669, hostname: vm
+    LC_ALL=C \\
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin \\
+    /usr/bin/qemu-system-x86_64 \\
+    -name guest=fxa,debug-threads=on \\
+    -object '{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/var/lib/..."}' \\
+    ...
+    -msg timestamp=on
+    <QEMU's own stderr lines, warnings>
+    2026-11-25 18:58:12.965+0000: shutting down, reason=saved
+
+The command line is shell-quoted by libvirt, one option per line ending in `` \\``; the first line
+without the trailing backslash ends it. It is split with :mod:`shlex`; the leading ``NAME=value``
+words are the environment, the next word is the binary (``argv[0]``).
+
+Example::
+
+    >>> starts = parse_domain_log("tests/fixtures/qemu-domain-logs/fxa.log")  # doctest: +SKIP
+    >>> starts[0].libvirt_version, starts[0].qemu_version, starts[0].argv[0]  # doctest: +SKIP
+    ('9.0.0', '7.2.22', '/usr/bin/qemu-system-x86_64')
+"""
+
+from __future__ import annotations
+
+import calendar
+import os
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import LogError
+
+_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): starting up (.*)$")
+_END = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): shutting down(?:, reason=(\S+))?")
+_LIBVIRT = re.compile(r"libvirt version: ([0-9][0-9.]*[0-9])(?:, package: ([^,]*))?")
+_QEMU = re.compile(r"qemu version: ([0-9]+(?:\.[0-9]+)*)([^,]*)")
+_KERNEL = re.compile(r"kernel: ([^,]+)")
+_HOST = re.compile(r"hostname: (\S+)")
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+@dataclass
+class QemuStart:
+    """One QEMU start recorded in a domain log."""
+
+    time: float                      # epoch seconds of the "starting up" line
+    time_iso: str
+    libvirt_version: str | None = None
+    libvirt_package: str | None = None
+    qemu_version: str | None = None  # numeric part, e.g. "7.2.22"
+    qemu_package: str | None = None  # the rest, e.g. "Debian 1:7.2+dfsg-7+deb12u18+b3"
+    kernel: str | None = None
+    hostname: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    argv: list[str] = field(default_factory=list)   # argv[0] is the QEMU binary
+    complete: bool = True            # False when the command line block was cut or unbalanced
+    shutdown_reason: str | None = None
+    shutdown_time: float | None = None
+    messages: list[str] = field(default_factory=list)   # lines between the command line and shutdown
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _epoch(stamp: str, off: str) -> float:
+    y, mo, d = int(stamp[0:4]), int(stamp[5:7]), int(stamp[8:10])
+    h, mi, s, ms = int(stamp[11:13]), int(stamp[14:16]), int(stamp[17:19]), int(stamp[20:23])
+    sign = -1 if off[0] == "-" else 1
+    offs = sign * (int(off[1:3]) * 3600 + int(off[3:5]) * 60)
+    return calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offs + ms / 1000.0
+
+
+def _split(words_text: str) -> tuple[list[str], bool]:
+    try:
+        return shlex.split(words_text), True
+    except ValueError:            # unbalanced quote (cut log): best effort
+        return words_text.split(), False
+
+
+def _finish(start: QemuStart, lines: list[str], complete: bool) -> None:
+    words, ok = _split(" ".join(lines))
+    start.complete = complete and ok
+    i = 0
+    while i < len(words) and _ENV.match(words[i]):
+        k, _, v = words[i].partition("=")
+        start.env[k] = v
+        i += 1
+    start.argv = words[i:]
+
+
+def parse_domain_log(path: str | os.PathLike[str]) -> list[QemuStart]:
+    """Every QEMU start in the domain log at *path*, oldest first (streaming over the lines).
+
+    Lines that belong to no block (before the first start) are ignored. A block cut by the end of
+    the file or by the next "starting up" line gets ``complete=False``. Raises :class:`LogError` when
+    the file cannot be read.
+    """
+    starts: list[QemuStart] = []
+    cur: QemuStart | None = None
+    cmd: list[str] | None = None      # command-line lines of cur while still inside the block
+    try:
+        f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise LogError(f"cannot read domain log {os.fspath(path)}: {exc.strerror or exc}") from None
+    with f:
+        try:
+            for raw in f:
+                line = raw.rstrip("\r\n")
+                m = _START.match(line)
+                if m:
+                    if cur is not None and cmd is not None:
+                        _finish(cur, cmd, complete=False)
+                    t = _epoch(m.group(1), m.group(2))
+                    head = m.group(3)
+                    cur = QemuStart(time=t, time_iso=m.group(1).replace(" ", "T") + m.group(2))
+                    lv, qv, kv, hv = _LIBVIRT.search(head), _QEMU.search(head), _KERNEL.search(head), _HOST.search(head)
+                    if lv:
+                        cur.libvirt_version, cur.libvirt_package = lv.group(1), (lv.group(2) or "").strip() or None
+                    if qv:
+                        cur.qemu_version, cur.qemu_package = qv.group(1), qv.group(2).strip() or None
+                    cur.kernel = kv.group(1).strip() if kv else None
+                    cur.hostname = hv.group(1) if hv else None
+                    starts.append(cur)
+                    cmd = []
+                    continue
+                if cur is None:
+                    continue
+                if cmd is not None:
+                    if line.endswith("\\"):
+                        cmd.append(line[:-1].rstrip())
+                        continue
+                    cmd.append(line)
+                    _finish(cur, cmd, complete=True)
+                    cmd = None
+                    continue
+                e = _END.match(line)
+                if e:
+                    cur.shutdown_time = _epoch(e.group(1), e.group(2))
+                    cur.shutdown_reason = e.group(3)
+                elif line and len(cur.messages) < 1000:
+                    cur.messages.append(line)
+        except OSError as exc:
+            raise LogError(f"cannot read domain log {os.fspath(path)}: {exc.strerror or exc}") from None
+    if cur is not None and cmd is not None:
+        _finish(cur, cmd, complete=False)
+    return starts
+
+
+def start_at(starts: list[QemuStart], when: float) -> QemuStart | None:
+    """The start that was running at epoch time *when* (the last one begun before it), or None."""
+    best = None
+    for s in starts:
+        if s.time <= when:
+            best = s
+    return best
