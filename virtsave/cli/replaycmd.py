@@ -73,6 +73,7 @@ def replay_cmd(
     if not wanted:
         raise ArgumentError("--phases needs at least one of save,restore")
     trace = tr.load(path)
+    replay.check_safety(trace, allow_unsafe)  # refuse before saying (or starting) anything
     info(f"replaying {'+'.join(wanted)} of {trace['domain'].get('name')} ({mode}, {transport})")
     with _progress("replay") as cb:
         result = replay.replay(trace, image=image, transport=transport, mode=mode, phases=wanted,
