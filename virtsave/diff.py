@@ -698,9 +698,9 @@ def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
         except etree.XPathError:
             continue
         for node in hits if isinstance(hits, list) else []:
-            if isinstance(node, etree._ElementUnicodeResult | etree._ElementStringResult):
-                parent = node.getparent()
-                if node.is_attribute and parent is not None:
+            if isinstance(node, str):   # attribute or text result (lxml "smart strings")
+                parent = getattr(node, "getparent", lambda: None)()
+                if getattr(node, "is_attribute", False) and parent is not None:
                     del parent.attrib[node.attrname]
             elif isinstance(node, etree._Element) and node.getparent() is not None:
                 node.getparent().remove(node)
