@@ -1,0 +1,198 @@
+"""The side-by-side benchmark of issue 6: direct-QMP path vs libvirt, in one run.
+
+All figures are measured in the same run on the same guest size, so the ratios are
+honest; nothing here asserts a time. ``scripts/bench`` is the command-line front.
+
+Per repetition (guest RAM ``ram_mib``, ``fill_mib`` of it filled with non-zero data):
+
+- libvirt: managed save + start (restore), ``save --image-format sparse
+  --parallel-channels 2`` + restore, and a *traced* managed save (P4);
+- direct: a QEMU launched from the libvirt domain's own command line, saved with
+  mapped-ram + multifd straight into the image fd and ``quit``, then restored to running;
+- ``dd`` to the same filesystem, and the log parser on a generated log.
+
+Example::
+
+    from virtsave import bench
+    result = bench.run(bench.Config(ram_mib=512, fill_mib=384, repeats=2))
+    print(result.table)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import capture, direct, guest, host, libvirt_path, logparse, qemu_launch, saveimage
+from .benchreport import Figure, Samples, dd_write_rate, render_table, write_results
+
+GOALS = {  # key: (title, op, goal)
+    "P1": ("direct save ÷ libvirt managedsave (wall)", "<=", 0.66),
+    "P1b": ("direct save ÷ libvirt sparse --parallel-channels 2 save", "<=", 0.8),
+    "P2": ("direct save rate ÷ dd write rate (same filesystem)", ">=", 0.75),
+    "P3": ("direct restore-to-running ÷ libvirt restore", "<=", 0.5),
+    "P4": ("traced managed save ÷ untraced managed save", "<=", 1.05),
+    "P5": ("log parser throughput (MB/s) on a generated log", ">=", 100.0),
+}
+
+
+@dataclass
+class Config:
+    """What to measure. Defaults are the issue's 2 GiB / 1.5 GiB guest."""
+
+    ram_mib: int = 2048
+    fill_mib: int = 1536
+    repeats: int = 3
+    channels: int = 2
+    parse_log_mb: int = 300
+    workdir: str = "/var/tmp"
+    outdir: str = "results"
+    uri: str | None = None
+    preset: str = "default"
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Result:
+    """Figures, raw samples, where the report went, and the table text."""
+
+    figures: list[Figure]
+    samples: list[Samples]
+    paths: dict[str, Path] = field(default_factory=dict)
+    table: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.monotonic()
+    out = call()
+    return time.monotonic() - t0, out
+
+
+def _allocated(path: str) -> int:
+    """Bytes actually written (sparse images have holes)."""
+    return os.stat(path).st_blocks * 512
+
+
+def _wait_filled(serial: Path, timeout: float = 600) -> None:
+    """The guest prints ``filled N MiB`` then ``tick 1`` once its memory is written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if b"tick 1" in serial.read_bytes():
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"guest did not finish filling memory within {timeout:.0f} s ({serial})")
+
+
+def machine_description() -> str:
+    """One line: CPU count, memory, kernel, accel (goes into the README with the table)."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}, accel {guest.accel()}"
+
+
+def run(cfg: Config) -> Result:
+    """Run every measurement and write the report into ``cfg.outdir``."""
+    log = cfg.log
+    conn = libvirt_path.connect(cfg.uri)
+    vers = host.versions(conn)
+    work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir=cfg.workdir))
+    os.chmod(work, 0o755)
+    name = guest.unique_name("vs-bench")
+    s: dict[str, Samples] = {k: Samples(k) for k in (
+        "libvirt managedsave", "libvirt restore (start)", "libvirt sparse-p2 save", "libvirt sparse-p2 restore",
+        "libvirt traced managedsave", "direct save (mapped-ram+multifd)", "direct restore to running")}
+    s["direct save rate"] = Samples("direct save rate", unit="B/s")
+    s["dd write rate"] = Samples("dd write rate", unit="B/s")
+    s["parser throughput"] = Samples("parser throughput", unit="B/s")
+    proc: qemu_launch.QemuProcess | None = None
+    try:
+        log(f"booting {name}: {cfg.ram_mib} MiB RAM, filling {cfg.fill_mib} MiB (TCG fill takes a while)")
+        guest.create(conn, name, memory_mib=cfg.ram_mib, fill_mib=cfg.fill_mib)
+        _wait_filled(guest.serial_log(name))
+        xml = conn.lookupByName(name).XMLDesc(0)
+        argv = qemu_launch.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+        sparse_img = str(work / "libvirt-sparse.img")
+        for r in range(cfg.repeats):
+            log(f"[{r + 1}/{cfg.repeats}] libvirt managedsave / start")
+            t, _ = _timed(lambda: libvirt_path.managed_save(conn, name))
+            s["libvirt managedsave"].values.append(t)
+            t, _ = _timed(lambda: libvirt_path.start(conn, name))
+            s["libvirt restore (start)"].values.append(t)
+            log(f"[{r + 1}/{cfg.repeats}] libvirt save --image-format sparse --parallel-channels {cfg.channels}")
+            t, _ = _timed(lambda: libvirt_path.save(conn, name, sparse_img, image_format="sparse",
+                                                    parallel_channels=cfg.channels))
+            s["libvirt sparse-p2 save"].values.append(t)
+            t, _ = _timed(lambda: libvirt_path.restore(conn, sparse_img, parallel_channels=cfg.channels))
+            s["libvirt sparse-p2 restore"].values.append(t)
+            os.unlink(sparse_img)
+            log(f"[{r + 1}/{cfg.repeats}] traced managedsave (virtsave trace --op managed-save)")
+            t, _ = _timed(lambda: capture.trace_domain(conn, name, op="managed-save"))
+            s["libvirt traced managedsave"].values.append(t)
+            libvirt_path.start(conn, name)
+        # The direct path needs the libvirt guest's CPU out of the way: save it while we measure.
+        libvirt_path.managed_save(conn, name)
+        log("direct: launching QEMU from the domain's own command line")
+        direct_serial = work / "direct-serial.log"
+        proc = qemu_launch.start(qemu_launch.plan_launch(argv, serial_log=direct_serial))
+        _wait_filled(direct_serial)
+        img = str(work / "direct.img")
+        for r in range(cfg.repeats):
+            log(f"[{r + 1}/{cfg.repeats}] direct save (mapped-ram, {cfg.channels} channels) / restore")
+            addr = proc.qmp_address
+            t, _ = _timed(lambda: direct.save(addr, img, xml=xml, image_format="sparse",  # noqa: B023 - called now
+                                              parallel_channels=cfg.channels))
+            s["direct save (mapped-ram+multifd)"].values.append(t)
+            s["direct save rate"].values.append(_allocated(img) / t)
+            proc.wait(timeout=10)
+            proc.stop()
+            t, (proc, _) = _timed(lambda: direct.restore(img, argv, serial_log=direct_serial,
+                                                         parallel_channels=cfg.channels))
+            s["direct restore to running"].values.append(t)
+            if r < cfg.repeats - 1:
+                os.unlink(img)
+        log("dd write rate to the same filesystem")
+        dd_mib = max(256, min(2048, cfg.fill_mib))
+        for _ in range(cfg.repeats):
+            s["dd write rate"].values.append(dd_write_rate(work, dd_mib))
+        log(f"log parser on a generated {cfg.parse_log_mb} MB libvirtd log")
+        big = work / "big.log"
+        logparse.generate_log(big, cfg.parse_log_mb)
+        for _ in range(cfg.repeats):
+            s["parser throughput"].values.append(logparse.parse_bytes_per_second(big))
+        big.unlink()
+        header = saveimage.read_header_path(img).to_dict()
+    finally:
+        if proc is not None:
+            proc.stop(grace=1.0)
+        guest.remove(conn, name)
+        shutil.rmtree(work, ignore_errors=True)
+        conn.close()
+
+    def ratio(a: str, b: str) -> float:
+        return s[a].median / s[b].median
+
+    values = {
+        "P1": ratio("direct save (mapped-ram+multifd)", "libvirt managedsave"),
+        "P1b": ratio("direct save (mapped-ram+multifd)", "libvirt sparse-p2 save"),
+        "P2": ratio("direct save rate", "dd write rate"),
+        "P3": ratio("direct restore to running", "libvirt restore (start)"),
+        "P4": ratio("libvirt traced managedsave", "libvirt managedsave"),
+        "P5": s["parser throughput"].median / 1e6,
+    }
+    figures = [Figure(k, GOALS[k][0], v, GOALS[k][1], GOALS[k][2]) for k, v in values.items()]
+    samples = list(s.values())
+    meta = {"machine": machine_description(), "preset": cfg.preset, "ram_mib": cfg.ram_mib,
+            "fill_mib": cfg.fill_mib, "repeats": cfg.repeats, "channels": cfg.channels,
+            "libvirt": vers.libvirt, "qemu": vers.qemu, "direct_image_header": header,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    paths = write_results(cfg.outdir, figures, samples, meta)
+    return Result(figures, samples, paths, render_table(figures, samples, meta["machine"]), meta)
