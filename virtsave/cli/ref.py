@@ -101,12 +101,14 @@ def _emit(res: lp.OpResult, text: str) -> None:
         _out().print(text, markup=False)
 
 
-def _bulk_report(results: list[lp.OpResult], operation: str) -> None:
+def _bulk_report(results: list[lp.OpResult], operation: str, seconds: float) -> None:
     failed = [r for r in results if not r.ok]
     if OPTIONS.json:
-        emit_json({"operation": operation, "ok": not failed, "results": [r.to_dict() for r in results]})
+        emit_json({"operation": operation, "ok": not failed, "seconds": round(seconds, 3),
+                   "results": [r.to_dict() for r in results]})
     else:
-        table = Table(title=f"{operation}: {len(results) - len(failed)} of {len(results)} ok", title_justify="left")
+        table = Table(title=f"{operation}: {len(results) - len(failed)} of {len(results)} ok in {seconds:.2f} s",
+                      title_justify="left")
         for col in ("domain", "result", "seconds", "image size", "detail"):
             table.add_column(col, justify="right" if col in ("seconds", "image size") else "left")
         for r in results:
@@ -164,8 +166,7 @@ def managed_save_cmd(
                                           state=state, progress=cb)
             if not results and not OPTIONS.json:
                 info("managed-save --all: no running domain matched; nothing to do")
-            info(f"managed-save --all: {len(results)} domain(s) in {time.monotonic() - t0:.2f} s")
-            _bulk_report(results, "managed-save")
+            _bulk_report(results, "managed-save", time.monotonic() - t0)
             return
         res = lp.managed_save(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
     _emit(res, f"{res.domain}: saved to managed-save image {res.image or '(daemon side)'} "
@@ -245,8 +246,7 @@ def start_cmd(
                                    state=state, progress=cb)
             if not results and not OPTIONS.json:
                 info("start --all: no domain with a managed-save image matched; nothing to do")
-            info(f"start --all: {len(results)} domain(s) in {time.monotonic() - t0:.2f} s")
-            _bulk_report(results, "start")
+            _bulk_report(results, "start", time.monotonic() - t0)
             return
         res = lp.start(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
     how = (f"from its managed-save image ({_size(res.image_size)})" if res.detail.get("from_managed_save")

@@ -1,0 +1,232 @@
+"""Reference path on the real libvirtd with real QEMU guests (issue 2 acceptance).
+
+Every guest is made by ``make_guest`` (uniquely named ``vs-test-…``, removed at
+teardown) and every ``--all`` run is restricted with ``--match`` to this test's own
+guests, so other people's domains on the shared daemon are never touched.
+Memory survival is shown by the guest's serial ``tick`` counter: after a restore the
+first new tick is larger than the last one before the save, and no tick 1 (reboot) shows up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from virtsave import guest, host
+from virtsave import libvirt_path as lp
+from virtsave.saveimage import read_header_path
+
+pytestmark = pytest.mark.integration
+
+MEM, FILL = 256, 32
+
+
+def state(conn, name: str) -> str:  # type: ignore[no-untyped-def]
+    return lp.state_name(conn.lookupByName(name))
+
+
+def ok(proc) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    return proc
+
+
+def one_line_exit2(proc, *needles: str) -> str:  # type: ignore[no-untyped-def]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def assert_ticks_continue(name: str, before: int) -> None:
+    first_new, restarts = guest.wait_ticks_continue(name, before)
+    assert first_new > before, f"{name}: tick went from {before} to {first_new}: memory state lost"
+    assert restarts == 0, f"{name}: counter restarted at 1 (guest rebooted)"
+
+
+def ticking_guest(make_guest) -> str:  # type: ignore[no-untyped-def]
+    name = make_guest(memory_mib=MEM, fill_mib=FILL)
+    guest.wait_tick(name, 3)  # the fill is done and the counter runs
+    return name
+
+
+def test_managed_save_then_start_continues(conn, make_guest, cli) -> None:  # type: ignore[no-untyped-def]
+    name = ticking_guest(make_guest)
+    res = json.loads(ok(cli("--json", "managed-save", name)).stdout)
+    assert res["ok"] and res["operation"] == "managed-save"
+    before = guest.last_tick(name)
+    assert state(conn, name) == "shut off"
+    dom = conn.lookupByName(name)
+    assert dom.hasManagedSaveImage(0) == 1
+    hdr = read_header_path(res["image"])
+    assert hdr.magic == "LibvirtQemudSave" and not hdr.partial and hdr.was_running
+    assert res["image_size"] == os.stat(res["image"]).st_size > MEM * 1024  # holds guest memory
+
+    [row] = json.loads(ok(cli("--json", "list", "--match", name)).stdout)
+    assert row["managed_save"] is True and row["state"] == "shut off" and row["image_size"] == res["image_size"]
+
+    # saving a shut-off domain again: one line, exit 2
+    one_line_exit2(cli("managed-save", name), "not running")
+
+    out = ok(cli("start", name)).stdout
+    assert "from its managed-save image" in out, out
+    assert state(conn, name) == "running"
+    assert not dom.hasManagedSaveImage(0)
+    assert_ticks_continue(name, before)
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["cached", "bypass-cache"])
+def test_save_restore_file(conn, make_guest, cli, workdir: Path, bypass: bool) -> None:  # type: ignore[no-untyped-def]
+    name = ticking_guest(make_guest)
+    img = workdir / f"{name}.img"
+    flags = ["--bypass-cache"] if bypass else []
+    res = json.loads(ok(cli("--json", "save", name, str(img), *flags)).stdout)
+    before = guest.last_tick(name)
+    assert state(conn, name) == "shut off"
+    assert bool(res["detail"]["flags"] & libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE) == bypass
+    hdr = read_header_path(img)
+    assert hdr.magic == "LibvirtQemudSave" and hdr.format == "raw" and name in hdr.xml
+    assert img.stat().st_size > MEM * 1024
+
+    res = json.loads(ok(cli("--json", "restore", str(img), *flags)).stdout)
+    assert res["domain"] == name and res["detail"]["state_after"] == "running"
+    assert state(conn, name) == "running"
+    assert_ticks_continue(name, before)
+
+
+def test_paused_honoured(conn, make_guest, cli, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    name = ticking_guest(make_guest)
+    img = workdir / f"{name}.img"
+    # --paused on save is recorded in the image (was_running = 0) …
+    ok(cli("save", name, str(img), "--paused"))
+    assert read_header_path(img).was_running is False
+    before = guest.last_tick(name)
+    ok(cli("restore", str(img)))
+    assert state(conn, name) == "paused"
+    # … and --running on restore overrides it
+    conn.lookupByName(name).destroy()
+    ok(cli("restore", str(img), "--running"))
+    assert state(conn, name) == "running"
+    assert_ticks_continue(name, before)
+
+    # --paused on restore of a running image; the guest stays frozen until resumed
+    ok(cli("save", name, str(img)))
+    before = guest.last_tick(name)
+    ok(cli("restore", str(img), "--paused", "--bypass-cache"))
+    assert state(conn, name) == "paused"
+    conn.lookupByName(name).resume()
+    assert_ticks_continue(name, before)
+
+
+@pytest.mark.parametrize("fmt,channels", [("sparse", 2), ("zstd", None)])
+def test_image_formats(conn, make_guest, cli, workdir: Path, fmt: str, channels: int | None) -> None:  # type: ignore[no-untyped-def]
+    problem = host.format_problem(conn, fmt)
+    if problem:
+        pytest.skip(f"this daemon cannot do it: {problem}")
+    name = ticking_guest(make_guest)
+    img = workdir / f"{name}.{fmt}"
+    extra = ["--parallel-channels", str(channels)] if channels else []
+    res = json.loads(ok(cli("--json", "save", name, str(img), "--image-format", fmt, *extra)).stdout)
+    before = guest.last_tick(name)
+    assert res["detail"]["image_format"] == fmt
+    hdr = read_header_path(img)
+    assert hdr.magic == "LibvirtQemudSave" and hdr.format == fmt
+    if fmt == "sparse":
+        # mapped-ram: every page has its own offset; the zero ones stay holes
+        assert res["detail"]["image_allocated"] < img.stat().st_size
+    res = json.loads(ok(cli("--json", "restore", str(img), *extra)).stdout)
+    assert res["detail"]["image_format"] == fmt and res["detail"]["state_after"] == "running"
+    assert_ticks_continue(name, before)
+
+
+def test_managed_save_all_and_start_all(conn, make_guest, cli) -> None:  # type: ignore[no-untyped-def]
+    prefix = f"vs-test-bulk{uuid.uuid4().hex[:4]}"
+    names = [make_guest(memory_mib=MEM, fill_mib=FILL, prefix=prefix) for _ in range(3)]
+    for n in names:
+        guest.wait_tick(n, 3)
+    match = f"{prefix}-*"
+    out = json.loads(ok(cli("--json", "managed-save", "--all", "--match", match, "--parallel", "2")).stdout)
+    assert out["ok"] is True
+    assert sorted(r["domain"] for r in out["results"]) == sorted(names)
+    before = {n: guest.last_tick(n) for n in names}
+    for n in names:
+        assert state(conn, n) == "shut off"
+        assert conn.lookupByName(n).hasManagedSaveImage(0)
+
+    proc = ok(cli("start", "--all", "--match", match, "--parallel", "2"))
+    assert "start: 3 of 3 ok" in proc.stdout, proc.stdout
+    assert proc.stdout.count("from managed-save image") == 3, proc.stdout
+    for n in names:
+        assert state(conn, n) == "running"
+        assert_ticks_continue(n, before[n])
+
+    # nothing left to start: exit 0, nothing done
+    out = json.loads(ok(cli("--json", "start", "--all", "--match", match)).stdout)
+    assert out["results"] == []
+
+
+def test_bulk_failure_exits_2_with_table(conn, make_guest, cli) -> None:  # type: ignore[no-untyped-def]
+    name = make_guest(memory_mib=128, fill_mib=16, start=False)  # defined, shut off, no image
+    conn.lookupByName(name).create()
+    guest.wait_tick(name, 2)
+    ok(cli("managed-save", name))
+    # make its managed-save image unusable behind libvirt's back: start --all must report it
+    path = lp.managed_save_path(conn, name)
+    assert path
+    with open(path, "r+b") as f:
+        f.seek(read_header_path(path).stream_offset)
+        f.write(b"\0" * 4096)  # destroy the QEVM stream start
+    proc = cli("start", "--all", "--match", name)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "FAILED" in proc.stdout and name in proc.stdout
+    one_line_exit2(proc, "1 of 1 start operations failed", name)
+
+
+def test_no_such_domain(cli) -> None:  # type: ignore[no-untyped-def]
+    one_line_exit2(cli("managed-save", "no-such-domain"), "domain not found", "no-such-domain")
+    one_line_exit2(cli("start", "no-such-domain"), "domain not found")
+
+
+def test_failed_save_to_missing_dir_leaves_guest_running(conn, make_guest, cli, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    name = ticking_guest(make_guest)
+    line = one_line_exit2(cli("save", name, str(workdir / "no-such-dir" / "x.img")), "failed")
+    assert f"domain {name} is running" in line
+    before = guest.last_tick(name)
+    assert state(conn, name) == "running"
+    assert guest.wait_tick(name, before + 1) > before
+
+
+@pytest.fixture
+def tiny_fs(workdir: Path):  # type: ignore[no-untyped-def]
+    """An 8 MiB tmpfs: a save of a 256 MiB guest with 32 MiB filled runs out of space mid-stream."""
+    mnt = workdir / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_failed_save_mid_stream_leaves_guest_running(conn, make_guest, cli, tiny_fs: Path) -> None:  # type: ignore[no-untyped-def]
+    name = ticking_guest(make_guest)
+    img = tiny_fs / "x.img"
+    line = one_line_exit2(cli("save", name, str(img)), "No space left on device")
+    assert f"domain {name} is running" in line
+    assert not img.exists()  # libvirt removed the partial image
+    before = guest.last_tick(name)
+    assert state(conn, name) == "running"
+    assert guest.wait_tick(name, before + 1) > before  # and it still runs: not merely "active"
