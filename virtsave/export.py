@@ -1,0 +1,140 @@
+"""Export a trace as libvirt's ``.replies`` file, the input of libvirt's QEMU monitor test harness.
+
+Format (as in libvirt's ``tests/qemucapabilitiesdata/*.replies``, read by
+``qemuMonitorTestProcessFileEntries`` in ``tests/qemumonitortestutils.c``): JSON objects separated by one
+empty line, strictly alternating command, reply, command, reply … Each object is pretty-printed with a
+2-space indent (libvirt's own pretty printer; the files in libvirt's tree use 2 spaces), keys in wire
+order: a command is ``{"execute", "arguments"?, "id"}`` — the ``id`` is kept (``"libvirt-N"``) since
+libvirt's files carry it — and a reply ``{"return" | "error", "id"}``. The file ends with a newline.
+
+Events are omitted: the format has no place for them (every object after a command is taken as its
+reply) and libvirt's test monitor emits events itself. A command without a reply in the trace (cut
+log, QEMU killed) is omitted too, because the harness rejects a command without a response; both
+counts are returned by :func:`replies_stats`.
+
+Example::
+
+    >>> from virtsave import trace as t
+    >>> tr = t.new_trace("libvirt")
+    >>> ph = t.add_phase(tr, "save", "save")
+    >>> ph["messages"] += [t.command("stop", id="libvirt-1"), t.reply("libvirt-1")]
+    >>> print(to_replies(tr), end="")
+    {
+      "execute": "stop",
+      "id": "libvirt-1"
+    }
+    <BLANKLINE>
+    {
+      "return": {},
+      "id": "libvirt-1"
+    }
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import TraceError
+from .redact import redact_trace
+
+INDENT = 2
+
+
+def _phases(trace: dict[str, Any], phase: str | int | None) -> list[dict[str, Any]]:
+    phases = list(trace.get("phases") or [])
+    if phase is None:
+        return phases
+    if isinstance(phase, int):
+        if not -len(phases) <= phase < len(phases):
+            raise TraceError(f"trace has no phase #{phase} ({len(phases)} phases)")
+        return [phases[phase]]
+    picked = [p for p in phases if p.get("name") == phase]
+    if not picked:
+        raise TraceError(f"trace has no {phase} phase (phases: {', '.join(p.get('name', '?') for p in phases)})")
+    return picked
+
+
+def pairs(trace: dict[str, Any], phase: str | int | None = None
+          ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int]:
+    """(command, reply) pairs in wire order, plus the number of events and unanswered commands skipped."""
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    events = unanswered = 0
+    for ph in _phases(trace, phase):
+        pending: dict[Any, dict[str, Any]] = {}
+        order: list[Any] = []
+        waiting: dict[str, list[Any]] = {}      # id (as JSON text) → commands still without a reply
+        replies: dict[Any, dict[str, Any]] = {}
+        for m in ph.get("messages") or []:
+            kind = m.get("kind")
+            if kind == "command":
+                key = len(order)
+                pending[key] = m
+                order.append(key)
+                waiting.setdefault(json.dumps(m.get("id")), []).append(key)
+            elif kind == "reply":
+                queue = waiting.get(json.dumps(m.get("id")))
+                if queue:
+                    replies[queue.pop(0)] = m
+            else:
+                events += 1
+        for key in order:
+            if key in replies:
+                out.append((pending[key], replies[key]))
+            else:
+                unanswered += 1
+    return out, events, unanswered
+
+
+def _command_obj(m: dict[str, Any]) -> dict[str, Any]:
+    obj: dict[str, Any] = {"execute": m["execute"]}
+    if "arguments" in m and m["arguments"] is not None:
+        obj["arguments"] = m["arguments"]
+    if m.get("id") is not None:
+        obj["id"] = m["id"]
+    return obj
+
+
+def _reply_obj(m: dict[str, Any]) -> dict[str, Any]:
+    obj: dict[str, Any] = {"error": m["error"]} if "error" in m else {"return": m.get("return", {})}
+    if m.get("id") is not None:
+        obj["id"] = m["id"]
+    return obj
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, indent=INDENT, ensure_ascii=False)
+
+
+def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact: bool = True) -> str:
+    """The ``.replies`` text of *trace* (all phases in order, or one: ``"save"``, ``"restore"`` or an index).
+
+    The trace is redacted first (:func:`virtsave.redact.redact_trace`) unless ``redact=False``, so an
+    exported file never carries a secret even from an unredacted trace. Raises :class:`TraceError`
+    when the requested phase does not exist.
+    """
+    tr = redact_trace(trace) if redact else trace
+    items, _, _ = pairs(tr, phase)
+    blocks = []
+    for cmd, rep in items:
+        blocks.append(_dump(_command_obj(cmd)))
+        blocks.append(_dump(_reply_obj(rep)))
+    return "\n\n".join(blocks) + "\n" if blocks else ""
+
+
+def replies_stats(trace: dict[str, Any], phase: str | int | None = None) -> dict[str, int]:
+    """What :func:`to_replies` writes and leaves out: ``pairs``, ``events_omitted``, ``unanswered_omitted``."""
+    items, events, unanswered = pairs(trace, phase)
+    return {"pairs": len(items), "events_omitted": events, "unanswered_omitted": unanswered}
+
+
+def parse_replies(text: str) -> list[dict[str, Any]]:
+    """Read a ``.replies`` text back into its JSON objects (blank-line separated), for checks and tests."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            try:
+                out.append(json.loads(block))
+            except ValueError as exc:
+                raise TraceError(f"not a .replies file: {exc}") from None
+    return out
