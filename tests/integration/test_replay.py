@@ -23,6 +23,8 @@ from virtsave import guest, logparse, qemu_launch, saveimage, trace
 pytestmark = pytest.mark.integration
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
+#: Save only once the replayed guest counts (a save before "tick 1" would restore to a first "tick 1").
+WAIT = r"tick [2-9]"
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +88,7 @@ def test_replay_raw_trace_and_virsh_restore(cli, conn, make_guest, workdir):
     t, r, img, slog = workdir / "t.json", workdir / "r.json", workdir / "r.save", workdir / "serial.log"
     _trace(cli, conn, name, t)
     proc = cli("replay", str(t), "-o", str(r), "--image", str(img), "--serial-log", str(slog),
-               "--run-after", "2")
+               "--run-after", "2", "--wait-serial", WAIT)
     assert proc.returncode == 0, proc.stderr
     out = trace.load(r)  # validates
     assert out["source"] == "direct" and out["replay"]["mode"] == "faithful"
@@ -107,7 +109,8 @@ def test_replay_essential_tcp(cli, conn, make_guest, workdir):
     name = make_guest(256, 32)
     t, r, img = workdir / "t.json", workdir / "r.json", workdir / "r.save"
     _trace(cli, conn, name, t)
-    proc = cli("replay", str(t), "-o", str(r), "--image", str(img), "--transport", "tcp", "--mode", "essential")
+    proc = cli("replay", str(t), "-o", str(r), "--image", str(img), "--transport", "tcp", "--mode", "essential",
+               "--wait-serial", WAIT)
     assert proc.returncode == 0, proc.stderr
     out = trace.load(r)
     assert out["replay"]["transport"] == "tcp" and out["replay"]["mode"] == "essential"
@@ -126,7 +129,7 @@ def test_replay_sparse_parallel2(cli, conn, make_guest, workdir):
     name = make_guest(256, 32)
     t, r, img = workdir / "t.json", workdir / "r.json", workdir / "r.save"
     _trace(cli, conn, name, t, sparse=True)
-    proc = cli("replay", str(t), "-o", str(r), "--image", str(img))
+    proc = cli("replay", str(t), "-o", str(r), "--image", str(img), "--wait-serial", WAIT)
     assert proc.returncode == 0, proc.stderr
     out = trace.load(r)
     save = out["phases"][0]
