@@ -110,7 +110,8 @@ def _bulk_report(results: list[lp.OpResult], operation: str, seconds: float) -> 
         table = Table(title=f"{operation}: {len(results) - len(failed)} of {len(results)} ok in {seconds:.2f} s",
                       title_justify="left")
         for col in ("domain", "result", "seconds", "image size", "detail"):
-            table.add_column(col, justify="right" if col in ("seconds", "image size") else "left")
+            table.add_column(col, justify="right" if col in ("seconds", "image size") else "left",
+                             no_wrap=col != "detail")
         for r in results:
             if r.ok:
                 detail = ""
@@ -118,7 +119,7 @@ def _bulk_report(results: list[lp.OpResult], operation: str, seconds: float) -> 
                     detail = "from managed-save image" if r.detail.get("from_managed_save") else "cold boot"
                 detail = ", ".join(x for x in (detail, r.detail.get("state_after") or "") if x)
             else:
-                detail = r.error or ""
+                detail = (r.error or "").removeprefix(f"{operation} of {r.domain} failed: ")
             table.add_row(r.domain, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", _size(r.image_size), detail)
         _out().print(table)
     if failed:
@@ -164,11 +165,14 @@ def managed_save_cmd(
             t0 = time.monotonic()
             results = lp.managed_save_all(conn, domains or None, parallel, match=match, bypass_cache=bypass_cache,
                                           state=state, progress=cb)
-            if not results and not OPTIONS.json:
-                info("managed-save --all: no running domain matched; nothing to do")
-            _bulk_report(results, "managed-save", time.monotonic() - t0)
-            return
-        res = lp.managed_save(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
+            seconds = time.monotonic() - t0
+        else:
+            res = lp.managed_save(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
+    if one is None:  # report after the progress display is gone
+        if not results and not OPTIONS.json:
+            info("managed-save --all: no running domain matched; nothing to do")
+        _bulk_report(results, "managed-save", seconds)
+        return
     _emit(res, f"{res.domain}: saved to managed-save image {res.image or '(daemon side)'} "
                f"({_size(res.image_size)}, {res.seconds:.2f} s); domain {res.detail.get('state_after')}")
 
@@ -244,11 +248,14 @@ def start_cmd(
             t0 = time.monotonic()
             results = lp.start_all(conn, domains or None, parallel, match=match, bypass_cache=bypass_cache,
                                    state=state, progress=cb)
-            if not results and not OPTIONS.json:
-                info("start --all: no domain with a managed-save image matched; nothing to do")
-            _bulk_report(results, "start", time.monotonic() - t0)
-            return
-        res = lp.start(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
+            seconds = time.monotonic() - t0
+        else:
+            res = lp.start(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
+    if one is None:  # report after the progress display is gone
+        if not results and not OPTIONS.json:
+            info("start --all: no domain with a managed-save image matched; nothing to do")
+        _bulk_report(results, "start", seconds)
+        return
     how = (f"from its managed-save image ({_size(res.image_size)})" if res.detail.get("from_managed_save")
            else "with a cold boot (no managed-save image)")
     _emit(res, f"{res.domain}: started {how} in {res.seconds:.2f} s; domain {res.detail.get('state_after')}")
