@@ -14,6 +14,7 @@ Exit codes: 0 ok; 2 bad input, unsafe trace (nothing launched) or a failed phase
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -88,7 +89,10 @@ def replay_cmd(
         from .. import diff as _diff  # type: ignore[attr-defined]
 
         text = _diff.diff_traces(trace, result).render()
-        info(text.rstrip("\n"))
+        if out is None or str(out) == "-":
+            info(text.rstrip("\n"))  # stdout carries the trace
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 direct_app = typer.Typer(help="Save/restore a QEMU not run by libvirt, in libvirt's image format.",
