@@ -225,6 +225,11 @@ SECTION_KINDS = {SEC_START: "start", SEC_PART: "part", SEC_END: "end", SEC_FULL:
 RAM_ZERO, RAM_MEM_SIZE, RAM_PAGE, RAM_EOS, RAM_CONTINUE = 0x02, 0x04, 0x08, 0x10, 0x20
 RAM_XBZRLE, RAM_HOOK, RAM_COMPRESS_PAGE, RAM_MULTIFD_FLUSH = 0x40, 0x80, 0x100, 0x200
 
+#: QEMU_VM_COMMAND numbers (migration/savevm.c ``enum qemu_vm_cmd``).
+COMMANDS = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN", 5: "POSTCOPY_RUN",
+            6: "POSTCOPY_RAM_DISCARD", 7: "POSTCOPY_RESUME", 8: "RECV_BITMAP", 9: "PACKAGED", 10: "ENABLE_COLO",
+            11: "SWITCHOVER_START"}
+
 #: Decompressors for libvirt's compressed formats (each reads stdin, writes stdout).
 DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "bzip2": ["bzip2", "-dc"], "xz": ["xz", "-dc"],
                  "lzop": ["lzop", "-dc"], "zstd": ["zstd", "-dc"]}
@@ -668,7 +673,8 @@ class _Walker:
             if t == SEC_COMMAND:
                 cmd, n = s.be16("command"), s.be16("command length")
                 s.skip(n, "command data")
-                self.commands.append({"offset": at, "command": cmd, "length": n})
+                self.commands.append({"offset": at, "command": cmd, "name": COMMANDS.get(cmd, f"unknown({cmd})"),
+                                      "length": n})
                 continue
             if t not in SECTION_KINDS:
                 raise s.error(f"corrupt stream: unknown section type {t:#04x}", at)
