@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-from qemu.qmp import ConnectError, ExecInterruptedError, QMPClient
+from qemu.qmp import ConnectError, ExecInterruptedError, QMPClient, Runstate
 from qemu.qmp import QMPError as _LibQMPError
 from qemu.qmp.message import Message
 
@@ -164,6 +164,11 @@ class QMPSession:
         if not self._loop.is_running():
             self._loop.close()
 
+    @property
+    def connected(self) -> bool:
+        """True while the QMP connection is up (False after QEMU hung up or :meth:`close`)."""
+        return not self.closed and self._client is not None and self._client.runstate == Runstate.RUNNING
+
     # -- recording ---------------------------------------------------------------------------
     def record_into(self, phase: _trace.Phase | None) -> None:
         """Append every following message to *phase* (None: stop recording)."""
@@ -271,12 +276,13 @@ class QMPSession:
                     i += 1
                     if ev.get("event") == name and (predicate is None or predicate(ev)):
                         return ev
-                if self.closed:
+                if not self.connected:
                     return None
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
-                self._lock.wait(left if left is not None else 1.0)
+                # Wake up now and then to notice a QEMU that died without a word.
+                self._lock.wait(min(left, 0.5) if left is not None else 0.5)
 
     def wait_migration(self, statuses: Iterable[str] = FINAL_STATUSES, *, since: int = 0,
                        timeout: float | None = None, poll: float | None = None,
@@ -307,7 +313,7 @@ class QMPSession:
                 status = (info or {}).get("status")
                 if status in wanted:
                     return str(status)
-            if self.closed:
-                raise QMPError("QMP connection closed while waiting for the migration")
+            if not self.connected:
+                raise QMPError("QMP connection lost while waiting for the migration (did QEMU exit?)")
             if deadline is not None and time.monotonic() >= deadline:
                 raise QMPError(f"migration did not reach {'/'.join(wanted)} within {timeout} s")

@@ -51,6 +51,7 @@ from .errors import (
     TraceError,
     UnsafeTraceError,
     UnsupportedError,
+    VirtsaveError,
 )
 from .qmp import QMPSession
 
@@ -268,6 +269,22 @@ def _replay_commands(ph: _Phase, *, incoming: bool) -> None:
 
 
 # -- phases --------------------------------------------------------------------------------------
+class ReplayFailed(OperationFailed):
+    """A phase failed; :attr:`trace` holds the direct trace so far (the evidence)."""
+
+    def __init__(self, message: str, trace: _trace.Trace) -> None:
+        self.trace = trace
+        super().__init__(message)
+
+
+def _explain(exc: BaseException, proc: qemu_launch.QemuProcess) -> str:
+    """One line for a failed phase, with QEMU's last words if it died."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not proc.alive():
+        msg += f" (QEMU exited: {proc.last_stderr(2) or 'no output'})"
+    return msg
+
+
 def _image_format(traced: _trace.Phase) -> str:
     for m in _trace.iter_commands(traced):
         if m["execute"] == "migrate-set-capabilities":
@@ -327,7 +344,7 @@ def _save_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase, im
             try:
                 _replay_commands(ph, incoming=False)
             except BaseException as exc:
-                phase["ok"], phase["error"] = False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                phase["ok"], phase["error"] = False, _explain(exc, proc)
                 with contextlib.suppress(QMPError):
                     if ph.migration not in (None, "completed"):
                         s.execute("cont")  # libvirt resumes the guest after a failed save
@@ -394,7 +411,7 @@ def _restore_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase,
             try:
                 _replay_commands(ph, incoming=True)
             except BaseException as exc:
-                phase["ok"], phase["error"] = False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                phase["ok"], phase["error"] = False, _explain(exc, proc)
                 raise
             seconds = time.monotonic() - t0
             phase["ok"] = True
@@ -467,6 +484,25 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
                            domain=copy.deepcopy(trace.get("domain")))
     out["replay"] = {"mode": mode, "transport": transport, "input": input_name, "image": img,
                      "argv_rewrites": {}, "timings": {}}
+    try:
+        _run_phases(trace, out, traced, img, phases, transport=transport, mode=mode, use_exec=use_exec,
+                    progress=progress, run_for=run_for, serial_pattern=serial_pattern, serial_log=serial_log,
+                    run_after=run_after, keep_running=keep_running)
+    except VirtsaveError as exc:
+        failed = next((p for p in out["phases"] if p.get("ok") is False), None)
+        msg = f"{failed['name']} phase failed: {failed['error']}" if failed else str(exc)
+        raise ReplayFailed(msg, out) from None
+    if diff:
+        with contextlib.suppress(ImportError):
+            from . import diff as _diff  # type: ignore[attr-defined]
+
+            out["replay"]["diff"] = _diff.diff_traces(trace, out).to_json()
+    return out
+
+
+def _run_phases(trace: _trace.Trace, out: _trace.Trace, traced: dict[str, Any], img: str, phases: tuple[str, ...],
+                *, transport: str, mode: str, use_exec: bool, progress: Progress | None, run_for: float,
+                serial_pattern: str | None, serial_log: str | None, run_after: float, keep_running: bool) -> None:
     timings = out["replay"]["timings"]
     if "save" in phases:
         timings["save"] = _save_phase(trace, out, traced["save"], img, transport=transport, mode=mode,  # type: ignore[arg-type]
@@ -482,9 +518,3 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
             out["replay"]["qemu"] = {"pid": proc.pid, "qmp": proc.qmp_address,
                                      "serial_log": str(proc.serial_log) if proc.serial_log else None,
                                      "run_dir": str(proc.plan.run_dir)}
-    if diff:
-        with contextlib.suppress(ImportError):
-            from . import diff as _diff  # type: ignore[attr-defined]
-
-            out["replay"]["diff"] = _diff.diff_traces(trace, out).to_json()
-    return out

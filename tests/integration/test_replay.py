@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -27,6 +28,9 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 WAIT = r"tick [2-9]"
 
 
+_RUN_DIRS: list[str] = []
+
+
 @pytest.fixture(autouse=True)
 def _kill_our_qemus():
     pids: list[int] = []
@@ -35,6 +39,8 @@ def _kill_our_qemus():
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    while _RUN_DIRS:  # left by 'direct restore' (its QEMU outlives the command)
+        shutil.rmtree(_RUN_DIRS.pop(), ignore_errors=True)
 
 
 def _fixture_trace(conn, name: str, save_log: str, restore_log: str, path: Path) -> None:
@@ -158,18 +164,21 @@ def test_direct_restore_of_libvirt_managed_save(cli, conn, make_guest, _kill_our
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     _kill_our_qemus.append(res["pid"])
+    _RUN_DIRS.append(res["run_dir"])
     assert res["status"] == "running"
     first, restarts = guest.wait_ticks_continue(name, before, timeout=60)
     assert restarts == 0 and first > 1
 
 
-def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus):
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, transport):
     name = guest.unique_name()
     uid = str(_uuid.uuid4())
     xml = guest.guest_xml(name, 256, 32, domain_uuid=uid)
     xml_file = workdir / "dom.xml"
     xml_file.write_text(xml)
     sock = workdir / "qmp.sock"
+    port = qemu_launch.free_tcp_port()
     serial = guest.serial_log(name)
     g = "/var/lib/virtsave/guest"
     argv = ["qemu-system-x86_64", "-name", f"guest={name}", "-machine", "pc,usb=off,acpi=off",
@@ -180,13 +189,15 @@ def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus):
             "-device", "piix3-usb-uhci,id=usb,bus=pci.0,addr=0x1.0x2",
             "-chardev", f"file,id=charserial0,path={serial},append=on",
             "-device", "isa-serial,chardev=charserial0,id=serial0,index=0",
-            "-qmp", f"unix:{sock},server=on,wait=off"]
+            "-qmp", f"unix:{sock},server=on,wait=off" if transport == "unix" else
+            f"tcp:127.0.0.1:{port},server=on,wait=off"]
+    qmp = f"unix:{sock}" if transport == "unix" else f"tcp:127.0.0.1:{port}"
     q = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _kill_our_qemus.append(q.pid)
     try:
         guest.wait_tick(name, 2, timeout=120)
         img = workdir / "hand.save"
-        proc = cli("direct", "save", "--qmp", f"unix:{sock}", str(img), "--xml", str(xml_file))
+        proc = cli("direct", "save", "--qmp", qmp, str(img), "--xml", str(xml_file))
         assert proc.returncode == 0, proc.stderr
         assert q.wait(30) == 0  # quit, not killed
         hdr = saveimage.read_header_path(img)

@@ -77,10 +77,15 @@ def replay_cmd(
     replay.check_safety(trace, allow_unsafe)  # refuse before saying (or starting) anything
     info(f"replaying {'+'.join(wanted)} of {trace['domain'].get('name')} ({mode}, {transport})")
     with _progress("replay") as cb:
-        result = replay.replay(trace, image=image, transport=transport, mode=mode, phases=wanted,
-                               allow_unsafe=allow_unsafe, progress=cb, run_for=run_for,
-                               serial_pattern=wait_serial, serial_log=str(serial_log) if serial_log else None,
-                               run_after=run_after, input_name=str(path))
+        try:
+            result = replay.replay(trace, image=image, transport=transport, mode=mode, phases=wanted,
+                                   allow_unsafe=allow_unsafe, progress=cb, run_for=run_for,
+                                   serial_pattern=wait_serial, serial_log=str(serial_log) if serial_log else None,
+                                   run_after=run_after, input_name=str(path))
+        except replay.ReplayFailed as exc:
+            if out is not None:
+                tr.dump(exc.trace, out)  # the evidence of the failure, then exit 2
+            raise
     tr.dump(result, out)
     timings = result["replay"]["timings"]
     info("  ".join(f"{p}: {t['seconds']:.3f} s" for p, t in timings.items())
