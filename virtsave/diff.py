@@ -64,7 +64,7 @@ class Rule:
     params: dict[str, Any]
 
 
-_ACTIONS = {"drop", "placeholder", "regex", "type", "remove-items", "image-path"}
+_ACTIONS = {"drop", "placeholder", "regex", "type", "remove-items", "image-path", "drop-message"}
 
 
 @functools.cache
@@ -197,7 +197,8 @@ def _undo_substitutions(phase: dict[str, Any], msgs: list[dict[str, Any]]) -> No
         if target is None:
             continue
         segs = fld.split(".")
-        obj: Any = target if segs[0] in ("arguments", "execute") else target.setdefault("arguments", {})
+        # "arguments.uri" / "fds" / "execute" name the message's own keys; a bare "uri" an argument.
+        obj: Any = target if segs[0] == "arguments" or segs[0] in target else target.setdefault("arguments", {})
         for s in segs[:-1]:
             obj = obj.setdefault(s, {}) if isinstance(obj, dict) else None
             if obj is None:
@@ -237,10 +238,10 @@ def _normalize_phase(phase: dict[str, Any], rules: list[Rule], strict: bool,
         _undo_substitutions(phase, msgs)
     active = [r for r in rules if r.strict or not strict]
     # Pair replies with commands by id first (ids are dropped by the rules afterwards).
-    names_by_id: dict[str, str] = {}
+    names_by_id: dict[str, list[str]] = {}
     for m in msgs:
-        if m.get("kind") == "command" and m.get("id") is not None:
-            names_by_id.setdefault(_dumps(m["id"]), m.get("execute", ""))
+        if m.get("kind") == "command":
+            names_by_id.setdefault(_dumps(m.get("id")), []).append(m.get("execute", ""))
     cmds: list[_Cmd] = []
     open_by_id: dict[str, list[_Cmd]] = {}
     events: list[_Evt] = []
@@ -249,27 +250,36 @@ def _normalize_phase(phase: dict[str, Any], rules: list[Rule], strict: bool,
         if kind == "command":
             name = m.get("execute", "")
         elif kind == "reply":
-            name = names_by_id.get(_dumps(m.get("id")), "")
+            queue = names_by_id.get(_dumps(m.get("id")), [])
+            name = queue.pop(0) if queue else ""
         else:
             name = m.get("event", "")
-        mid = _dumps(m.get("id")) if m.get("id") is not None else None
+        # Commands without id (qemu.qmp's own qmp_capabilities) get their replies in order, like QMP does.
+        mid = _dumps(m.get("id"))
+        dropped = False
         for r in active:
             if r.kind not in ("any", kind):
                 continue
             if r.execute is not None and not r.execute.fullmatch(name):
                 continue
+            if r.action == "drop-message":
+                dropped = True
+                break
             _apply(r, m, images)
+        if dropped:
+            if kind == "command":       # its reply goes with it (to a command nobody compares)
+                open_by_id.setdefault(mid, []).append(_Cmd("", name, {}, None))
+            continue
         if kind == "command":
             if not strict and m.get("arguments") == {}:
                 del m["arguments"]
             body = {k: v for k, v in m.items() if k in ("execute", "arguments", "fds")}
             c = _Cmd(_dumps(body), name, body, None)
             cmds.append(c)
-            if mid is not None:
-                open_by_id.setdefault(mid, []).append(c)
+            open_by_id.setdefault(mid, []).append(c)
         elif kind == "reply":
             body = {k: v for k, v in m.items() if k in ("return", "error")}
-            pending = open_by_id.get(mid or "", [])
+            pending = open_by_id.get(mid, [])
             if pending:
                 pending.pop(0).reply = body
         elif kind == "event":

@@ -66,20 +66,20 @@ def test_acceptance_removed_changed_event_missing_each_once_in_place():
     i = next(k for k, x in enumerate(msgs) if x.get("execute") == "migrate-set-parameters")
     del msgs[i:i + 2]                                            # command + its reply removed
     next(x for x in msgs if x.get("execute") == "migrate")["arguments"]["resume"] = True
-    j = next(k for k, x in enumerate(msgs) if x.get("event") == "MIGRATION_PASS")
+    j = next(k for k, x in enumerate(msgs) if x.get("event") == "MIGRATION" and x["data"]["status"] == "active")
     del msgs[j]
     d = diff.diff_traces(a, b)
     assert not d.equivalent
     assert sorted((x.kind, x.name) for x in d.differences) == [
-        ("changed", "migrate"), ("event-missing", "MIGRATION_PASS"), ("missing", "migrate-set-parameters")]
+        ("changed", "migrate"), ("event-missing", "MIGRATION"), ("missing", "migrate-set-parameters")]
     changed = next(x for x in d.differences if x.kind == "changed")
     assert changed.details == ["arguments.resume: false → true"]
     lines = d.render().splitlines()
     # in place: the removed command sits between its neighbours, the event between its own
     k = next(n for n, ln in enumerate(lines) if ln.startswith("- migrate-set-parameters"))
     assert lines[k - 1].startswith("  migrate-set-capabilities") and lines[k + 1].startswith("  getfd")
-    e = next(n for n, ln in enumerate(lines) if ln.startswith("- MIGRATION_PASS"))
-    assert '"active"' in lines[e - 1] and '"completed"' in lines[e + 1]
+    e = next(n for n, ln in enumerate(lines) if ln.startswith("- MIGRATION"))
+    assert '"active"' in lines[e] and '"setup"' in lines[e - 1] and '"completed"' in lines[e + 1]
     assert sum(ln.startswith(("- ", "+ ", "~ ", "> ")) for ln in lines) == 3
     assert lines[-1] == "3 differences: changed 1, event-missing 1, missing 1"
     js = d.to_json()
@@ -128,6 +128,29 @@ def test_substitutions_compare_the_original():
     assert diff.diff_traces(a, b).equivalent
     strict = diff.diff_traces(a, b, strict=True)
     assert [(x.kind, x.name) for x in strict.differences] == [("changed", "migrate")]
+
+
+def test_replay_shaped_substitutions_and_id_less_negotiation():
+    """As `virtsave replay` records them: top-level fields, arguments.* paths, qmp_capabilities without id."""
+    a = trace.new_trace("libvirt")
+    pa = trace.add_phase(a, "restore", "restore", ok=True)
+    pa["messages"] += [trace.command("qmp_capabilities", id="libvirt-1"), trace.reply("libvirt-1"),
+                       trace.command("getfd", {"fdname": "incoming"}, id="libvirt-2", fds=1), trace.reply("libvirt-2"),
+                       trace.command("migrate-incoming", {"uri": "fd:28"}, id="libvirt-3"), trace.reply("libvirt-3")]
+    b = trace.new_trace("direct")
+    pb = trace.add_phase(b, "restore", "restore", ok=True)
+    pb["messages"] += [trace.command("qmp_capabilities", {"enable": ["oob"]}), trace.reply(None),
+                       trace.command("getfd", {"fdname": "incoming"}, id="__qmp#1", fds=1), trace.reply("__qmp#1"),
+                       trace.command("migrate-incoming", {"uri": "exec:cat img"}, id="__qmp#2"), trace.reply("__qmp#2")]
+    pb["substitutions"] = [
+        {"index": 0, "field": "execute", "original": "qmp_capabilities", "replacement": None, "reason": "qemu.qmp"},
+        {"index": 2, "field": "fds", "original": 1, "replacement": 1, "reason": "our fd"},
+        {"index": 4, "field": "arguments.uri", "original": "fd:28", "replacement": "exec:cat img", "reason": "tcp"}]
+    d = diff.diff_traces(a, b)
+    assert d.equivalent, d.render()
+    assert "fds" not in pb["messages"][2]["arguments"]          # the input trace is never modified
+    pb["messages"][1] = {"kind": "reply", "id": None, "error": {"class": "GenericError", "desc": "x"}, "t": 0}
+    assert [x.kind for x in diff.diff_traces(a, b).differences] == ["reply"]
 
 
 def test_reordered_command_reported_once():
