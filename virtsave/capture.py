@@ -113,13 +113,8 @@ def image_info(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
 
 
 def _redact(trace: tr.Trace) -> tr.Trace:
-    try:
-        from . import redact
-    except ImportError:  # pragma: no cover - only while the redaction module is not installed
-        import warnings
+    from . import redact
 
-        warnings.warn("virtsave.redact missing: trace NOT redacted", RuntimeWarning, stacklevel=2)
-        return trace
     return redact.redact_trace(trace)
 
 
@@ -186,11 +181,14 @@ class _Run:
 
     def step(self, phase: str, operation: str, call: Callable[[], lp.OpResult],
              dom: libvirt.virDomain | None, image: str | None, options: dict[str, Any]) -> lp.OpResult:
+        # A restore reads the image before it runs (start deletes a managed-save image); a save
+        # after (before a following start can delete it).
+        img = image_info(image) if phase == "restore" else None
         since = _dt.datetime.now(_dt.UTC)
         res = _run_interruptible(call, dom)
         until = _dt.datetime.now(_dt.UTC)
-        # Read the image now: a managed-save image is deleted by the start that follows.
-        img = image_info(res.image or image)
+        if phase == "save":
+            img = image_info(res.image or image)
         self.steps.append({"phase": phase, "operation": operation, "result": res, "since": since,
                            "until": until, "image": img, "options": options})
         return res
@@ -251,6 +249,12 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
                 _recover_after_interrupt(conn, dom, op, was_running, file if use_file else None)
                 raise
             window = cap.window_path()
+            keep = os.environ.get("VIRTSAVE_KEEP_WINDOW")
+            if keep:  # debugging aid: keep this run's raw log slice (0600)
+                from .fileio import private_writer
+
+                with private_writer(keep) as f:
+                    f.write(window.read_bytes())
             for s in run.steps:
                 res: lp.OpResult = s["result"]
                 messages, monitor = _parse_window(window, name, s["since"], s["until"], s["phase"])
@@ -281,7 +285,7 @@ def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_fi
         if op == "cycle" and res.ok:
             run.step("restore", "start", lambda: lp.start(
                 conn, name, bypass_cache=bypass_cache, state=state, progress=progress, raise_on_error=False),
-                dom, None, {"bypass_cache": bypass_cache, "state": state})
+                dom, res.image or lp.managed_save_path(conn, name), {"bypass_cache": bypass_cache, "state": state})
         return
     if op in ("cycle", "save"):
         res = run.step("save", "save", lambda: lp.save(
@@ -331,11 +335,21 @@ def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monito
     if not os.path.isfile(log):
         from .errors import LogError
 
-        raise LogError(f"cannot read log {log}: No such file")
+        why = "not a regular file" if os.path.exists(log) else "No such file or directory"
+        raise LogError(f"cannot read log {log}: {why}")
     trace = logparse.trace_from_log(log, domain=domain, monitor=monitor, since=since, until=until)
     if domain and not trace.get("domain", {}).get("name"):
         trace.setdefault("domain", {})["name"] = domain
     if domain_log:
-        trace.setdefault("domain", {})["argv"] = qemu_argv(None, domain or "", None,  # type: ignore[arg-type]
-                                                           domain_log=domain_log)
+        from . import qemulog
+
+        starts = qemulog.parse_domain_log(domain_log)
+        if starts:
+            last = starts[-1]
+            trace.setdefault("domain", {})["argv"] = list(last.argv)
+            host = trace.setdefault("host", {})
+            for key, val in (("libvirt", last.libvirt_version), ("qemu", last.qemu_version),
+                             ("hostname", last.hostname)):
+                if not host.get(key):
+                    host[key] = val
     return _redact(trace)

@@ -66,19 +66,27 @@ def _summary(trace: tr.Trace) -> str:
 
 
 def render_monitors(monitors: list[dict[str, Any]]) -> list[str]:
-    """One line per monitor found in a log: pointer and what it did."""
+    """One line per monitor found in a log (``logparse.list_monitors`` dicts): key and what it did."""
     lines = []
     for m in monitors:
-        mon = m.get("monitor") or m.get("mon") or m.get("id") or "?"
-        rest = []
-        for key, val in m.items():
-            if key in ("monitor", "mon", "id"):
-                continue
-            if isinstance(val, list):
-                shown = ", ".join(map(str, val[:8])) + (f", … (+{len(val) - 8})" if len(val) > 8 else "")
-                val = f"[{shown}]"
-            rest.append(f"{key}={val}")
-        lines.append(f"  {mon}: {'; '.join(rest)}")
+        key = m.get("key") or m.get("pointer") or "?"
+        bits = [f"vm {m['vm']}" if m.get("vm") else "vm ?", str(m.get("role") or "other")]
+        if m.get("domain"):
+            bits.insert(0, f"domain {m['domain']}")
+        first, last = (m.get("first_iso") or "")[11:23], (m.get("last_iso") or "")[11:23]
+        if first:
+            bits.append(f"{first}–{last}")
+        did = f"{m.get('commands', 0)} commands"
+        if m.get("notable"):
+            did += ": " + ", ".join(map(str, m["notable"][:10])) + (" …" if len(m["notable"]) > 10 else "")
+        bits.append(did)
+        if m.get("migrate_uris"):
+            bits.append("uri " + ", ".join(map(str, m["migrate_uris"])))
+        if m.get("migration_status"):
+            bits.append(f"migration {m['migration_status']}")
+        if m.get("operations"):
+            bits.append("by " + ", ".join(map(str, m["operations"])))
+        lines.append(f"  {key}  " + "; ".join(bits))
     return lines
 
 
@@ -121,10 +129,10 @@ def trace_cmd(
         try:
             trace = capture.import_log(from_log, domain, monitor=monitor, domain_log=domain_log)
         except AmbiguousMonitor as exc:
-            sys.stderr.write(f"virtsave: error: {exc}\n")
-            sys.stderr.write(f"{from_log} does not say which monitor is {domain}'s; monitors found:\n")
+            sys.stderr.write(f"virtsave: error: {from_log} does not say which of its {len(exc.monitors)} "
+                             f"monitors is {domain}'s; monitors found:\n")
             sys.stderr.write("\n".join(render_monitors(exc.monitors)) + "\n")
-            first = next((m.get("monitor") or m.get("mon") for m in exc.monitors), "0x…")
+            first = next((m["key"] for m in exc.monitors if m.get("key")), "0x…")
             sys.stderr.write(f"pick one with --monitor, e.g.: virtsave trace {domain} --from-log {from_log} "
                              f"--monitor {first}\n")
             raise SystemExit(2) from None
