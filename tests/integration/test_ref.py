@@ -230,3 +230,21 @@ def test_failed_save_mid_stream_leaves_guest_running(conn, make_guest, cli, tiny
     before = guest.last_tick(name)
     assert state(conn, name) == "running"
     assert guest.wait_tick(name, before + 1) > before  # and it still runs: not merely "active"
+
+
+def test_xml_option_replaces_domain_xml(conn, make_guest, cli, workdir: Path) -> None:  # type: ignore[no-untyped-def]
+    name = ticking_guest(make_guest)
+    img = workdir / f"{name}.img"
+    base = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+
+    def with_description(text: str) -> Path:
+        p = workdir / f"{text}.xml"
+        p.write_text(base.replace(f"<name>{name}</name>", f"<name>{name}</name><description>{text}</description>", 1))
+        return p
+
+    ok(cli("save", name, str(img), "--xml", str(with_description("vs-saved-xml"))))
+    assert "<description>vs-saved-xml</description>" in read_header_path(img).xml
+    before = guest.last_tick(name)
+    ok(cli("restore", str(img), "--xml", str(with_description("vs-restored-xml"))))
+    assert "<description>vs-restored-xml</description>" in conn.lookupByName(name).XMLDesc(0)
+    assert_ticks_continue(name, before)
