@@ -118,14 +118,49 @@ def synthesize_xml(session: QMPSession) -> str:
             f"<vcpu>{cpus}</vcpu><os><type arch='x86_64'>hvm</type></os></domain>")
 
 
-def _progress_cb(progress: Progress | None, name: str, operation: str) -> Progress | None:
+def _read_position(pid: int, image: str) -> int | None:
+    """How far QEMU (*pid*) has read *image*: the largest file position among its fds on it."""
+    best = None
+    real = os.path.realpath(image)
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != real:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    pos = int(f.readline().split()[1])
+                best = pos if best is None else max(best, pos)
+    return best
+
+
+def migration_progress(progress: Progress | None, operation: str, *, pid: int | None = None,
+                       image: str | None = None, stream_offset: int = 0) -> Progress | None:
+    """Turn ``query-migrate`` answers into libvirt-job-like stats for *progress*.
+
+    Saving: RAM bytes transferred of the guest's RAM size (zero pages are skipped, so the
+    total is reached at completion). Loading (QEMU reports no RAM stats on the incoming
+    side): how far QEMU *pid* has read *image* past *stream_offset*.
+    """
     if progress is None:
         return None
+    size = None
+    if image is not None and operation == "restore":
+        with contextlib.suppress(OSError):
+            size = os.stat(image).st_size - stream_offset
+
+    last = [0]
 
     def cb(info: dict[str, Any]) -> None:
         ram = info.get("ram") or {}
-        progress({"domain": name, "operation": operation, "data_processed": ram.get("transferred"),
-                  "data_total": ram.get("total"), "status": info.get("status")})
+        done, total = ram.get("transferred"), ram.get("total")
+        if operation == "restore" and pid is not None and image is not None:
+            pos = _read_position(pid, image)  # None once QEMU closed the image: keep the last figure
+            last[0] = max(last[0], 0 if pos is None else pos - stream_offset)
+            done, total = last[0], size
+        if info.get("status") == "completed" and total:
+            done = total
+        progress({"domain": operation, "operation": operation, "data_processed": done, "data_total": total,
+                  "status": info.get("status")})
     return cb
 
 
@@ -173,7 +208,7 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], *, xml: str | Non
             else:
                 uri = exec_save_uri(image, hdr.stream_offset)
             s.execute("migrate", {"uri": uri})
-            final = s.wait_migration(since=mark, timeout=timeout, progress=_progress_cb(progress, "", "save"))
+            final = s.wait_migration(since=mark, timeout=timeout, progress=migration_progress(progress, "save"))
             if final != "completed":
                 raise OperationFailed(f"migration to {image} {final}: {_fail_info(s)}")
             stats = s.execute("query-migrate") or {}
@@ -255,7 +290,8 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], *, transport: s
                 s.execute("migrate-set-parameters", {"multifd-channels": parallel_channels})
             mark = s.event_mark()
             s.execute("migrate-incoming", {"uri": uri})
-            final = s.wait_migration(since=mark, timeout=timeout, progress=_progress_cb(progress, "", "restore"))
+            cb = migration_progress(progress, "restore", pid=proc.pid, image=image, stream_offset=hdr.stream_offset)
+            final = s.wait_migration(since=mark, timeout=timeout, progress=cb)
             if final != "completed":
                 raise OperationFailed(f"loading {image} {final}: {_fail_info(s)} {proc.last_stderr(2)}")
             run = hdr.was_running and not paused

@@ -295,7 +295,7 @@ class QMPSession:
         """
         wanted = tuple(statuses)
         if progress is not None and poll is None:
-            poll = 0.5
+            poll = 0.25
         deadline = None if timeout is None else time.monotonic() + timeout
         mark = since
         while True:
@@ -305,6 +305,9 @@ class QMPSession:
             ev = self.wait_event("MIGRATION", lambda e: (e.get("data") or {}).get("status") in wanted,
                                  timeout=step, since=mark)
             if ev is not None:
+                if progress is not None:  # a last report, so even a quick migration shows its total
+                    with contextlib.suppress(QMPError):
+                        progress(self.execute("query-migrate") or {})
                 return str(ev["data"]["status"])
             if poll is not None:
                 info = self.execute("query-migrate")

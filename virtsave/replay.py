@@ -134,6 +134,7 @@ class _Phase:
     progress: Progress | None
     migration: str | None = None
     events_on: bool = False
+    pid: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def substitute(self, index: int, field_: str, original: Any, replacement: Any, reason: str) -> None:
@@ -210,15 +211,8 @@ def _retry_known(ph: _Phase, idx: int, execute: str, args: dict[str, Any], rep: 
 
 
 def _wait(ph: _Phase, mark: int, incoming: bool) -> None:
-    cb = None
-    if ph.progress is not None:
-        prog = ph.progress
-        name = "restore" if incoming else "save"
-
-        def cb(info: dict[str, Any]) -> None:
-            ram = info.get("ram") or {}
-            prog({"operation": name, "data_processed": ram.get("transferred"), "data_total": ram.get("total"),
-                  "status": info.get("status")})
+    cb = direct.migration_progress(ph.progress, "restore" if incoming else "save", pid=ph.pid, image=ph.image,
+                                   stream_offset=ph.header.stream_offset)
     poll = None if ph.events_on else 0.2
     t0 = time.monotonic()
     ph.migration = ph.session.wait_migration(since=mark, progress=cb, poll=poll)
@@ -407,7 +401,7 @@ def _restore_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase,
         t0 = time.monotonic()
         proc = qemu_launch.start(plan)
         with proc.connect(phase=phase) as s:
-            ph = _Phase(traced, phase, s, transport, mode, image, hdr, fd, use_exec, progress)
+            ph = _Phase(traced, phase, s, transport, mode, image, hdr, fd, use_exec, progress, pid=proc.pid)
             try:
                 _replay_commands(ph, incoming=True)
             except BaseException as exc:
