@@ -170,8 +170,8 @@ def test_direct_restore_of_libvirt_managed_save(cli, conn, make_guest, _kill_our
     assert restarts == 0 and first > 1
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, transport):
+@pytest.mark.parametrize("transport, fmt", [("unix", "raw"), ("tcp", "raw"), ("unix", "sparse")])
+def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, transport, fmt):
     name = guest.unique_name()
     uid = str(_uuid.uuid4())
     xml = guest.guest_xml(name, 256, 32, domain_uuid=uid)
@@ -197,11 +197,12 @@ def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, t
     try:
         guest.wait_tick(name, 2, timeout=120)
         img = workdir / "hand.save"
-        proc = cli("direct", "save", "--qmp", qmp, str(img), "--xml", str(xml_file))
+        proc = cli("direct", "save", "--qmp", qmp, str(img), "--xml", str(xml_file), "--image-format", fmt,
+                   "--parallel-channels", "2" if fmt == "sparse" else "1")
         assert proc.returncode == 0, proc.stderr
         assert q.wait(30) == 0  # quit, not killed
         hdr = saveimage.read_header_path(img)
-        assert not hdr.partial and f"<name>{name}</name>" in hdr.xml
+        assert not hdr.partial and f"<name>{name}</name>" in hdr.xml and hdr.format == fmt
         before = len(guest.ticks(name))
         conn.restore(str(img))
         first, restarts = guest.wait_ticks_continue(name, before, timeout=60)

@@ -111,6 +111,10 @@ def direct_save_cmd(
     xml: Annotated[Path | None, typer.Option("--xml", metavar="FILE",
                    help="domain XML for the header (needed for 'virsh restore'; else a minimal one)")] = None,
     no_quit: Annotated[bool, typer.Option("--no-quit", help="leave QEMU paused instead of quitting it")] = False,
+    image_format: Annotated[str, typer.Option("--image-format", help="raw | sparse (mapped-ram, QEMU ≥ 9)")]
+    = "raw",
+    parallel_channels: Annotated[int, typer.Option("--parallel-channels", metavar="N",
+                                 help="multifd channels for --image-format sparse")] = 1,
 ) -> None:
     """Save a running QEMU through its QMP socket (stop, migrate into the image, quit)."""
     from .. import direct
@@ -122,7 +126,8 @@ def direct_save_cmd(
         except OSError as exc:
             raise ArgumentError(f"cannot read --xml {xml}: {exc.strerror}") from None
     with _progress("save") as cb:
-        res = direct.save(qmp, image, xml=xml_text, quit=not no_quit, progress=cb)
+        res = direct.save(qmp, image, xml=xml_text, quit=not no_quit, progress=cb, image_format=image_format,
+                          parallel_channels=parallel_channels)
     if OPTIONS.json:
         emit_json(res.to_dict())
     else:
