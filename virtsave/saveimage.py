@@ -548,7 +548,22 @@ class _Walker:
         mask = self.page_size - 1
         # QEMU's "last sent block" outlives a section: CONTINUE may refer to the previous one.
         block = self._last_block
+        page = self.page_size
         while True:
+            # Fast path for the common record, a page continuing the current block: read straight from
+            # the buffer (same checks, no per-field calls); anything else takes the general path below.
+            buf, pos = s._buf, s._pos
+            if block is not None and len(buf) - pos >= 8 + page:
+                flags = int.from_bytes(buf[pos:pos + 8], "big") & mask
+                if flags == RAM_PAGE | RAM_CONTINUE:
+                    s._pos = pos + 8 + page
+                    block["pages"] += 1
+                    block["bytes"] += page
+                    continue
+                if flags == RAM_ZERO | RAM_CONTINUE:
+                    s._pos = pos + 9
+                    block["zero_pages"] += 1
+                    continue
             at = s.offset
             word = s.be64("RAM record")
             flags, addr = word & mask, word & ~mask
