@@ -772,6 +772,22 @@ class _Source:
             raise ImageError(f"{self.header.format} stream is corrupt or truncated: "
                              f"{msg[-1] if msg else f'exit {rc}'}", offset=self.header.stream_offset)
 
+    def explain(self, exc: ImageError) -> ImageError:
+        """A stream error in a compressed image: say so when the decompressor failed (cut or corrupt file)."""
+        if self.proc is None:
+            return exc
+        try:
+            rc = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return exc              # still running: the data decompressed fine, the stream itself is bad
+        if rc == 0:
+            return exc
+        self._errf.seek(0)
+        msg = self._errf.read(500).decode(errors="replace").strip().splitlines()
+        detail = msg[-1] if msg else f"exit {rc}"
+        return ImageError(f"{self.header.format} data is truncated or corrupt ({detail}); "
+                          f"the decompressed stream stops early: {exc}", offset=self.size)
+
     def close(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -823,7 +839,10 @@ def iter_sections(path: str | os.PathLike[str], *, allow_partial: bool = False) 
     """
     _header, src, walker = _open_walker(path, allow_partial)
     try:
-        yield from walker.walk()
+        try:
+            yield from walker.walk()
+        except ImageError as exc:
+            raise src.explain(exc) from None
         src.check_decompressor()
     finally:
         src.close()
@@ -849,15 +868,18 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
     header, src, walker = _open_walker(path, allow_partial)
     sections: dict[int, dict[str, Any]] = {}
     try:
-        for sec in walker.walk():
-            agg = sections.get(sec.section_id)
-            if agg is None:
-                agg = sections[sec.section_id] = {
-                    "id": sec.section_id, "name": sec.name, "instance_id": sec.instance_id,
-                    "version_id": sec.version_id, "offset": sec.offset, "bytes": 0,
-                    "count": {"start": 0, "part": 0, "end": 0, "full": 0}}
-            agg["bytes"] += sec.length
-            agg["count"][sec.kind] += 1
+        try:
+            for sec in walker.walk():
+                agg = sections.get(sec.section_id)
+                if agg is None:
+                    agg = sections[sec.section_id] = {
+                        "id": sec.section_id, "name": sec.name, "instance_id": sec.instance_id,
+                        "version_id": sec.version_id, "offset": sec.offset, "bytes": 0,
+                        "count": {"start": 0, "part": 0, "end": 0, "full": 0}}
+                agg["bytes"] += sec.length
+                agg["count"][sec.kind] += 1
+        except ImageError as exc:
+            raise src.explain(exc) from None
         stream_len = walker.s.offset
         src.check_decompressor()
     finally:
