@@ -28,6 +28,7 @@ import contextlib
 import io
 import os
 import shlex
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,11 +258,17 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], *, xml: str | Non
                         {"total-time": stats.get("total-time"), "ram": stats.get("ram")}, phase)
 
 
-def open_image(image_path: str | os.PathLike[str]) -> tuple[int, saveimage.Header]:
+#: Decompressors for libvirt's compressed formats (libvirt pipes the stream through the same programs).
+DECOMPRESSORS = {"gzip": ["gzip", "-dc"], "bzip2": ["bzip2", "-dc"], "xz": ["xz", "-dc"],
+                 "lzop": ["lzop", "-dc"], "zstd": ["zstd", "-dc"]}
+
+
+def open_image(image_path: str | os.PathLike[str], *, compressed_ok: bool = False) -> tuple[int, saveimage.Header]:
     """Open a complete save image read-only; return (fd at its stream offset, header)."""
     hdr = saveimage.read_header_path(image_path, allow_partial=False)
-    if hdr.format not in ("raw", "sparse"):
-        raise UnsupportedError(f"image format {hdr.format} is not supported by the direct backend (raw, sparse)")
+    if hdr.format not in ("raw", "sparse") and not (compressed_ok and hdr.format in DECOMPRESSORS):
+        raise UnsupportedError(f"image format {hdr.format} is not supported here (raw, sparse"
+                               f"{', ' + ', '.join(DECOMPRESSORS) if compressed_ok else ''})")
     try:
         fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -283,15 +290,32 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], *, transport: s
     """
     image = os.fspath(image_path)
     t_start = time.monotonic()
-    fd, hdr = open_image(image)
+    fd, hdr = open_image(image, compressed_ok=True)
     sparse = hdr.format == "sparse"
     proc = None
+    helper: subprocess.Popen[bytes] | None = None
+    pipe_r = -1
     try:
         binary_ver = qemu_launch.binary_version(argv[0] if argv else "qemu-system-x86_64")
         use_exec = transport == "tcp" and not has_file_uri(binary_ver)
         add_fds: list[tuple[int, int, str]] = []
         pass_fds: tuple[int, ...] = ()
-        if transport == "tcp":
+        if hdr.format in DECOMPRESSORS:
+            # Like libvirt: a decompressor reads the image and feeds QEMU through a pipe
+            # (inherited at exec, so this works whatever the QMP transport).
+            pipe_r, pipe_w = os.pipe()
+            try:
+                helper = subprocess.Popen(DECOMPRESSORS[hdr.format], stdin=fd, stdout=pipe_w,
+                                          stderr=subprocess.DEVNULL)
+            except OSError as exc:
+                os.close(pipe_r)
+                raise UnsupportedError(f"cannot run {DECOMPRESSORS[hdr.format][0]} for a {hdr.format} image: "
+                                       f"{exc.strerror}") from None
+            finally:
+                os.close(pipe_w)
+            pass_fds = (pipe_r,)
+            uri = f"fd:{pipe_r}"
+        elif transport == "tcp":
             uri = exec_restore_uri(image, hdr.stream_offset) if use_exec else \
                 f"file:{image},offset={hdr.stream_offset:#x}"
         elif sparse:
@@ -315,10 +339,13 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], *, transport: s
                 s.execute("migrate-set-parameters", {"multifd-channels": parallel_channels})
             mark = s.event_mark()
             s.execute("migrate-incoming", {"uri": uri})
-            cb = migration_progress(progress, "restore", pid=proc.pid, image=image, stream_offset=hdr.stream_offset)
+            cb = migration_progress(progress, "restore", pid=helper.pid if helper else proc.pid, image=image,
+                                    stream_offset=hdr.stream_offset)
             final = s.wait_migration(since=mark, timeout=timeout, progress=cb)
             if final != "completed":
                 raise OperationFailed(f"loading {image} {final}: {_fail_info(s)} {proc.last_stderr(2)}")
+            if helper is not None and helper.wait(30) != 0:
+                raise OperationFailed(f"{DECOMPRESSORS[hdr.format][0]} failed on {image} (exit {helper.returncode})")
             run = hdr.was_running and not paused
             if run:
                 s.execute("cont")
@@ -332,3 +359,8 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], *, transport: s
         raise
     finally:
         os.close(fd)
+        if pipe_r >= 0:
+            os.close(pipe_r)
+        if helper is not None and helper.poll() is None:
+            helper.kill()
+            helper.wait()

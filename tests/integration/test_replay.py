@@ -244,3 +244,22 @@ def test_debian12_trace_replays_on_this_qemu(cli, workdir):
     assert all(p["ok"] for p in out["phases"])
     # QEMU 10 no longer knows 'compress': dropped, and said so.
     assert any(s["original"] == ["compress"] for s in out["phases"][0]["substitutions"])
+
+
+def test_direct_restore_of_libvirt_zstd_save(cli, conn, make_guest, workdir, _kill_our_qemus):
+    """A compressed libvirt image goes through the decompressor into QEMU, as libvirt does it."""
+    name = make_guest(256, 32)
+    guest.wait_tick(name, 3)
+    argv = qemu_launch.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+    img = workdir / "z.save"
+    subprocess.run(["virsh", "-c", "qemu:///system", "save", name, str(img), "--image-format", "zstd"],
+                   check=True, capture_output=True)
+    assert saveimage.read_header_path(img).format == "zstd"
+    before = len(guest.ticks(name))
+    proc = cli("--json", "direct", "restore", str(img), "--serial-log", str(guest.serial_log(name)), "--", *argv)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    _kill_our_qemus.append(res["pid"])
+    _RUN_DIRS.append(res["run_dir"])
+    first, restarts = guest.wait_ticks_continue(name, before, timeout=60)
+    assert restarts == 0 and first > 1
