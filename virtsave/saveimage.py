@@ -465,6 +465,7 @@ class _Walker:
         self.trailing = 0
         self._tail_loaded = False
         self._last_block: dict[str, Any] | None = None
+        self.footers: bool | None = None
 
     # -- configuration -------------------------------------------------------------------
     def _configuration(self) -> None:
@@ -661,6 +662,11 @@ class _Walker:
     def _footer(self, section_id: int, name: str) -> None:
         s = self.s
         at = s.offset
+        if self.footers is None:
+            # Machine types before 2.4 send no footers; the first (self-delimited RAM) section tells.
+            self.footers = s.peek(1) == bytes([SEC_FOOTER])
+        if not self.footers:
+            return
         t = s.u8(f"footer of section {name}")
         sid = s.be32(f"footer of section {name}")
         if t != SEC_FOOTER or sid != section_id:
@@ -917,6 +923,7 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
             "version": QEVM_VERSION,
             "length": stream_len,
             "layout": walker.layout or "vmdesc",
+            "section_footers": bool(walker.footers),
             "configuration": walker.config,
             "sections": list(sections.values()),
             "commands": walker.commands,

@@ -73,7 +73,8 @@ def device_payload(dev: dict) -> bytes:
     return out
 
 
-def build_stream(*, mapped_ram_base: int | None = None, vmdesc: bool = True, capabilities=()) -> tuple[bytes, dict]:
+def build_stream(*, mapped_ram_base: int | None = None, vmdesc: bool = True, capabilities=(),
+                 footers: bool = True) -> tuple[bytes, dict]:
     """A QEMU stream; with *mapped_ram_base* (file offset of the stream) a mapped-ram layout."""
     blocks = [("pc.ram", 64 * PAGE), ("pc.bios", 4 * PAGE)]
     caps = list(capabilities) + (["mapped-ram"] if mapped_ram_base is not None else [])
@@ -118,6 +119,11 @@ def build_stream(*, mapped_ram_base: int | None = None, vmdesc: bool = True, cap
     for sid, dev in enumerate(DEVICES, start=3):
         s += bytes([0x04]) + be32(sid) + s8(dev["name"]) + be32(dev["instance_id"]) + be32(dev["version"])
         s += device_payload(dev) + bytes([0x7E]) + be32(sid)
+    if not footers:     # old machine types: drop every "0x7e be32 id" we wrote at section ends
+        for sid in range(2, 3 + len(DEVICES)):
+            s = bytearray(bytes(s).replace(bytes([0x10, 0x7E]) + be32(sid), bytes([0x10])) if sid == 2
+                          else bytes(s).replace(bytes([0x7E]) + be32(sid) + bytes([0x04]), bytes([0x04])))
+        s = s[:-5] if s[-5:] == bytes([0x7E]) + be32(2 + len(DEVICES)) else s
     s += b"\0"
     if vmdesc:
         desc = json.dumps({"page_size": PAGE, "devices": DEVICES}).encode()
@@ -220,6 +226,16 @@ def test_without_vmdesc_sections_found_by_footer_scan(tmp_path):
     b = saveimage.inspect_image(tmp_path / "b.img")["stream"]
     assert b["layout"] == "footer-scan" and not b["vmdesc"]["present"]
     assert b["sections"] == a["sections"]
+
+
+def test_streams_without_section_footers(tmp_path):
+    make_image(tmp_path / "a.img")
+    make_image(tmp_path / "b.img", footers=False)
+    a = saveimage.inspect_image(tmp_path / "a.img")["stream"]
+    b = saveimage.inspect_image(tmp_path / "b.img")["stream"]
+    assert a["section_footers"] and not b["section_footers"]
+    assert [(x["name"], x["count"]) for x in b["sections"]] == [(x["name"], x["count"]) for x in a["sections"]]
+    assert [x["bytes"] for x in b["sections"]] == [x["bytes"] - 5 * sum(x["count"].values()) for x in a["sections"]]
 
 
 def _truncate(src, dst, n):
