@@ -489,7 +489,8 @@ _COLORS = {"-": "\x1b[31m", "+": "\x1b[32m", "~": "\x1b[33m", ">": "\x1b[36m", "
 _RESET = "\x1b[0m"
 
 
-def _render(head_a: str, head_b: str, hunks: list[_Hunk], diffs: list[Any], color: bool, context: int) -> str:
+def _render(head_a: str, head_b: str, hunks: list[_Hunk], diffs: list[Any], color: bool, context: int,
+            notes: list[str] | None = None) -> str:
     def paint(mark: str, text: str) -> str:
         return f"{_COLORS[mark]}{text}{_RESET}" if color and mark in _COLORS else text
 
@@ -514,6 +515,7 @@ def _render(head_a: str, head_b: str, hunks: list[_Hunk], diffs: list[Any], colo
             out += [paint(r.mark, f"      {d}") for d in r.details]
         if skipped:
             out.append(f"  … {skipped} unchanged")
+    out += [f"note: {n}" for n in notes or []]
     kinds = Counter(getattr(d, "kind", "difference") for d in diffs)
     if diffs:
         out.append(f"{len(diffs)} difference{'s' if len(diffs) != 1 else ''}: "
@@ -689,7 +691,8 @@ class ImageDiff:
                 "differences": [d.to_json() for d in self.differences], "info": self.info}
 
     def render(self, color: bool = False, context: int = 2) -> str:
-        return _render(f"--- {self.a_label}", f"+++ {self.b_label}", self.hunks, self.differences, color, context)
+        return _render(f"--- {self.a_label}", f"+++ {self.b_label}", self.hunks, self.differences, color, context,
+                       self.info)
 
 
 def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:

@@ -79,6 +79,8 @@ def _render_inspect(r: dict[str, Any], seconds: float) -> None:
                   f"matches the sections: {vd.get('matches_sections')})")
     else:
         con.print("vmstate description: absent")
+    for c in s["commands"]:
+        con.print(f"command: {c['name']} at {c['offset']} ({c['length']} bytes of data)")
     ram = s["ram"]
     con.print(f"RAM: {_human_size(ram['total_bytes'])} in {len(ram['blocks'])} blocks, page size {ram['page_size']}, "
               f"{ram['pages']} pages stored ({_human_size(ram['bytes'])}), {ram['zero_pages']} zero pages"
