@@ -97,6 +97,7 @@ NOTABLE = frozenset({
     "migrate_cancel", "human-monitor-command", "system_reset", "system_powerdown",
 })
 
+_NOTABLE_B = frozenset(n.encode() for n in NOTABLE)
 _RE_EXEC = re.compile(rb'"execute"\s*:\s*"([^"]+)"')
 _RE_URI = re.compile(rb'"uri"\s*:\s*"([^"]*)"')
 _RE_STATUS = re.compile(rb'"status"\s*:\s*"([^"]*)"')
@@ -118,8 +119,19 @@ class _Clock:
 
     def __init__(self) -> None:
         self.cache: dict[bytes, int] = {}
+        self.ms: dict[bytes, float | None] = {}     # whole "YYYY-MM-DD HH:MM:SS.mmm+ZZZZ" → epoch
 
     def __call__(self, line: bytes) -> float | None:
+        stamp = line[:28]
+        t = self.ms.get(stamp, -1.0)
+        if t != -1.0:
+            return t
+        if len(self.ms) > 200_000:
+            self.ms.clear()
+        t = self.ms[stamp] = self._slow(line)
+        return t
+
+    def _slow(self, line: bytes) -> float | None:
         key = line[:19] + line[23:28]
         base = self.cache.get(key)
         if base is None:
@@ -224,13 +236,15 @@ def iter_records(path: str | os.PathLike[str], stats: LogStats | None = None, *,
                     if pending is not _SKIP_WRITE:
                         yield pending
                     pending = None
-                if line[4:5] != b"-" or line[19:20] != b"." or line[10:11] != b" ":
+                # Fast prefilter: everything below needs one of these substrings. Monitor probes are
+                # checked first; a broken header there makes the probe malformed (not skipped).
+                is_mon = b"QEMU_MONITOR_" in line
+                if not is_mon and (line[4:5] != b"-" or line[19:20] != b"." or line[10:11] != b" "):
                     if line.strip():
                         st.skipped += 1
                     continue
                 st.log_lines += 1
-                # Fast prefilter: everything below needs one of these substrings.
-                if b"QEMU_MONITOR_" in line:
+                if is_mon:
                     st.monitor_lines += 1
                     if not writes and b"MONITOR_IO_WRITE:" in line:
                         pending = _SKIP_WRITE
@@ -382,7 +396,8 @@ class Monitor:
             return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
         return {
-            "key": self.key, "pointer": self.pointer, "vm": self.vm, "domain": self.domain, "role": self.role,
+            "key": self.key, "monitor": self.key, "pointer": self.pointer, "vm": self.vm, "domain": self.domain,
+            "role": self.role,
             "first": self.first, "last": self.last, "first_iso": iso(self.first), "last_iso": iso(self.last),
             "opened": self.opened is not None, "closed": self.closed is not None,
             "commands": self.commands, "replies": self.replies, "events": self.events, "errors": self.errors,
@@ -447,12 +462,11 @@ def _to_epoch(v: Any) -> float | None:
     raise LogError(f"cannot understand time {v!r}")
 
 
-def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: Any = None,
-         until: Any = None) -> Scan:
-    """One streaming pass: summarize every monitor instance; keep full messages for keys in *collect*.
+def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: Any = None,
+                  until: Any = None) -> Scan:
+    """Reference implementation of :func:`scan` on top of :func:`iter_records` (clear, slower).
 
-    Collected messages are dicts in wire order with the public trace fields plus private ones
-    (``_t`` absolute time, ``_tid``, ``_job`` index into ``Scan.jobs``); :func:`build_phases` strips them.
+    The tests check that :func:`scan` (the fast, inlined loop) gives exactly the same result.
     """
     lo, hi = _to_epoch(since), _to_epoch(until)
     want = set(collect)
@@ -495,9 +509,10 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
         if m.domain is None:
             m.domain = name or (sc.vm_names.get(m.vm) if m.vm else None)
 
+    windowless = lo is None and hi is None
     for r in iter_records(path, sc.stats, writes=bool(want)):
         k = r.kind
-        in_window = (lo is None or r.t >= lo) and (hi is None or r.t <= hi)
+        in_window = windowless or ((lo is None or r.t >= lo) and (hi is None or r.t <= hi))
         if k in ("send", "reply", "event", "write", "sendfd"):
             if not in_window:
                 continue
@@ -636,6 +651,316 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
             sc.hostname = r.text or sc.hostname
     for key in list(unwritten):
         _flush(key)
+    return sc
+
+
+def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: Any = None,
+         until: Any = None) -> Scan:
+    """One streaming pass: summarize every monitor instance; keep full messages for keys in *collect*.
+
+    Collected messages are dicts in wire order with the public trace fields plus private ones
+    (``_t`` absolute time, ``_tid``, ``_job`` index into ``Scan.jobs``); :func:`build_phases` strips them.
+    Same result as :func:`_scan_records`, with the line parsing inlined (no per-line objects) for
+    throughput; lines are read one at a time (constant memory).
+    """
+    lo, hi = _to_epoch(since), _to_epoch(until)
+    windowless = lo is None and hi is None
+    want = set(collect)
+    sc = Scan()
+    st = sc.stats
+    clock = _Clock()
+    ms_cache = clock.ms
+    cur: dict[bytes, Monitor] = {}            # pointer → live instance
+    generation: dict[str, int] = {}
+    tid_job: dict[int, _Job] = {}
+    vm_live: dict[str, list[Monitor]] = {}
+    outstanding: dict[str, dict[Any, dict[str, Any]]] = {}
+    unwritten: dict[str, dict[str, Any]] = {}
+    last_written: dict[str, dict[str, Any]] = {}
+    SKIP = ("skip", None)
+    pend: tuple[str, Any] | None = None      # what the next " …" continuation line belongs to
+
+    def instance(ptr: bytes, new: bool = False) -> Monitor:
+        m = cur.get(ptr)
+        if m is None or new or m.closed is not None:
+            if m is not None:
+                flush(m.key)
+            sp = ptr.decode()
+            n = generation.get(sp, 0) + 1
+            generation[sp] = n
+            m = Monitor(key=sp if n == 1 else f"{sp}#{n}", pointer=sp)
+            cur[ptr] = m
+            sc.monitors[m.key] = m
+        return m
+
+    def flush(key: str) -> None:
+        cmd = unwritten.pop(key, None)
+        if cmd is not None:
+            sc.messages.setdefault(key, []).append(cmd)
+            last_written[key] = cmd
+
+    def attribute(m: Monitor, vm: str | None, name: str | None) -> None:
+        if vm and m.vm is None:
+            m.vm = vm
+            vm_live.setdefault(vm, []).append(m)
+        if m.domain is None:
+            m.domain = name or (sc.vm_names.get(m.vm) if m.vm else None)
+
+    def name_vm(vm: str, name: str) -> None:
+        sc.vm_names[vm] = name
+        for m in vm_live.get(vm, ()):
+            if m.domain is None:
+                m.domain = name
+
+    # Rare lines (attribution, job ends, errors, version banner): plain helper functions.
+    def name_line(line: bytes) -> None:
+        vn = _RE_VMNAME.search(line)
+        t = clock(line) if vn else None
+        if vn is None or t is None:
+            return
+        vm, name = vn.group(1).decode(), _dec(vn.group(2))
+        name_vm(vm, name)
+        jm = _RE_JOB.search(line)
+        if jm:
+            tid = _tid(line)
+            api = jm.group(1).decode()
+            j = tid_job.get(tid)
+            if j is None or j.api != api or j.end is not None:
+                j = _Job(tid, api, vm, name, t, index=len(sc.jobs))
+                sc.jobs.append(j)
+                tid_job[tid] = j
+        else:
+            pm = _RE_PATH.search(line)
+            if pm:
+                sc.vm_images[vm] = _dec(pm.group(1))
+
+    def jobend_line(line: bytes) -> None:
+        je = _RE_JOBEND.search(line)
+        if je and clock(line) is not None:
+            j = tid_job.get(int(je.group(1)))
+            if j is not None and j.api == je.group(2).decode():
+                j.end, j.ret = clock(line), int(je.group(3))
+                del tid_job[j.tid]
+
+    def error_line(line: bytes) -> None:
+        if clock(line) is not None:
+            j = tid_job.get(_tid(line))
+            if j is not None:
+                j.error = _dec(line.split(b" : ", 2)[-1]).strip()
+
+    def version_line(line: bytes) -> None:
+        lv, qv, hn = (_RE_LIBVIRT_VERSION.search(line), _RE_QEMU_VERSION.search(line), _RE_HOSTNAME.search(line))
+        sc.libvirt_version = lv.group(1).decode() if lv else sc.libvirt_version
+        sc.qemu_version = qv.group(1).decode() if qv else sc.qemu_version
+        sc.hostname = _dec(hn.group(1)) if hn else sc.hostname
+
+    lineno = n_log = n_mon = 0
+    with _open(path) as f:
+        try:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 - lineno is the line count after the loop
+                if line[:1] == b" ":
+                    if pend is None:
+                        st.skipped += 1
+                    elif pend is not SKIP:
+                        what, obj = pend
+                        if what == "send":
+                            fm = _RE_FD.search(line)
+                            if fm and int(fm.group(1)) >= 0:
+                                obj["fds"] = 1
+                        else:
+                            em = _RE_ERRNO.search(line)
+                            if em and int(em.group(1)) and obj is not None:
+                                obj["_errno"] = int(em.group(1))
+                    pend = None
+                    continue
+                pend = None
+                # Monitor probes first (most of the work); a broken header there makes the probe malformed.
+                if b"QEMU_MONITOR_" in line:
+                    n_log += 1
+                    n_mon += 1
+                    if not want and b"MONITOR_IO_WRITE:" in line:
+                        pend = SKIP
+                        continue
+                    mm = _RE_MON.search(line)
+                    kind = _KINDS.get(mm.group(1)) if mm else None
+                    t = ms_cache.get(line[:28])
+                    if t is None:
+                        t = clock(line)
+                    if kind is None or t is None:
+                        st.malformed += 1
+                        continue
+                    payload = b""
+                    key_ = _PAYLOAD_KEY.get(kind)
+                    if key_ is not None:
+                        e = mm.end()  # type: ignore[union-attr]
+                        if not line.startswith(key_, e):
+                            e = line.find(key_, e)
+                            if e < 0:
+                                st.malformed += 1
+                                continue
+                        payload = line[e + len(key_):].rstrip(b"\r\n")
+                        if not (payload[:1] == b"{" and payload[-1:] == b"}"):
+                            st.malformed += 1
+                            continue
+                    if not windowless and not ((lo is None or t >= lo) and (hi is None or t <= hi)) \
+                            and kind in ("send", "reply", "event", "write", "sendfd"):
+                        if kind in ("send", "write"):
+                            pend = SKIP
+                        continue
+                    ptr = mm.group(2)  # type: ignore[union-attr]
+                    if kind == "send":
+                        m = cur.get(ptr)  # type: ignore[assignment]
+                        if m is None or m.closed is not None:
+                            m = instance(ptr)
+                        if m.first is None:
+                            m.first = t
+                        m.last = t
+                        m.commands += 1
+                        tid = _tid(line) if tid_job else 0
+                        job = tid_job.get(tid) if tid_job else None
+                        if job is not None:
+                            attribute(m, job.vm, job.name)
+                            if job.api not in m.operations:
+                                m.operations.append(job.api)
+                        ex = _RE_EXEC.search(payload)
+                        if ex and ex.group(1) in _NOTABLE_B:
+                            execute = ex.group(1).decode()
+                            if len(m.notable) < 200:
+                                m.notable.append(execute)
+                            if execute in ("migrate", "migrate-incoming"):
+                                u = _RE_URI.search(payload)
+                                if u:
+                                    m.migrate_uris.append(_dec(u.group(1)))
+                        key = m.key
+                        if key in want:
+                            flush(key)
+                            obj = _loads(payload)
+                            if not isinstance(obj, dict) or "execute" not in obj:
+                                st.malformed += 1
+                                pend = SKIP
+                                continue
+                            cmd: dict[str, Any] = {"kind": "command", "execute": obj["execute"]}
+                            if "arguments" in obj:
+                                cmd["arguments"] = obj["arguments"]
+                            cmd["id"] = obj.get("id")
+                            cmd["fds"] = 0
+                            cmd["_fdsent"] = 0
+                            cmd["_t"] = t
+                            cmd["_tid"] = tid if tid_job else _tid(line)
+                            cmd["_job"] = job.index if job is not None else None
+                            unwritten[key] = cmd
+                            outstanding.setdefault(key, {})[cmd["id"]] = cmd
+                            pend = ("send", cmd)
+                        else:
+                            pend = SKIP
+                    elif kind == "reply":
+                        m = cur.get(ptr)  # type: ignore[assignment]
+                        if m is None or m.closed is not None:
+                            m = instance(ptr)
+                        if m.first is None:
+                            m.first = t
+                        m.last = t
+                        m.replies += 1
+                        if b'"error"' in payload:
+                            m.errors += 1
+                        key = m.key
+                        if key in want:
+                            flush(key)
+                            obj = _loads(payload)
+                            if not isinstance(obj, dict):
+                                st.malformed += 1
+                                continue
+                            rid = obj.get("id")
+                            out = outstanding.get(key, {})
+                            cmd0 = out.pop(rid, None)
+                            if cmd0 is None and rid is None and len(out) == 1:
+                                rid, cmd0 = out.popitem()
+                            msg: dict[str, Any] = {"kind": "reply", "id": rid}
+                            if "error" in obj:
+                                msg["error"] = obj["error"]
+                            else:
+                                msg["return"] = obj.get("return", {})
+                            msg["_t"] = t
+                            msg["_cmd"] = cmd0["execute"] if cmd0 else None
+                            sc.messages.setdefault(key, []).append(msg)
+                    elif kind == "event":
+                        m = cur.get(ptr)  # type: ignore[assignment]
+                        if m is None or m.closed is not None:
+                            m = instance(ptr)
+                        if m.first is None:
+                            m.first = t
+                        m.last = t
+                        m.events += 1
+                        if b'"MIGRATION"' in payload:
+                            sm = _RE_STATUS.search(payload)
+                            if sm:
+                                m.migration_status = sm.group(1).decode()
+                        key = m.key
+                        if key in want:
+                            flush(key)
+                            obj = _loads(payload)
+                            if not isinstance(obj, dict) or "event" not in obj:
+                                st.malformed += 1
+                                continue
+                            sc.messages.setdefault(key, []).append(
+                                {"kind": "event", "event": obj["event"], "data": obj.get("data"),
+                                 "timestamp": obj.get("timestamp"), "_t": t})
+                    elif kind == "write":
+                        m = instance(ptr)
+                        key = m.key
+                        if key in want:
+                            flush(key)
+                            pend = ("write", last_written.get(key))
+                        else:
+                            pend = SKIP
+                    elif kind == "sendfd":
+                        m = instance(ptr)
+                        key = m.key
+                        if key in want:
+                            flush(key)
+                            c = last_written.get(key)
+                            if c is not None:
+                                c["_fdsent"] += 1
+                    elif kind == "new":
+                        m = instance(ptr, new=ptr in cur)
+                        m.opened = t
+                    else:  # close
+                        m0 = cur.get(ptr)
+                        if m0 is not None and m0.closed is None:
+                            flush(m0.key)
+                            m0.closed = t
+                            if m0.vm and m0 in vm_live.get(m0.vm, ()):
+                                vm_live[m0.vm].remove(m0)
+                elif line[4:5] != b"-" or line[19:20] != b"." or line[10:11] != b" ":
+                    if line.strip():
+                        st.skipped += 1
+                    continue
+                elif b"mon:0x" in line:
+                    n_log += 1
+                    mv = _RE_MONVM.search(line)
+                    if mv and mv.group(2) != b"(nil)" and clock(line) is not None:
+                        ptr = mv.group(1)
+                        m1 = cur.get(ptr)
+                        if m1 is None or m1.closed is not None:
+                            m1 = instance(ptr)
+                        attribute(m1, mv.group(2).decode(), None)
+                else:
+                    n_log += 1
+                    if b"name=" in line:
+                        name_line(line)
+                    elif b"finished job" in line:
+                        jobend_line(line)
+                    elif b" error : " in line:
+                        error_line(line)
+                    elif b"libvirt version:" in line or b"hostname:" in line:
+                        version_line(line)
+            st.lines = lineno
+            st.log_lines, st.monitor_lines = n_log, n_mon
+            st.bytes = f.tell()
+        except OSError as exc:
+            raise LogError(f"cannot read log {os.fspath(path)}: {exc.strerror or exc}") from None
+    for key in list(unwritten):
+        flush(key)
     return sc
 
 
@@ -816,7 +1141,8 @@ def _public(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def list_monitors(path: str | os.PathLike[str], since: Any = None, until: Any = None) -> list[dict[str, Any]]:
     """Every monitor instance in the log (time order) as a dict.
 
-    Keys: ``key`` (instance key, ``0x…`` or ``0x…#N`` after pointer reuse), ``pointer``, ``vm``,
+    Keys: ``key`` and ``monitor`` (the same: instance key, ``0x…`` or ``0x…#N`` after pointer reuse;
+    what ``monitor=`` accepts), ``pointer``, ``vm``,
     ``domain`` (None when the log cannot name it), ``role`` (``save``/``restore``/``other``),
     ``first``/``last`` (epoch floats) and ``first_iso``/``last_iso``, ``opened``/``closed`` (NEW/CLOSE
     seen), ``commands``/``replies``/``events``/``errors`` counts, ``notable`` (notable commands in order:

@@ -425,3 +425,38 @@ def test_restore_then_save_on_one_instance(tmp_path):
         assert collapse(executes(tr["phases"][1])) == SAVE_90
         assert tr["log"]["unphased"] == 0
         assert sum(len(ph["messages"]) for ph in tr["phases"]) == grep_count(path, "0x7f06d41ce2f0")
+
+
+def _scan_equal(path: Path, **kw) -> None:
+    keys = [m["key"] for m in logparse.list_monitors(path)]
+    fast = logparse.scan(path, collect=keys, **kw)
+    ref = logparse._scan_records(path, collect=keys, **kw)
+    assert [m.to_dict() for m in fast.monitors.values()] == [m.to_dict() for m in ref.monitors.values()]
+    assert fast.messages == ref.messages
+    assert fast.stats == ref.stats
+    assert [(j.tid, j.api, j.vm, j.name, j.start, j.end, j.ret, j.error) for j in fast.jobs] == \
+        [(j.tid, j.api, j.vm, j.name, j.start, j.end, j.ret, j.error) for j in ref.jobs]
+    assert (fast.vm_names, fast.vm_images, fast.libvirt_version, fast.hostname) == \
+        (ref.vm_names, ref.vm_images, ref.libvirt_version, ref.hostname)
+    summary = logparse.scan(path, **kw)      # the summary pass (no collection) agrees too
+    assert [m.to_dict() for m in summary.monitors.values()] == [m.to_dict() for m in ref.monitors.values()]
+
+
+@pytest.mark.parametrize("fixture", sorted({c[0] for c in CASES}))
+def test_fast_scan_equals_reference_on_fixtures(fixture):
+    _scan_equal(FIX / fixture)
+
+
+def test_fast_scan_equals_reference_on_derived_logs(tmp_path):
+    junk = (FIX / "libvirt-9.0/managedsave-running.log").read_bytes().replace(
+        b'"id": "libvirt-416"}', b'"id": "libvirt-416"}\n\xff junk \x00\n  stray continuation\n')
+    _scan_equal(write(tmp_path, "junk.log", junk + b"2026-11-25 18:58:14.000+0000: 1: info : x : "
+                      b"QEMU_MONITOR_SEND_MSG: mon=0x7f06e4005180 msg={\"execute\":\"q"))
+    _scan_equal(write(tmp_path, "failed.log", _failed_save_log()))
+    cycle = write(tmp_path, "cycle.log", read("libvirt-9.0/managedsave-running.log") +
+                  read("libvirt-9.0/managedsave-restore.log"))
+    _scan_equal(cycle)
+    _scan_equal(cycle, since=logparse.list_monitors(cycle)[0]["last"] + 0.5)
+    big = tmp_path / "gen.log"
+    logparse.generate_log(big, 2)
+    _scan_equal(big)
