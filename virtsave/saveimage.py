@@ -1,4 +1,12 @@
-"""libvirt's QEMU save-image format: the 92-byte header, domain XML and cookie.
+"""libvirt's QEMU save-image format: the 92-byte header, domain XML and cookie, and a reader of the
+QEMU migration stream that follows (:func:`inspect_image`, :func:`iter_sections`; see the comment block
+before ``QEVM_MAGIC`` for the format and how device sections are delimited).
+
+Inspecting (the whole stream is walked in constant memory, compressed images through
+``zstd -dc``/``gzip -dc``/…)::
+
+    info = inspect_image("/var/lib/libvirt/qemu/save/vm1.save")
+    info["header"]["format"], info["stream"]["ram"]["pages"], [s["name"] for s in info["stream"]["sections"]]
 
 Layout (``src/qemu/qemu_saveimage.h``), host-endian (little on x86_64)::
 
