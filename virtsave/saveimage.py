@@ -862,13 +862,23 @@ def iter_sections(path: str | os.PathLike[str], *, allow_partial: bool = False) 
         src.close()
 
 
-def _domain_ids(xml: str) -> dict[str, str | None]:
+def _parse_xml(text: str, base: int, what: str) -> Any:
+    """Parse XML stored at file offset *base*; a syntax error names the byte offset."""
     from lxml import etree
 
     try:
-        root = etree.fromstring(xml.encode())
-    except etree.XMLSyntaxError:
-        return {"name": None, "uuid": None}
+        return etree.fromstring(text.encode())
+    except etree.XMLSyntaxError as exc:
+        line, col = exc.position if exc.position else (1, 1)
+        lines = text.encode().split(b"\n")
+        off = sum(len(x) + 1 for x in lines[:max(line - 1, 0)]) + max(col - 1, 0)
+        raise ImageError(f"corrupt image: {what} is not well-formed XML ({exc.msg})", offset=base + off) from None
+
+
+def _domain_ids(header: Header) -> dict[str, str | None]:
+    root = _parse_xml(header.xml, HEADER_SIZE, "domain XML")
+    if header.cookie:
+        _parse_xml(header.cookie, HEADER_SIZE + header.cookie_offset, "cookie")
     return {"name": root.findtext("name"), "uuid": root.findtext("uuid")}
 
 
@@ -880,6 +890,11 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
     truncated, corrupt, foreign or (unless *allow_partial*) partial images.
     """
     header, src, walker = _open_walker(path, allow_partial)
+    try:
+        domain = _domain_ids(header)
+    except BaseException:
+        src.close()
+        raise
     sections: dict[int, dict[str, Any]] = {}
     try:
         try:
@@ -921,7 +936,7 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
         "path": os.fspath(path),
         "size": src.size,
         "header": header.to_dict(),
-        "domain": _domain_ids(header.xml),
+        "domain": domain,
         "xml": header.xml,
         "cookie": header.cookie,
         "stream": {

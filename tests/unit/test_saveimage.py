@@ -294,6 +294,13 @@ def test_foreign_partial_and_corrupt(tmp_path):
     with pytest.raises(ImageError, match=f"unknown section type 0x55 \\(at offset {off + sec.offset}\\)"):
         saveimage.inspect_image(tmp_path / "bad1.img")
     bad = bytearray(data)
+    at = bytes(data).index(b"<name>") + 1
+    bad[at] = ord("<")                                   # "<<ame>": no longer well-formed
+    (tmp_path / "badxml.img").write_bytes(bytes(bad))
+    with pytest.raises(ImageError, match=r"domain XML is not well-formed.*at offset (\d+)") as ei:
+        saveimage.inspect_image(tmp_path / "badxml.img")
+    assert abs(ei.value.offset - at) <= 2
+    bad = bytearray(data)
     bad[off:off + 4] = b"XXXX"
     (tmp_path / "bad2.img").write_bytes(bytes(bad))
     with pytest.raises(ImageError, match=f"no QEVM magic \\(at offset {off}\\)"):
