@@ -14,6 +14,10 @@ Operations (``op``):
   (or to a private temporary image, removed afterwards) + restore from it.
 - ``managed-save``, ``save`` (needs *file*), ``restore`` (needs *file*): one phase.
 
+*progress* is passed to :mod:`virtsave.libvirt_path`, which then polls libvirt's job stats — and
+libvirt answers those with ``query-migrate`` on the monitor being traced, so the trace then holds
+commands libvirt sent only because we asked. The CLI passes None.
+
 A failed save (e.g. target filesystem full) does not raise: the trace records it (phase
 ``ok: false``, ``error``, the ``failed`` MIGRATION event, libvirt's ``cont``) and the restore
 phase of a cycle is skipped — the guest is still running. Ctrl-C (or SIGTERM) during the
@@ -119,11 +123,14 @@ def _redact(trace: tr.Trace) -> tr.Trace:
 
 
 def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetime,
-                  want: str) -> tuple[list[tr.Message], str | None]:
-    """Messages (and monitor) of *name*'s monitors between *since* and *until* in the window."""
+                  want: str) -> tuple[list[tr.Message], str | None, list[str]]:
+    """Messages (and monitor) of *name*'s monitors between *since* and *until* in the window, and
+    the names of messages in that window the parser could not place in a phase."""
     from . import logparse
 
     parsed = logparse.trace_from_log(path, domain=name, since=since - _SLACK, until=until + _SLACK)
+    log = parsed.get("log") or {}
+    unphased = list(log.get("unphased_messages") or [])[: int(log.get("unphased") or 0)]
     phases = parsed.get("phases", [])
     picked = [p for p in phases if p.get("name") == want] or phases
     messages: list[tr.Message] = []
@@ -132,7 +139,7 @@ def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetim
     if len(picked) > 1:  # several jobs in one op window: keep wire order, re-base t
         messages.sort(key=lambda m: m.get("t", 0))
     monitor = next((p.get("monitor") for p in picked if p.get("monitor")), None)
-    return messages, monitor
+    return messages, monitor, unphased
 
 
 def _run_interruptible(call: Callable[[], lp.OpResult], dom: libvirt.virDomain | None) -> lp.OpResult:
@@ -257,7 +264,10 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
                     f.write(window.read_bytes())
             for s in run.steps:
                 res: lp.OpResult = s["result"]
-                messages, monitor = _parse_window(window, name, s["since"], s["until"], s["phase"])
+                messages, monitor, unphased = _parse_window(window, name, s["since"], s["until"], s["phase"])
+                if unphased and on_warning:
+                    on_warning(f"{s['phase']} phase: {len(unphased)} message(s) of {name}'s monitor in the "
+                               f"operation's window were not placed in the phase ({', '.join(unphased[:6])}…)")
                 phase = tr.add_phase(trace, s["phase"], s["operation"], monitor=monitor,
                                      options={k: v for k, v in s["options"].items() if v not in (None, False)})
                 phase["ok"] = bool(res.ok)
@@ -265,6 +275,8 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
                 phase["image"] = s["image"]
                 phase["messages"] = messages
                 phase["seconds"] = res.seconds
+                if unphased:
+                    phase["unphased"] = unphased
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)

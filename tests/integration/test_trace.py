@@ -142,6 +142,10 @@ def test_trace_cycle_to_stdout(conn, make_guest, cli, workdir) -> None:  # type:
     for ph in (save, restore):
         ts = [m["t"] for m in ph["messages"]]
         assert ts == sorted(ts)
+        assert "unphased" not in ph, ph.get("unphased")  # every message of the window is in its phase
+    # the save tail: statistics query, then capabilities reset (no polling of ours in between)
+    names = [m["execute"] for m in save["messages"] if m["kind"] == "command"]
+    assert names.count("query-migrate") == 2 and names[-1] == "migrate-set-parameters", names
 
     assert_running_and_ticking(conn, name)
     assert settings() == before

@@ -15,11 +15,9 @@ still written first: it is the evidence of the failure); 130 after Ctrl-C.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,17 +32,6 @@ from .common import OPTIONS, emit_json, fail, info
 
 class ArgumentError(VirtsaveError):
     """Contradictory or invalid command-line arguments (exit 2, one line)."""
-
-
-@contextlib.contextmanager
-def _progress(operation: str) -> Iterator[Any]:
-    try:
-        from ..progress import job_progress
-    except ImportError:
-        yield None
-        return
-    with job_progress(operation) as cb:
-        yield cb
 
 
 def _write_text(text: str, out: Path | None) -> None:
@@ -150,10 +137,11 @@ def trace_cmd(
     state = "running" if running else "paused" if paused else None
     conn = lp.connect(OPTIONS.uri)
     info(f"tracing {op} of {domain} (libvirtd monitor logging on for the duration)")
-    with _progress(op) as cb:
-        trace = capture.trace_domain(conn, domain, op, file, uri=OPTIONS.uri, bypass_cache=bypass_cache,
-                                     image_format=image_format, parallel_channels=parallel_channels, state=state,
-                                     progress=cb, on_warning=lambda m: info(f"warning: {m}"))
+    # No live progress bar here: polling libvirt's job stats sends query-migrate to QEMU, which
+    # would put our own commands into the conversation being traced.
+    trace = capture.trace_domain(conn, domain, op, file, uri=OPTIONS.uri, bypass_cache=bypass_cache,
+                                 image_format=image_format, parallel_channels=parallel_channels, state=state,
+                                 progress=None, on_warning=lambda m: info(f"warning: {m}"))
     tr.dump(trace, out)
     info(_summary(trace))
     bad = _failed_phase(trace)
