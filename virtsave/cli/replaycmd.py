@@ -52,7 +52,8 @@ def replay_cmd(
     = "unix",
     image: Annotated[Path | None, typer.Option("--image", metavar="PATH",
                      help="image to write (save) / read (restore-only)")] = None,
-    phases: Annotated[str, typer.Option("--phases", help="comma-separated: save,restore")] = "save,restore",
+    phases: Annotated[str | None, typer.Option("--phases", help="comma-separated: save,restore "
+                      "(default: the phases the trace has)")] = None,
     mode: Annotated[str, typer.Option("--mode", help="faithful (every command) | essential (state changes)")]
     = "faithful",
     allow_unsafe: Annotated[bool, typer.Option("--allow-unsafe", help="replay traces that fail the safety check")]
@@ -70,10 +71,13 @@ def replay_cmd(
     """Replay a traced save/restore through the direct QMP backend (no libvirt)."""
     from .. import replay
 
-    wanted = tuple(p.strip() for p in phases.split(",") if p.strip())
-    if not wanted:
-        raise ArgumentError("--phases needs at least one of save,restore")
     trace = tr.load(path)
+    if phases is None:
+        wanted = tuple(p for p in tr.PHASE_NAMES if tr.find_phase(trace, p) is not None)
+    else:
+        wanted = tuple(p.strip() for p in phases.split(",") if p.strip())
+    if not wanted:
+        raise ArgumentError("nothing to replay: give --phases save,restore (or a trace with phases)")
     replay.check_safety(trace, allow_unsafe)  # refuse before saying (or starting) anything
     info(f"replaying {'+'.join(wanted)} of {trace['domain'].get('name')} ({mode}, {transport})")
     with _progress("replay") as cb:
