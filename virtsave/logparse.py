@@ -275,7 +275,8 @@ def iter_records(path: str | os.PathLike[str], stats: LogStats | None = None, *,
                         tid = _tid(line)
                         j = _RE_JOB.search(line)
                         if j:
-                            yield Record("job", t, tid, vm=vm, name=name, api=j.group(1).decode(), lineno=lineno)
+                            yield Record("job", t, tid, vm=vm, name=name, api=j.group(1).decode(),
+                                         text="nested" if b"job=async nested" in line else None, lineno=lineno)
                         else:
                             p = _RE_PATH.search(line)
                             yield Record("vmname", t, tid, vm=vm, name=name,
@@ -632,7 +633,7 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                 if m.domain is None:
                     m.domain = r.name
             j = tid_job.get(r.tid)
-            if j is None or j.api != r.api or j.end is not None:
+            if j is None or j.api != r.api or j.end is not None or r.text != "nested":
                 j = _Job(r.tid, r.api, r.vm, r.name, r.t, index=len(sc.jobs))  # type: ignore[arg-type]
                 sc.jobs.append(j)
                 tid_job[r.tid] = j
@@ -725,7 +726,8 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
             tid = _tid(line)
             api = jm.group(1).decode()
             j = tid_job.get(tid)
-            if j is None or j.api != api or j.end is not None:
+            # A top-level "Starting job" is a new job; "job=async nested" continues the thread's async job.
+            if j is None or j.api != api or j.end is not None or b"job=async nested" not in line:
                 j = _Job(tid, api, vm, name, t, index=len(sc.jobs))
                 sc.jobs.append(j)
                 tid_job[tid] = j
@@ -975,40 +977,55 @@ def _loads(b: bytes) -> Any:
 # Phases
 
 
-def _belongs(cmd: dict[str, Any], anchor: dict[str, Any], names: frozenset[str]) -> bool:
-    """Is *cmd* part of *anchor*'s operation? Same libvirt job when both are known, else by name."""
-    if cmd.get("_job") is not None and anchor.get("_job") is not None:
-        return bool(cmd["_job"] == anchor["_job"])
-    return cmd["execute"] in names
-
-
 def _spans(msgs: list[dict[str, Any]]) -> list[tuple[str, int, int, int]]:
-    """(name, start, end inclusive, anchor index) for every operation in one instance's conversation."""
+    """(name, start, end inclusive, anchor index) for every operation in one instance's conversation.
+
+    With job tags (the log has ``Starting job`` lines) the operation is the span from the first to the
+    last command its libvirt job sent, including commands other jobs slipped in between (a
+    ``query-migrate`` from ``virsh domjobinfo``) and up to the next command after it. Without tags
+    the command names decide (:data:`SAVE_PREP`, :data:`SAVE_TAIL`, :data:`RESTORE_TAIL`; ``query-*``
+    probes are taken as part of the tail).
+    """
     out: list[tuple[str, int, int, int]] = []
     cmd_idx = [i for i, m in enumerate(msgs) if m["kind"] == "command"]
-    pos = {i: n for n, i in enumerate(cmd_idx)}
-    for i in cmd_idx:
-        ex = msgs[i]["execute"]
-        if ex not in ("migrate", "migrate-incoming"):
-            continue
+    anchors = [n for n, i in enumerate(cmd_idx) if msgs[i]["execute"] in ("migrate", "migrate-incoming")]
+    for q, n in enumerate(anchors):
+        i = cmd_idx[n]
         anchor = msgs[i]
-        n = pos[i]
+        ex = anchor["execute"]
+        job = anchor.get("_job")
+        lo_n = anchors[q - 1] + 1 if q else 0                      # commands after the previous anchor
+        hi_n = anchors[q + 1] - 1 if q + 1 < len(anchors) else len(cmd_idx) - 1
         if ex == "migrate":
             s = n
-            while s > 0 and _belongs(msgs[cmd_idx[s - 1]], anchor, SAVE_PREP):
-                s -= 1
+            if job is not None:
+                for k in range(n - 1, lo_n - 1, -1):
+                    if msgs[cmd_idx[k]].get("_job") == job:
+                        s = k
+                    elif msgs[cmd_idx[k]].get("_job") is not None and not \
+                            msgs[cmd_idx[k]]["execute"].startswith("query-"):
+                        break
+            else:
+                while s > lo_n and msgs[cmd_idx[s - 1]]["execute"] in SAVE_PREP:
+                    s -= 1
             start = cmd_idx[s]
             tail = SAVE_TAIL
         else:
             start = 0
             tail = RESTORE_TAIL
-        e = n + 1
-        while e < len(cmd_idx) and _belongs(msgs[cmd_idx[e]], anchor, tail) and \
-                msgs[cmd_idx[e]]["execute"] not in ("migrate", "migrate-incoming"):
-            e += 1
-        end = cmd_idx[e] - 1 if e < len(cmd_idx) else len(msgs) - 1
+        e = n
+        if job is not None:
+            for k in range(n + 1, hi_n + 1):
+                c = msgs[cmd_idx[k]]
+                if c.get("_job") == job or (c.get("_job") is None and c["execute"] in tail and e == k - 1):
+                    e = k
+        else:
+            while e < hi_n and (msgs[cmd_idx[e + 1]]["execute"] in tail
+                                or msgs[cmd_idx[e + 1]]["execute"].startswith("query-")):
+                e += 1
+        end = cmd_idx[e + 1] - 1 if e + 1 < len(cmd_idx) else len(msgs) - 1
         name = "save" if ex == "migrate" else "restore"
-        if out and start <= out[-1][2]:   # the previous tail walk ran into this operation: cut it there
+        if out and start <= out[-1][2]:   # the previous tail ran into this operation: cut it there
             prev = out[-1]
             out[-1] = (prev[0], prev[1], start - 1, prev[3])
         out.append((name, start, end, i))
@@ -1180,7 +1197,9 @@ def _select(sc: Scan, domain: str | None, monitor: str | Iterable[str] | None) -
     if domain and domain in named:
         return [m.key for m in cands if m.domain == domain], domain, "log"
     if domain and named:
-        raise LogError(f"domain {domain} not found in log; domains seen: {', '.join(sorted(named))}")
+        unnamed_keys = [m.key for m in cands if not m.domain]
+        extra = f"; unattributed monitors: {', '.join(unnamed_keys)} (pick with --monitor)" if unnamed_keys else ""
+        raise LogError(f"domain {domain} not found in log; domains seen: {', '.join(sorted(named))}{extra}")
     if not domain and len(named) == 1 and all(m.domain for m in cands):
         return [m.key for m in cands], named.pop(), "log"
     # The log does not name (all) the domains: accept only one unambiguous group of instances, i.e. all
@@ -1191,6 +1210,8 @@ def _select(sc: Scan, domain: str | None, monitor: str | Iterable[str] | None) -
         how = "assumed: the log does not name domains and holds one domain object's monitors"
         return [m.key for m in unnamed], domain or None, how
     what = f"domain {domain}" if domain else "the domain"
+    if not domain and named:
+        what = f"the domain (several in the log: {', '.join(sorted(named))}; name one)"
     raise AmbiguousMonitor(
         f"log holds {len(cands)} monitors and cannot tell which is {what}'s; pick with --monitor: "
         + "; ".join(m.describe() for m in cands), listing)
@@ -1239,23 +1260,25 @@ def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
 # Benchmark helpers
 
 
-def parse_bytes_per_second(path: str | os.PathLike[str], *, full: bool = False) -> float:
+def parse_bytes_per_second(path: str | os.PathLike[str], *, full: bool = False, cpu: bool = False) -> float:
     """Throughput in bytes/s of one streaming summary pass over *path* (what :func:`list_monitors` does).
 
     ``full=True`` times a whole :func:`trace_from_log` instead (two passes; the monitor is the first
-    save/restore instance, picked before the clock starts).
+    save/restore instance, picked before the clock starts). ``cpu=True`` divides by this process's CPU
+    time instead of wall time (steadier on a busy machine; the file is expected in the page cache).
     """
     size = os.path.getsize(path)
     pick = None
     if full:
         mons = [m for m in list_monitors(path) if m["role"] != "other"]
         pick = mons[0]["key"] if mons else None
-    t0 = time.perf_counter()
+    now = time.process_time if cpu else time.perf_counter
+    t0 = now()
     if full:
         trace_from_log(path, monitor=pick)
     else:
         scan(path)
-    return size / max(time.perf_counter() - t0, 1e-9)
+    return size / max(now() - t0, 1e-9)
 
 
 _RE_TS = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3})", re.M)

@@ -460,3 +460,31 @@ def test_fast_scan_equals_reference_on_derived_logs(tmp_path):
     big = tmp_path / "gen.log"
     logparse.generate_log(big, 2)
     _scan_equal(big)
+
+
+def test_other_job_poll_inside_save_stays_in_phase(tmp_path):
+    """virsh domjobinfo during a save: a query-migrate from another thread/job lands inside the save phase."""
+    text = read("libvirt-9.0-attributed/managedsave-running.log")
+    anchor = 'reply={"return": {}, "id": "libvirt-418"}\n'
+    assert anchor in text
+    ts = "2026-11-25 18:59:11.380+0000"
+    poll = (
+        f"{ts}: 4000: debug : virDomainObjBeginJobInternal:318 : Starting job: API=remoteDispatchDomainGetJobStats "
+        "job=query agentJob=none asyncJob=none (vm=0x7f06cc034220 name=fxa, current job=none agentJob=none "
+        "async=save)\n"
+        f"{ts}: 4000: info : qemuMonitorSend:861 : QEMU_MONITOR_SEND_MSG: mon=0x7f06d41ceb90 "
+        'msg={"execute":"query-migrate","id":"libvirt-999"}\r\n fd=-1\n'
+        f"{ts}: 13341: info : qemuMonitorJSONIOProcessLine:208 : QEMU_MONITOR_RECV_REPLY: mon=0x7f06d41ceb90 "
+        'reply={"return": {"status": "active"}, "id": "libvirt-999"}\n'
+        f"{ts}: 4000: debug : virThreadJobClear:118 : Thread 4000 (rpc-libvirtd) finished job "
+        "remoteDispatchDomainGetJobStats with ret=0\n")
+    p = write(tmp_path, "poll.log", text.replace(anchor, anchor + poll, 1))
+    tr = logparse.trace_from_log(p, domain="fxa")
+    (ph,) = tr["phases"]
+    ids = [m["id"] for m in ph["messages"] if m["kind"] == "command"]
+    assert ids == ["libvirt-413", "libvirt-414", "libvirt-415", "libvirt-416", "libvirt-417", "libvirt-418",
+                   "libvirt-999", "libvirt-419", "libvirt-420", "libvirt-421"]
+    assert ph["operation"] == "managed-save" and ph["ok"] is True
+    assert tr["log"]["unphased"] == 0
+    assert len(ph["messages"]) == grep_count(p, "0x7f06d41ceb90")
+    _scan_equal(p)
