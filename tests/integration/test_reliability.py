@@ -1,0 +1,631 @@
+"""Reliability under faults, on the real libvirtd and real QEMU (issue 7, scenarios 1, 2, 3, 6).
+
+Every test asserts that the guest is running (or that its image is complete and restorable),
+and that nothing claims success falsely: no image with the ``LibvirtQemudSave`` magic unless it
+is complete, ``virtsave list`` tells the truth, exit code 2 with one line on failure.
+
+Faults are injected from outside, as an operator or the kernel would: a full tmpfs mounted by
+the test, SIGKILL of the domain's QEMU (pid from ``/run/libvirt/qemu/<name>.pid``) or of the
+direct backend's QEMU, SIGINT/SIGKILL to the ``virtsave`` process. Faults are timed by polling
+what is observable (libvirt's job info, the image growing, the QEMU process appearing), never by
+sleeping. libvirtd's log filters/outputs are read before this module runs and must be the same
+at the end (checked by a module fixture).
+
+Guests: 256 MiB, or 512 MiB with 480 MiB filled where a fault must land inside a save.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid as _uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from virtsave import guest, qemu_launch, saveimage
+from virtsave import trace as tr
+from virtsave.qmp import QMPSession
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent.parent
+VIRTSAVE = [sys.executable, "-m", "virtsave.cli"]
+URI = os.environ.get("VIRTSAVE_TEST_URI", "qemu:///system")
+ADMIN_URI = "libvirtd:///system"
+SAVE_DIR = Path("/var/lib/libvirt/qemu/save")
+STATE_DIR = Path(os.environ.get("VIRTSAVE_STATE_DIR", "/var/lib/virtsave"))
+BIG = {"memory_mib": 512, "fill_mib": 480}
+#: The replayed guest must be counting before it is saved (else a restore restarts at 1).
+COUNTING = r"tick [2-9]"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def log_settings() -> tuple[str, str]:
+    """libvirtd's current log filters and outputs, as ``virt-admin`` prints them."""
+    vals = []
+    for kind in ("filters", "outputs"):
+        out = subprocess.run(["virt-admin", "-c", ADMIN_URI, f"daemon-log-{kind}"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        m = re.search(rf"Logging {kind}:(.*)", out)
+        vals.append(" ".join((m.group(1) if m else "").split()))
+    return vals[0], vals[1]
+
+
+def _no_capture_running(timeout: float = 180) -> None:
+    """Wait until no virtsave (ours or a colleague's) has log capture switched on."""
+    deadline = time.monotonic() + timeout
+    while (STATE_DIR / "logcapture.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def daemon_log_settings_unchanged() -> Iterator[tuple[str, str]]:
+    """libvirtd's log settings are the same after this module as before it."""
+    _no_capture_running()
+    before = log_settings()
+    yield before
+    _no_capture_running()
+    assert log_settings() == before, "libvirtd's log filters/outputs differ after the reliability tests"
+
+
+def magic(path: Path) -> bytes | None:
+    """The first 16 bytes of *path* (None when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except FileNotFoundError:
+        return None
+
+
+def assert_not_complete(path: Path) -> None:
+    """Gone, or not claiming completeness."""
+    m = magic(path)
+    assert m != saveimage.MAGIC, f"{path} claims to be a complete save image after a failed save"
+
+
+def assert_one_error_line(proc_or_err: subprocess.CompletedProcess[str] | str, code: int | None = 2,
+                          allow_info: tuple[str, ...] = ()) -> str:
+    """One ``virtsave: error:`` line on stderr (progress lines with *allow_info* prefixes aside), no traceback."""
+    if isinstance(proc_or_err, str):
+        err, rc = proc_or_err, None
+    else:
+        err, rc = proc_or_err.stderr, proc_or_err.returncode
+    assert "Traceback" not in err, err
+    if code is not None and rc is not None:
+        assert rc == code, f"exit {rc}, stderr {err!r}"
+    lines = [ln for ln in err.splitlines() if ln.strip() and not (allow_info and ln.startswith(allow_info))]
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    assert lines[0].startswith("virtsave: error: "), lines[0]
+    return lines[0]
+
+
+def list_entry(cli: Callable[..., subprocess.CompletedProcess[str]], name: str) -> dict:
+    """``virtsave --json list`` entry of *name*."""
+    proc = cli("--json", "list", "--match", name)
+    assert proc.returncode == 0, proc.stderr
+    entries = [d for d in json.loads(proc.stdout) if d["name"] == name]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def assert_list_truthful(cli: Callable[..., subprocess.CompletedProcess[str]], conn: libvirt.virConnect,
+                         name: str) -> dict:
+    """``virtsave list`` agrees with libvirt and with the disk about state and managed-save image."""
+    d = list_entry(cli, name)
+    dom = conn.lookupByName(name)
+    assert d["state"] == {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+                          libvirt.VIR_DOMAIN_SHUTOFF: "shut off"}.get(dom.state()[0], d["state"])
+    img = SAVE_DIR / f"{name}.save"
+    assert d["managed_save"] == bool(dom.hasManagedSaveImage(0))
+    # "has a managed-save image" must mean a complete one on disk, and vice versa.
+    assert d["managed_save"] == (magic(img) == saveimage.MAGIC), (d, magic(img))
+    return d
+
+
+def popen_cli(*args: str, umask: int | None = None) -> subprocess.Popen[str]:
+    kw = {} if umask is None else {"umask": umask}
+    return subprocess.Popen([*VIRTSAVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "COLUMNS": "200"}, **kw)
+
+
+def finish(p: subprocess.Popen[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def wait_for(pred: Callable[[], object], what: str, timeout: float = 120, every: float = 0.01,
+             while_alive: subprocess.Popen[str] | None = None) -> object:
+    """Poll *pred* until truthy; fail if *while_alive* exits first (the window was missed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if while_alive is not None and while_alive.poll() is not None:
+            _out, err = while_alive.communicate()
+            pytest.fail(f"virtsave finished (exit {while_alive.returncode}) before {what}: {err[-400:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def job_active(dom: libvirt.virDomain) -> bool:
+    """libvirt reports a save/migration job under way (bounded or unbounded, not completed)."""
+    try:
+        return dom.jobInfo()[0] in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
+    except libvirt.libvirtError:
+        return False
+
+
+def domain_qemu_pid(name: str) -> int | None:
+    try:
+        return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of *pid*."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
+            out.append(int(d.name))
+    return out
+
+
+def qemu_child(pid: int) -> int | None:
+    for c in children(pid):
+        with contextlib.suppress(OSError):
+            if "qemu-system" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace"):
+                return c
+    return None
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return st[st.rfind(")") + 2] != "Z"
+
+
+def ticks_continue(name: str, before: int, timeout: float = 60) -> None:
+    """The guest prints a new tick, and the counter went on (no reboot)."""
+    first, restarts = guest.wait_ticks_continue(name, before, timeout=timeout)
+    assert restarts == 0 and first > 1, f"tick counter restarted ({first}) after restore of {name}"
+
+
+def serial_ticks(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in re.findall(rb"^tick (\d+)\r?$", path.read_bytes(), re.M)]
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def small_tmpfs(size_mib: int = 48) -> Iterator[Path]:
+    """A tmpfs of *size_mib* under /var/tmp/vs-test-…, unmounted and removed afterwards (also on failure)."""
+    d = Path("/var/tmp") / f"vs-test-{os.getpid()}-{_uuid.uuid4().hex[:6]}-full"
+    d.mkdir(mode=0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        r = subprocess.run(["umount", str(d)], capture_output=True)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+@pytest.fixture
+def full_fs() -> Iterator[Path]:
+    with small_tmpfs() as d:
+        yield d
+
+
+@pytest.fixture
+def our_qemus() -> Iterator[list[int]]:
+    """Pids of QEMUs a test started or found; killed at teardown (only these)."""
+    pids: list[int] = []
+    yield pids
+    qemu_launch.stop_all()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def big_trace(conn, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    """``virtsave trace`` of a 512 MiB guest (480 MiB filled): the input of the direct-path faults.
+    The guest is removed right after (the trace needs only its kernel and initrd)."""
+    d = tmp_path_factory.mktemp("big-trace")
+    name = guest.unique_name("vs-test-rel")
+    try:
+        guest.create(conn, name, **BIG)
+        guest.wait_tick(name, 2, timeout=180)
+        out = d / "big.json"
+        proc = subprocess.run([*VIRTSAVE, "trace", name, "-o", str(out)], capture_output=True, text=True,
+                              cwd=REPO, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert tr.load(out)["domain"]["argv"], "trace has no argv"
+    finally:
+        guest.remove(conn, name)
+    return out
+
+
+# --------------------------------------------------------------------------- 1. target filesystem full
+
+
+def test_disk_full_libvirt_save(cli, conn, make_guest, full_fs):
+    """libvirt path: save into a full filesystem → exit 2, one line; guest keeps running; no
+    complete-looking image; ``list`` tells the truth."""
+    name = make_guest(memory_mib=256, fill_mib=128)
+    target = full_fs / "x.img"
+    proc = cli("save", name, str(target))
+    line = assert_one_error_line(proc)
+    assert name in line
+    dom = conn.lookupByName(name)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, dom.state()
+    assert_not_complete(target)
+    d = assert_list_truthful(cli, conn, name)
+    assert d["state"] == "running" and not d["managed_save"]
+    before = guest.last_tick(name)
+    assert guest.wait_tick(name, before + 1, timeout=60) > before
+
+
+def test_disk_full_direct_save(cli, conn, make_guest, full_fs, workdir, our_qemus):
+    """direct path: ``virtsave direct save`` of a QEMU launched by hand from the guest's own
+    command line into a full filesystem → exit 2, the QEMU's guest is running again (query-status)
+    and keeps counting, no image with the complete magic."""
+    name = make_guest(memory_mib=256, fill_mib=128)
+    argv = qemu_launch.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+    conn.lookupByName(name).destroy()  # only our own QEMU from now on
+    serial = workdir / "serial.log"
+    plan = qemu_launch.plan_launch(argv, paused=False, serial_log=serial)
+    proc = qemu_launch.start(plan)
+    our_qemus.append(proc.pid)
+    wait_for(lambda: max(serial_ticks(serial), default=0) >= 2, "the hand-launched guest counting")
+    target = full_fs / "x.img"
+    res = cli("direct", "save", "--qmp", proc.qmp_address, str(target))
+    assert_one_error_line(res)
+    assert proc.alive(), "QEMU died during a failed save"
+    with QMPSession(proc.qmp_address) as s:
+        st = s.execute("query-status")
+    assert st["running"] is True and st["status"] == "running", st
+    assert_not_complete(target)
+    n = max(serial_ticks(serial))
+    wait_for(lambda: max(serial_ticks(serial)) > n, "a new tick after the failed save", timeout=60)
+
+
+@pytest.mark.slow
+def test_disk_full_replay_save(cli, big_trace, full_fs, workdir):
+    """direct path via replay: the save phase into a full filesystem → exit 2, no complete image,
+    no phase claiming success in the evidence trace, no QEMU left behind."""
+    target = full_fs / "x.img"
+    out = workdir / "r.json"
+    before = _qemus()
+    proc = cli("replay", str(big_trace), "--image", str(target), "-o", str(out), "--wait-serial", COUNTING)
+    assert_one_error_line(proc, allow_info=("replaying ",))
+    assert_not_complete(target)
+    _no_false_success(out)
+    assert not (_qemus() - before) & _replay_qemus(big_trace), "replay left its QEMU running"
+
+
+def _qemus() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def _replay_qemus(trace_path: Path) -> set[int]:
+    """QEMUs started from *trace_path*'s guest (its kernel command line names the fill size)."""
+    name = tr.load(trace_path)["domain"]["name"]
+    return {p for p in _qemus() if f"guest={name}" in " ".join(cmdline(p))}
+
+
+def _no_false_success(out: Path) -> None:
+    if out.exists():
+        t = json.loads(out.read_text())
+        assert all(p.get("ok") is not True for p in t.get("phases", [])), [(p["name"], p["ok"]) for p in t["phases"]]
+
+
+# --------------------------------------------------------------------------- 2. QEMU killed
+
+
+@pytest.mark.slow
+def test_qemu_killed_during_managed_save(cli, conn, make_guest):
+    """libvirt path: SIGKILL the domain's QEMU while libvirt's save job runs → exit 2, one line;
+    no image claiming completeness; ``list`` says shut off and agrees with the disk."""
+    name = make_guest(**BIG)
+    dom = conn.lookupByName(name)
+    qpid = domain_qemu_pid(name)
+    assert qpid and alive(qpid)
+    p = popen_cli("managed-save", name)
+    wait_for(lambda: job_active(dom), "libvirt's save job", while_alive=p)
+    os.kill(qpid, signal.SIGKILL)
+    res = finish(p)
+    assert_one_error_line(res)
+    assert_not_complete(SAVE_DIR / f"{name}.save")
+    d = assert_list_truthful(cli, conn, name)
+    assert d["state"] == "shut off" and d["managed_save"] is False, d
+    # Nothing pretends the memory survived: the next start is a cold boot, and says so.
+    st = cli("--json", "start", name)
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)["detail"]["from_managed_save"] is False
+
+
+@pytest.mark.slow
+def test_qemu_killed_during_restore(cli, conn, make_guest, workdir):
+    """libvirt path: SIGKILL QEMU while it loads a (gzip, so the load takes a while) image →
+    exit 2, one line; the domain is shut off and ``list`` says so; the image is untouched,
+    complete, and a second restore brings the guest back with its counter going on."""
+    name = make_guest(**BIG)
+    img = workdir / "g.save"
+    r = cli("save", name, str(img), "--image-format", "gzip")
+    assert r.returncode == 0, r.stderr
+    assert magic(img) == saveimage.MAGIC
+    size = img.stat().st_size
+    before = guest.last_tick(name)
+    dom = conn.lookupByName(name)
+    p = popen_cli("restore", str(img))
+    qpid = wait_for(lambda: domain_qemu_pid(name), "the restoring QEMU", while_alive=p)
+    wait_for(lambda: alive(qpid), "QEMU process", while_alive=p)  # type: ignore[arg-type]
+    os.kill(qpid, signal.SIGKILL)  # type: ignore[arg-type]
+    res = finish(p)
+    assert_one_error_line(res)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+    d = assert_list_truthful(cli, conn, name)
+    assert d["state"] == "shut off"
+    assert magic(img) == saveimage.MAGIC and img.stat().st_size == size
+    r = cli("restore", str(img))
+    assert r.returncode == 0, r.stderr
+    ticks_continue(name, before)
+
+
+@pytest.mark.slow
+def test_qemu_killed_during_replay_save(cli, big_trace, workdir):
+    """direct path: SIGKILL the replay's QEMU while the stream is written → exit 2, one line;
+    the image is gone or partial; no phase claims success."""
+    img = workdir / "r.save"
+    out = workdir / "r.json"
+    p = popen_cli("replay", str(big_trace), "--image", str(img), "-o", str(out), "--wait-serial", COUNTING)
+    qpid = wait_for(lambda: qemu_child(p.pid), "the replay's QEMU", while_alive=p)
+    wait_for(lambda: img.exists() and img.stat().st_size > 64 << 20, "the stream being written", while_alive=p)
+    os.kill(qpid, signal.SIGKILL)  # type: ignore[arg-type]
+    res = finish(p)
+    assert_one_error_line(res, allow_info=("replaying ",))
+    assert_not_complete(img)
+    _no_false_success(out)
+
+
+@pytest.mark.slow
+def test_qemu_killed_during_replay_restore(cli, big_trace, workdir):
+    """direct path: SIGKILL the replay's QEMU during the restore phase → exit 2, one line; the
+    image is unchanged and complete, and restoring it again works."""
+    img = workdir / "r.save"
+    r = cli("replay", str(big_trace), "--phases", "save", "--image", str(img), "--wait-serial", COUNTING)
+    assert r.returncode == 0, r.stderr
+    assert magic(img) == saveimage.MAGIC
+    digest = _digest(img)
+    out = workdir / "r.json"
+    p = popen_cli("replay", str(big_trace), "--phases", "restore", "--image", str(img), "-o", str(out),
+                  "--run-after", "5")
+    qpid = wait_for(lambda: qemu_child(p.pid), "the replay's QEMU", while_alive=p, every=0.002)
+    os.kill(qpid, signal.SIGKILL)  # type: ignore[arg-type]
+    res = finish(p)
+    assert_one_error_line(res, allow_info=("replaying ",))
+    _no_false_success(out)
+    assert _digest(img) == digest, "a failed restore modified the image"
+    r = cli("replay", str(big_trace), "--phases", "restore", "--image", str(img), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert tr.load(out)["phases"][0]["ok"] is True
+
+
+def _digest(p: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- 3. Ctrl-C and SIGKILL of virtsave
+
+
+@pytest.mark.slow
+def test_sigint_during_managed_save(cli, conn, make_guest, daemon_log_settings_unchanged):
+    """Ctrl-C while libvirt saves: the save is cancelled, the guest runs on, no managed-save image."""
+    name = make_guest(**BIG)
+    dom = conn.lookupByName(name)
+    p = popen_cli("managed-save", name)
+    wait_for(lambda: job_active(dom), "libvirt's save job", while_alive=p)
+    p.send_signal(signal.SIGINT)
+    res = finish(p)
+    assert res.returncode != 0, "interrupted managed-save claims success"
+    assert_one_error_line(res, code=130)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, f"guest not running after Ctrl-C: {dom.state()}"
+    d = assert_list_truthful(cli, conn, name)
+    assert not d["managed_save"]
+    ticks_continue(name, guest.last_tick(name))
+    assert log_settings() == daemon_log_settings_unchanged
+
+
+def _our_capture_files(pid: int) -> list[Path]:
+    found = list((STATE_DIR / "logcapture").glob(f"window-{pid}-*")) if (STATE_DIR / "logcapture").is_dir() else []
+    found += list((STATE_DIR / "trace-images").glob(f"{pid}-*")) if (STATE_DIR / "trace-images").is_dir() else []
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [None, "gzip"])
+def test_sigint_during_trace(cli, conn, make_guest, workdir, daemon_log_settings_unchanged, fmt):
+    """Ctrl-C during ``virtsave trace``: the save is cancelled (libvirt resumes the guest), no trace
+    claims success, temporary files (capture window, scratch image) are gone, and libvirtd's log
+    settings are back. gzip: the scratch image of a file cycle."""
+    name = make_guest(**BIG)
+    dom = conn.lookupByName(name)
+    out = workdir / "t.json"
+    args = ["trace", name, "-o", str(out)] + (["--image-format", fmt] if fmt else [])
+    p = popen_cli(*args)
+    wait_for(lambda: job_active(dom), "libvirt's save job", while_alive=p)
+    p.send_signal(signal.SIGINT)
+    res = finish(p)
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, f"guest not running after Ctrl-C: {dom.state()}"
+    d = assert_list_truthful(cli, conn, name)
+    assert not d["managed_save"]
+    assert not out.exists(), "an interrupted trace was written as if complete"
+    assert _our_capture_files(p.pid) == []
+    _no_capture_running(60)
+    assert log_settings() == daemon_log_settings_unchanged
+    ticks_continue(name, guest.last_tick(name))
+
+
+@pytest.mark.slow
+def test_sigint_during_replay(cli, big_trace, workdir):
+    """Ctrl-C during ``virtsave replay``'s save: exit 130, the replay's QEMU is gone (not left
+    paused), its run directory removed, the image gone or partial, no phase claims success."""
+    img = workdir / "r.save"
+    out = workdir / "r.json"
+    p = popen_cli("replay", str(big_trace), "--image", str(img), "-o", str(out), "--wait-serial", COUNTING)
+    qpid = wait_for(lambda: qemu_child(p.pid), "the replay's QEMU", while_alive=p)
+    run_dir = next((Path(a.split("path=")[1].split(",")[0]).parent for a in cmdline(qpid)  # type: ignore[arg-type]
+                    if "qmp.sock" in a and "path=" in a), None)
+    wait_for(lambda: img.exists() and img.stat().st_size > 64 << 20, "the stream being written", while_alive=p)
+    p.send_signal(signal.SIGINT)
+    res = finish(p)
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert not alive(qpid), "the replay's QEMU survived Ctrl-C"  # type: ignore[arg-type]
+    if run_dir is not None:
+        assert not run_dir.exists(), f"run dir {run_dir} left behind"
+    assert_not_complete(img)
+    _no_false_success(out)
+
+
+@pytest.mark.slow
+def test_sigkill_during_trace_repaired_by_next_command(cli, conn, make_guest, daemon_log_settings_unchanged):
+    """``virtsave trace`` killed with SIGKILL while logging is on: the next virtsave command
+    (``virtsave list``) notices and puts libvirtd's log settings back."""
+    from virtsave import logcapture
+
+    name = make_guest(**BIG)
+    dom = conn.lookupByName(name)
+    p = popen_cli("trace", name, "-o", os.devnull)
+    try:
+        wait_for(lambda: job_active(dom), "libvirt's save job", while_alive=p)
+        state = json.loads((STATE_DIR / "logcapture.json").read_text())
+        assert any(o["pid"] == p.pid for o in state["owners"]), state
+        p.kill()
+        p.wait(30)
+        assert log_settings() != daemon_log_settings_unchanged, "capture was not on"  # still ours: stale
+        r = cli("list", "--match", name)
+        assert r.returncode == 0, r.stderr
+        assert log_settings() == daemon_log_settings_unchanged, \
+            "virtsave list did not repair the log settings left by a killed trace"
+        assert not (STATE_DIR / "logcapture.json").exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        # never leave the daemon in debug logging, whatever the CLI did
+        logcapture.repair_if_stale(URI)
+    # the libvirt job ran on without virtsave: whatever state it left, list tells the truth
+    wait_for(lambda: not job_active(dom), "libvirt's job to end", every=0.2)
+    assert_list_truthful(cli, conn, name)
+
+
+# --------------------------------------------------------------------------- 6. secrets
+
+
+VNC_PASSWORD = "s3cr3t-vnc"
+
+
+@pytest.fixture
+def vnc_guest(conn) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A test guest with a VNC password (and libvirt's master-key secret object)."""
+    name = guest.unique_name("vs-test-sec")
+    xml = guest.guest_xml(name, memory_mib=256, fill_mib=32)
+    xml = xml.replace("</devices>", f"<graphics type='vnc' autoport='yes' listen='127.0.0.1' "
+                                    f"passwd='{VNC_PASSWORD}'/></devices>")
+    try:
+        conn.defineXML(xml).create()
+        guest.wait_tick(name, 1, timeout=120)
+        yield name
+    finally:
+        guest.remove(conn, name)
+
+
+def _master_key_b64(name: str) -> list[str]:
+    """libvirt's per-domain master key (base64 and hex), as found in its private dir."""
+    found = []
+    for p in Path("/var/lib/libvirt/qemu").glob(f"domain-*-{name}*/master-key.aes"):
+        key = p.read_bytes()
+        found += [base64.b64encode(key).decode(), key.hex()]
+    return found
+
+
+def test_secrets_not_in_trace_or_replies(cli, conn, vnc_guest, workdir):
+    """A domain with a VNC password: the trace (XML, argv, messages) and its ``.replies`` export
+    hold no secret value; the trace and export are 0600 even with umask 000."""
+    name = vnc_guest
+    keys = _master_key_b64(name)
+    xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+    assert VNC_PASSWORD in xml  # control: libvirt does hold the secret
+    out = workdir / "t.json"
+    p = popen_cli("trace", name, "-o", str(out), umask=0)
+    res = finish(p)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert VNC_PASSWORD not in text, "VNC password in the trace"
+    for k in keys:
+        assert k not in text, "master key in the trace"
+    t = tr.load(out)
+    assert "redacted" in json.dumps(t["domain"]["xml"]), "the password attribute was dropped, not redacted"
+    rep = workdir / "t.replies"
+    p = popen_cli("export", str(out), "--format", "replies", "-o", str(rep), umask=0)
+    res = finish(p)
+    assert res.returncode == 0, res.stderr
+    assert rep.stat().st_size > 0 and VNC_PASSWORD not in rep.read_text()
+    stdout = cli("export", str(out), "--format", "replies").stdout
+    assert VNC_PASSWORD not in stdout
+    for p_ in (out, rep):
+        assert (p_.stat().st_mode & 0o777) == 0o600, (p_, oct(p_.stat().st_mode))
+    assert VNC_PASSWORD not in res.stderr + res.stdout
+
+
+def test_image_private_with_umask_000(conn, make_guest, workdir):
+    """An image written by ``virtsave save`` (libvirt) and by ``virtsave replay`` is 0600 even
+    when virtsave runs with umask 000."""
+    name = make_guest(memory_mib=256, fill_mib=32)
+    img = workdir / "u.save"
+    res = finish(popen_cli("save", name, str(img), umask=0))
+    assert res.returncode == 0, res.stderr
+    assert (img.stat().st_mode & 0o777) == 0o600, oct(img.stat().st_mode)
