@@ -299,6 +299,10 @@ def iter_records(path: str | os.PathLike[str], stats: LogStats | None = None, *,
                     yield Record("version", t or 0.0, 0, vm=lv.group(1).decode() if lv else None,
                                  name=qv.group(1).decode() if qv else None,
                                  text=_dec(hn.group(1)) if hn else None, lineno=lineno)
+                elif b'"QMP"' in line:
+                    v = _greeting_version(line)
+                    if v:
+                        yield Record("greeting", 0.0, 0, text=v, lineno=lineno)
             st.lines = lineno
             st.bytes = f.tell()
         except OSError as exc:
@@ -380,6 +384,7 @@ class Monitor:
     notable: list[str] = field(default_factory=list)
     migrate_uris: list[str] = field(default_factory=list)
     migration_status: str | None = None
+    qemu_version: str | None = None      # from the QMP greeting libvirt logs ("Line [{"QMP": …")
     operations: list[str] = field(default_factory=list)   # libvirt job APIs that sent commands
 
     @property
@@ -404,6 +409,7 @@ class Monitor:
             "commands": self.commands, "replies": self.replies, "events": self.events, "errors": self.errors,
             "notable": self.notable[:50], "migrate_uris": self.migrate_uris,
             "migration_status": self.migration_status, "operations": self.operations,
+            "qemu_version": self.qemu_version,
         }
 
     def describe(self) -> str:
@@ -511,6 +517,7 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
             m.domain = name or (sc.vm_names.get(m.vm) if m.vm else None)
 
     windowless = lo is None and hi is None
+    last_new: Monitor | None = None
     for r in iter_records(path, sc.stats, writes=bool(want)):
         k = r.kind
         in_window = windowless or ((lo is None or r.t >= lo) and (hi is None or r.t <= hi))
@@ -608,6 +615,11 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
         elif k == "new":
             m = instance(r.mon, r.t, new=r.mon in cur)  # type: ignore[arg-type]
             m.opened = r.t
+            last_new = m
+        elif k == "greeting":
+            sc.qemu_version = sc.qemu_version or r.text
+            if last_new is not None and last_new.qemu_version is None:
+                last_new.qemu_version = r.text
         elif k == "close":
             m = cur.get(r.mon)  # type: ignore[arg-type]
             if m is not None and m.closed is None:
@@ -757,6 +769,7 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
         sc.hostname = _dec(hn.group(1)) if hn else sc.hostname
 
     lineno = n_log = n_mon = 0
+    last_new: Monitor | None = None        # the QMP greeting (QEMU version) belongs to the newest monitor
     with _open(path) as f:
         try:
             for lineno, line in enumerate(f, 1):  # noqa: B007 - lineno is the line count after the loop
@@ -926,6 +939,7 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                     elif kind == "new":
                         m = instance(ptr, new=ptr in cur)
                         m.opened = t
+                        last_new = m
                     else:  # close
                         m0 = cur.get(ptr)
                         if m0 is not None and m0.closed is None:
@@ -956,6 +970,12 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                         error_line(line)
                     elif b"libvirt version:" in line or b"hostname:" in line:
                         version_line(line)
+                    elif b'"QMP"' in line:
+                        v = _greeting_version(line)
+                        if v:
+                            sc.qemu_version = sc.qemu_version or v
+                            if last_new is not None and last_new.qemu_version is None:
+                                last_new.qemu_version = v
             st.lines = lineno
             st.log_lines, st.monitor_lines = n_log, n_mon
             st.bytes = f.tell()
@@ -964,6 +984,18 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
     for key in list(unwritten):
         flush(key)
     return sc
+
+
+def _greeting_version(line: bytes) -> str | None:
+    """QEMU version ("10.0.2") from a logged QMP greeting line (``Line [{"QMP": {"version": …}}]``)."""
+    i = line.find(b'{"QMP"')
+    j = line.rfind(b"}")
+    obj = _loads(line[i:j + 1]) if 0 <= i < j else None
+    try:
+        q = obj["QMP"]["version"]["qemu"]  # type: ignore[index]
+        return f"{int(q['major'])}.{int(q['minor'])}.{int(q['micro'])}"
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def _loads(b: bytes) -> Any:
@@ -1245,7 +1277,8 @@ def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
     phases, unphased, unphased_what = build_phases(sc, keys, lo, hi)
     if not phases:
         raise LogError(f"no save or restore (migrate / migrate-incoming) found on monitor(s) {', '.join(keys)}")
-    host = {"libvirt": sc.libvirt_version, "qemu": sc.qemu_version, "hostname": sc.hostname}
+    qemu = next((sc.monitors[k].qemu_version for k in keys if sc.monitors[k].qemu_version), sc.qemu_version)
+    host = {"libvirt": sc.libvirt_version, "qemu": qemu, "hostname": sc.hostname}
     tr = _trace.new_trace("libvirt", host=host, domain={"name": name})
     tr["phases"] = phases
     tr["log"] = {

@@ -488,3 +488,15 @@ def test_other_job_poll_inside_save_stays_in_phase(tmp_path):
     assert tr["log"]["unphased"] == 0
     assert len(ph["messages"]) == grep_count(p, "0x7f06d41ceb90")
     _scan_equal(p)
+
+
+@pytest.mark.parametrize("fixture", [c[0] for c in CASES if c[3] == "restore"])
+def test_host_versions_from_restore_logs(fixture):
+    """The QMP greeting (logged as "Line [{"QMP": …") names QEMU; libvirt's child logs its banner (11.3)."""
+    tr = logparse.trace_from_log(FIX / fixture)
+    if "11.3" in fixture:
+        assert tr["host"] == {"libvirt": "11.3.0", "qemu": "10.0.2", "hostname": "vm"}
+    else:
+        assert tr["host"]["qemu"] == "7.2.22"
+    mon = logparse.list_monitors(FIX / fixture)[0]
+    assert mon["qemu_version"] == tr["host"]["qemu"]
