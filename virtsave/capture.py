@@ -240,10 +240,16 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
     tmpdir: Path | None = None
     if op == "cycle" and use_file and not file:
         # A private scratch image for the cycle (libvirt/iohelper run as root; QEMU gets an fd).
-        tmpdir = Path(config.STATE_DIR) / "trace-images" / f"{os.getpid()}-{secrets.token_hex(4)}"
+        start = logcapture.proc_starttime(os.getpid())
+        tmpdir = _images_dir() / f"{os.getpid()}-{start}-{secrets.token_hex(4)}"
         tmpdir.mkdir(mode=0o700, parents=True)
+        os.chmod(tmpdir.parent, 0o700)
         file = str(tmpdir / f"{name}.save")
 
+    for left in stale_images():
+        if on_warning:
+            on_warning(f"image left by an interrupted trace: {left} (restore it with "
+                       f"`virtsave restore {left}`, or delete it)")
     run = _Run(conn, name, progress)
     trace = tr.new_trace("libvirt", host=host_info(conn),
                          domain={"name": name, "uuid": dom.UUIDString(), "xml": xml, "argv": []})
@@ -310,6 +316,33 @@ def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_fi
         conn, file, bypass_cache=bypass_cache, state=state,  # type: ignore[arg-type]
         parallel_channels=parallel_channels, progress=progress, raise_on_error=False),
         dom, file, {**rest_opts, "file": file})
+
+
+def _images_dir() -> Path:
+    return Path(config.STATE_DIR) / "trace-images"
+
+
+def stale_images() -> list[Path]:
+    """Scratch images of cycle traces whose virtsave process died (SIGKILL) before removing them.
+
+    They are never deleted automatically: after a kill between save and restore the image is the
+    guest's only state."""
+    out = []
+    with contextlib.suppress(OSError):
+        for d in _images_dir().iterdir():
+            pid, _, rest = d.name.partition("-")
+            start = rest.partition("-")[0]
+            if not pid.isdigit():
+                continue
+            now = logcapture.proc_starttime(int(pid))
+            if now is not None and str(now) == start:
+                continue  # its owner still runs
+            files = sorted(d.glob("*.save"))
+            if files:
+                out.extend(files)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+    return out
 
 
 def _recover_after_interrupt(conn: libvirt.virConnect, dom: libvirt.virDomain, op: str, was_running: bool,

@@ -358,8 +358,8 @@ def repair_if_stale(uri: str | None = None, *, state_dir: str | os.PathLike[str]
     repaired (or a warning), else None.
     """
     paths = Paths(state_dir)
-    if not paths.state.exists():
-        return None
+    if not paths.state.exists() or not os.access(paths.base, os.W_OK):
+        return None  # nothing to repair, or not ours to repair (non-root user)
     with deferred_signals(), _locked(paths):
         state = _load_state(paths)
         if state is None:
