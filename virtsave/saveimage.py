@@ -887,7 +887,9 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
 
     Reads the libvirt header, XML and cookie, then walks the whole QEMU stream (through the
     decompressor for compressed images). Raises :class:`ImageError` naming the offset for
-    truncated, corrupt, foreign or (unless *allow_partial*) partial images.
+    truncated, corrupt, foreign or (unless *allow_partial*) partial images. With *allow_partial*,
+    a partial image's stream is read as far as it goes: ``stream.complete`` is False and
+    ``stream.stopped`` says where and why.
     """
     header, src, walker = _open_walker(path, allow_partial)
     try:
@@ -908,13 +910,21 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
                 agg["bytes"] += sec.length
                 agg["count"][sec.kind] += 1
         except ImageError as exc:
-            raise src.explain(exc) from None
+            exc = src.explain(exc)
+            if not header.partial:
+                raise exc from None
+            # A partial image (save in progress or failed): report how far the stream goes.
+            stopped = str(exc)
+        else:
+            stopped = None
+            src.check_decompressor()
         stream_len = walker.s.offset
-        src.check_decompressor()
     finally:
         src.close()
-    if not walker.eof:
-        raise ImageError("truncated: no end-of-stream marker", offset=header.stream_offset + walker.s.offset)
+    if not walker.eof and stopped is None:
+        stopped = str(ImageError("truncated: no end-of-stream marker", offset=header.stream_offset + stream_len))
+        if not header.partial:
+            raise ImageError("truncated: no end-of-stream marker", offset=header.stream_offset + stream_len)
     blocks = list(walker.ram["blocks"].values())
     ram = {
         "page_size": walker.page_size,
@@ -953,5 +963,7 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
             "ram": ram,
             "vmdesc": vmdesc,
             "trailing_zero_bytes": walker.trailing,
+            "complete": stopped is None,
+            "stopped": stopped,
         },
     }

@@ -282,6 +282,11 @@ def test_foreign_partial_and_corrupt(tmp_path):
     with pytest.raises(ImageError, match=r"partial \(LibvirtQemudPart\).*at offset 0"):
         saveimage.inspect_image(part)
     assert saveimage.inspect_image(part, allow_partial=True)["header"]["partial"] is True
+    cut_part = tmp_path / "cut-part.img"
+    _truncate(part, cut_part, part.stat().st_size - 3000)       # a save that stopped half-way
+    st = saveimage.inspect_image(cut_part, allow_partial=True)["stream"]
+    assert st["complete"] is False and "truncated" in st["stopped"] and "at offset" in st["stopped"]
+    assert st["sections"][0]["name"] == "ram"
     # a flipped section type byte (ram PART) and a bad QEVM magic
     good = tmp_path / "good.img"
     make_image(good)

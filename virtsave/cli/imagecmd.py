@@ -73,6 +73,8 @@ def _render_inspect(r: dict[str, Any], seconds: float) -> None:
     comp = f", {s['compression']}-compressed" if s["compression"] else ""
     con.print(f"stream: {s['magic']} v{s['version']}{comp}, {s['length']} bytes, machine {cfg.get('machine')}, "
               f"capabilities {cfg.get('capabilities') or []}, sections delimited by {s['layout']}")
+    if not s["complete"]:
+        con.print(f"[bold red]stream incomplete[/bold red]: {s['stopped']}")
     vd = s["vmdesc"]
     if vd.get("present"):
         con.print(f"vmstate description: present ({vd.get('length')} bytes, {vd.get('devices')} devices, "
