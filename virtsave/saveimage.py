@@ -955,7 +955,7 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
             "magic": QEVM_MAGIC.decode(),
             "version": QEVM_VERSION,
             "length": stream_len,
-            "layout": walker.layout or "vmdesc",
+            "layout": walker.layout or ("vmdesc" if walker.vmdesc is not None else None),
             "section_footers": bool(walker.footers),
             "configuration": walker.config,
             "sections": list(sections.values()),

@@ -64,7 +64,7 @@ def _render_inspect(r: dict[str, Any], seconds: float) -> None:
     dom = r["domain"]
     con.print(f"[bold]{r['path']}[/bold]  {_human_size(r['size'])} ({r['size']} bytes)  "
               f"domain {dom.get('name')} {dom.get('uuid') or ''}")
-    state = "partial (LibvirtQemudPart)" if h["partial"] else "complete"
+    state = "partial: the save did not complete" if h["partial"] else "complete"
     con.print(f"header: magic {h['magic']} ({state}), version {h['version']}, data_len {h['data_len']}, "
               f"was_running {int(h['was_running'])}, format {h['format']} ({h['compressed']}), "
               f"cookie offset {h['cookie_offset']}, stream at {h['stream_offset']}")
@@ -72,7 +72,8 @@ def _render_inspect(r: dict[str, Any], seconds: float) -> None:
     cfg = s.get("configuration") or {}
     comp = f", {s['compression']}-compressed" if s["compression"] else ""
     con.print(f"stream: {s['magic']} v{s['version']}{comp}, {s['length']} bytes, machine {cfg.get('machine')}, "
-              f"capabilities {cfg.get('capabilities') or []}, sections delimited by {s['layout']}")
+              f"capabilities {cfg.get('capabilities') or []}"
+              + (f", device sections delimited by {s['layout']}" if s["layout"] else ""))
     if not s["complete"]:
         con.print(f"[bold red]stream incomplete[/bold red]: {s['stopped']}")
     vd = s["vmdesc"]
