@@ -1208,7 +1208,6 @@ def _select(sc: Scan, domain: str | None, monitor: str | Iterable[str] | None) -
     """Pick the monitor instances of the trace; returns (keys, domain name, how it was decided)."""
     cands = [m for m in sc.monitors.values() if m.commands > 0]
     cands.sort(key=lambda m: m.first or 0.0)
-    listing = [m.to_dict() for m in cands]
     if monitor:
         wanted = [w.strip() for w in ([monitor] if isinstance(monitor, str) else list(monitor))
                   for w in w.split(",") if w.strip()]
@@ -1225,28 +1224,33 @@ def _select(sc: Scan, domain: str | None, monitor: str | Iterable[str] | None) -
         return keys, domain or (names.pop() if len(names) == 1 else None), "monitor"
     if not cands:
         raise LogError("log holds no QEMU monitor commands (was it written with the 1:monitor filter?)")
+    # Monitors that saved or restored are the candidates; the others (stats polls of other domains …)
+    # cannot be the traced domain's operation and only make noise.
+    pool = [m for m in cands if m.role != "other"] or cands
     named = {m.domain for m in cands if m.domain}
     if domain and domain in named:
         return [m.key for m in cands if m.domain == domain], domain, "log"
     if domain and named:
-        unnamed_keys = [m.key for m in cands if not m.domain]
+        unnamed_keys = [m.key for m in pool if not m.domain]
         extra = f"; unattributed monitors: {', '.join(unnamed_keys)} (pick with --monitor)" if unnamed_keys else ""
         raise LogError(f"domain {domain} not found in log; domains seen: {', '.join(sorted(named))}{extra}")
-    if not domain and len(named) == 1 and all(m.domain for m in cands):
-        return [m.key for m in cands], named.pop(), "log"
-    # The log does not name (all) the domains: accept only one unambiguous group of instances, i.e. all
-    # candidate instances share one vm pointer (libvirt's virDomainObj outlives the QEMU processes).
-    unnamed = [m for m in cands if not m.domain] if not domain else cands
-    groups = {m.vm or m.key for m in unnamed}
-    if len(groups) == 1 and (not domain or not named):
-        how = "assumed: the log does not name domains and holds one domain object's monitors"
-        return [m.key for m in unnamed], domain or None, how
+    pool_named = {m.domain for m in pool if m.domain}
+    if not domain and len(pool_named) == 1 and all(m.domain for m in pool):
+        name = pool_named.pop()
+        return [m.key for m in cands if m.domain == name], name, "log"
+    if not pool_named:
+        # The log names no domain: accept one unambiguous group, i.e. all saving/restoring instances share
+        # one vm pointer (libvirt's virDomainObj outlives the QEMU processes of a persistent domain).
+        groups = {m.vm or m.key for m in pool}
+        if len(groups) == 1:
+            how = "assumed: the log does not name domains and holds one domain object's save/restore monitors"
+            return [m.key for m in pool], domain, how
     what = f"domain {domain}" if domain else "the domain"
-    if not domain and named:
-        what = f"the domain (several in the log: {', '.join(sorted(named))}; name one)"
+    if not domain and pool_named:
+        what = f"the domain (several in the log: {', '.join(sorted(pool_named))}; name one)"
     raise AmbiguousMonitor(
-        f"log holds {len(cands)} monitors and cannot tell which is {what}'s; pick with --monitor: "
-        + "; ".join(m.describe() for m in cands), listing)
+        f"log holds {len(pool)} monitors and cannot tell which is {what}'s; pick with --monitor: "
+        + "; ".join(m.describe() for m in pool), [m.to_dict() for m in pool])
 
 
 def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
@@ -1256,9 +1260,12 @@ def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
 
     * *domain*: the domain name to trace. With attribution lines in the log (filters ``1:job
       1:qemu.qemu_process``) its monitors are found by name; if the log names other domains only,
-      :class:`LogError`. With a monitor-only log the domain cannot be named: if all monitor instances
-      that sent commands share one ``vm:`` pointer they are taken (``trace["log"]["attribution"]``
-      says it was assumed), otherwise :class:`AmbiguousMonitor` (``.monitors`` = list_monitors dicts).
+      :class:`LogError`. With a monitor-only log the domain cannot be named: the candidates are the
+      instances that saved or restored (``migrate``/``migrate-incoming``); if they all share one
+      ``vm:`` pointer they are taken (``trace["log"]["attribution"]`` says it was assumed), otherwise
+      :class:`AmbiguousMonitor` (``.monitors`` = the candidates as :func:`list_monitors` dicts; the
+      message lists each with role, vm, command count, notable commands and time span).
+    * neither: the one domain the log names (or the one unnamed vm group), else :class:`AmbiguousMonitor`.
     * *monitor*: instance key(s) or pointer(s) (``"0x7f…"``, ``"0x7f…#2"``, comma-separated or a list);
       a bare pointer selects every instance of that pointer. Overrides attribution.
     * *since*/*until*: epoch seconds, ``datetime`` (naive = UTC) or ISO strings; only messages inside

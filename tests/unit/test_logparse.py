@@ -500,3 +500,19 @@ def test_host_versions_from_restore_logs(fixture):
         assert tr["host"]["qemu"] == "7.2.22"
     mon = logparse.list_monitors(FIX / fixture)[0]
     assert mon["qemu_version"] == tr["host"]["qemu"]
+
+
+def test_monitor_only_other_domains_polls_do_not_make_it_ambiguous(tmp_path):
+    """A second domain that only answered a stats poll is no candidate for the save."""
+    ts = "2026-11-25 18:58:12.500+0000"
+    other = (f"{ts}: 3999: debug : qemuMonitorGetStatus:1 : mon:0x7f06aaaa0000 vm:0x7f06bbbb0000 fd:40\n"
+             f"{ts}: 3999: info : qemuMonitorSend:861 : QEMU_MONITOR_SEND_MSG: mon=0x7f06aaaa0000 "
+             'msg={"execute":"query-status","id":"libvirt-7"}\r\n fd=-1\n'
+             f"{ts}: 12968: info : qemuMonitorJSONIOProcessLine:208 : QEMU_MONITOR_RECV_REPLY: mon=0x7f06aaaa0000 "
+             'reply={"return": {"status": "running", "running": true}, "id": "libvirt-7"}\n')
+    p = write(tmp_path, "other.log", other + read("libvirt-9.0/managedsave-running.log"))
+    assert [m["role"] for m in logparse.list_monitors(p)] == ["other", "save"]
+    tr = logparse.trace_from_log(p, domain="fxa")
+    assert [ph["monitor"] for ph in tr["phases"]] == ["0x7f06e4005180"]
+    assert tr["log"]["monitors"] == ["0x7f06e4005180"]
+    assert collapse(executes(tr["phases"][0])) == SAVE_90
