@@ -98,7 +98,7 @@ NOTABLE = frozenset({
 })
 
 _NOTABLE_B = frozenset(n.encode() for n in NOTABLE)
-_RE_EXEC = re.compile(rb'"execute"\s*:\s*"([^"]+)"')
+_RE_EXEC = re.compile(rb'"exec(?:ute|-oob)"\s*:\s*"([^"]+)"')
 _RE_URI = re.compile(rb'"uri"\s*:\s*"([^"]*)"')
 _RE_STATUS = re.compile(rb'"status"\s*:\s*"([^"]*)"')
 _RE_EVNAME = re.compile(rb'"event"\s*:\s*"([^"]+)"')
@@ -547,10 +547,11 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                 if keep:
                     _flush(key)
                     obj = _loads(r.payload)
-                    if obj is None or not isinstance(obj, dict) or "execute" not in obj:
+                    execute_ = obj.get("execute") or obj.get("exec-oob") if isinstance(obj, dict) else None
+                    if not isinstance(execute_, str):
                         sc.stats.malformed += 1
                         continue
-                    cmd: dict[str, Any] = {"kind": "command", "execute": obj["execute"]}
+                    cmd: dict[str, Any] = {"kind": "command", "execute": execute_}
                     if "arguments" in obj:
                         cmd["arguments"] = obj["arguments"]
                     cmd["id"] = obj.get("id")
@@ -668,17 +669,20 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
 
 
 def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: Any = None,
-         until: Any = None) -> Scan:
+         until: Any = None, summary: bool = True) -> Scan:
     """One streaming pass: summarize every monitor instance; keep full messages for keys in *collect*.
 
     Collected messages are dicts in wire order with the public trace fields plus private ones
     (``_t`` absolute time, ``_tid``, ``_job`` index into ``Scan.jobs``); :func:`build_phases` strips them.
     Same result as :func:`_scan_records`, with the line parsing inlined (no per-line objects) for
-    throughput; lines are read one at a time (constant memory).
+    throughput; lines are read one at a time (constant memory). ``summary=False`` (with *collect*):
+    monitors whose pointer is not collected are skipped, so ``Scan.monitors`` holds only the collected
+    pointers' instances (instance keys are per pointer, so they are the same as in a full pass).
     """
     lo, hi = _to_epoch(since), _to_epoch(until)
     windowless = lo is None and hi is None
     want = set(collect)
+    only_ptrs = {k.split("#")[0].encode() for k in want} if want and not summary else None
     sc = Scan()
     st = sc.stats
     clock = _Clock()
@@ -823,6 +827,12 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                             pend = SKIP
                         continue
                     ptr = mm.group(2)  # type: ignore[union-attr]
+                    if only_ptrs is not None and ptr not in only_ptrs:
+                        if kind in ("send", "write"):
+                            pend = SKIP
+                        elif kind == "new":
+                            last_new = None
+                        continue
                     if kind == "send":
                         m = cur.get(ptr)  # type: ignore[assignment]
                         if m is None or m.closed is not None:
@@ -850,11 +860,12 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                         if key in want:
                             flush(key)
                             obj = _loads(payload)
-                            if not isinstance(obj, dict) or "execute" not in obj:
+                            execute_ = obj.get("execute") or obj.get("exec-oob") if isinstance(obj, dict) else None
+                            if not isinstance(execute_, str):
                                 st.malformed += 1
                                 pend = SKIP
                                 continue
-                            cmd: dict[str, Any] = {"kind": "command", "execute": obj["execute"]}
+                            cmd: dict[str, Any] = {"kind": "command", "execute": execute_}
                             if "arguments" in obj:
                                 cmd["arguments"] = obj["arguments"]
                             cmd["id"] = obj.get("id")
@@ -1280,7 +1291,7 @@ def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
     lo, hi = _to_epoch(since), _to_epoch(until)
     first = scan(path, since=lo, until=hi)
     keys, name, how = _select(first, domain, monitor)
-    sc = scan(path, collect=keys, since=lo, until=hi)
+    sc = scan(path, collect=keys, since=lo, until=hi, summary=False)
     phases, unphased, unphased_what = build_phases(sc, keys, lo, hi)
     if not phases:
         raise LogError(f"no save or restore (migrate / migrate-incoming) found on monitor(s) {', '.join(keys)}")

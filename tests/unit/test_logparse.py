@@ -516,3 +516,17 @@ def test_monitor_only_other_domains_polls_do_not_make_it_ambiguous(tmp_path):
     assert [ph["monitor"] for ph in tr["phases"]] == ["0x7f06e4005180"]
     assert tr["log"]["monitors"] == ["0x7f06e4005180"]
     assert collapse(executes(tr["phases"][0])) == SAVE_90
+
+
+def test_collect_only_pass_keeps_keys_and_messages(tmp_path):
+    big = tmp_path / "gen.log"
+    logparse.generate_log(big, 2)
+    mons = logparse.list_monitors(big)
+    pick = [m["key"] for m in mons if "#" in m["key"]][:1] + [mons[-1]["key"]]
+    full = logparse.scan(big, collect=pick)
+    fast = logparse.scan(big, collect=pick, summary=False)
+    assert set(fast.monitors) >= set(pick)
+    for k in pick:
+        assert fast.monitors[k].to_dict() == full.monitors[k].to_dict()
+        assert fast.messages[k] == full.messages[k]
+    assert fast.stats == full.stats
