@@ -21,25 +21,34 @@ again after ``QEMU_MONITOR_CLOSE`` (or a second ``QEMU_MONITOR_NEW``) starts a n
 first instance of a pointer is keyed by the pointer itself (``0x7f06e4005180``), later ones get a
 ``#N`` suffix (``0x7f06e4005180#2``).
 
-Phases (see :func:`build_phases`):
+Phases (see :func:`build_phases` and :func:`_spans`):
 
-* save phase — anchored on a ``migrate`` command: starts at the first command of the operation
-  (walking back over ``query-migrate``/``stop``/``migrate-set-*``/``getfd``/``add-fd``/``query-fdsets``,
-  or over the commands the same libvirt job sent when the log has job lines) and ends before the first
-  command after ``migrate`` that is not part of the save's tail (``query-migrate``, ``query-fdsets``,
-  capability/parameter reset, ``cont`` after a failure …), or at the monitor's close.
+* save phase — anchored on a ``migrate`` command. With job lines in the log it runs from the first to
+  the last command the same libvirt job (e.g. ``remoteDispatchDomainManagedSave``) sent, including
+  commands other jobs slipped in between (a ``query-migrate`` of ``virsh domjobinfo``). Without them:
+  from the first of the contiguous ``query-migrate``/``stop``/``migrate-set-*``/``getfd``/``add-fd``/
+  ``query-fdsets`` before ``migrate`` to the last of the tail after it (``query-*``, capability and
+  parameter reset, ``cont`` after a failure …). It then extends over the replies and events up to the
+  next command, or to the monitor's close.
 * restore phase — a monitor instance whose conversation holds ``migrate-incoming``: from its first
-  message (``qmp_capabilities``) to the end of the restore tail (``qom-list``, ``query-block``, ``cont``).
-  When a later save happens on the same instance, the restore phase runs up to that save's start, so
-  no message between two phases of the domain is dropped.
+  message (``qmp_capabilities``) to the end of the restore (same job, or the ``qom-list``/``query-block``/
+  ``cont`` tail). When a later save happens on the same instance, the restore phase runs up to that
+  save's start, so no message between two phases of the domain is dropped.
+* ``operation``: ``managed-save``/``save``/``restore``/``start`` from the job API
+  (:data:`OPERATIONS`), else the phase name; ``ok``/``error`` from the job's return value and error
+  line when logged, MIGRATION events, ``query-migrate`` status/``error-desc`` and error replies.
 
 Messages of the selected monitors inside the window (``since``/``until``, default: from the first phase
 start to the last phase end) that fall in no phase are counted in ``trace["log"]["unphased"]``; the
 fixture tests assert it is 0.
 
-Memory: :func:`iter_records` is a generator over the file's lines; :func:`list_monitors` keeps one small
-summary per monitor instance; :func:`trace_from_log` makes two passes and keeps only the selected
-monitors' messages.
+Host versions: libvirt's banner (``libvirt version: …``, ``hostname: …``, logged when an output opens
+and by each QEMU child before exec) and the QMP greeting libvirt logs as ``Line [{"QMP": …}]``.
+
+Memory and speed: :func:`iter_records` is a generator over the file's lines; :func:`scan` (the same
+logic inlined, checked against the record-based reference in the tests) keeps one small summary per
+monitor instance; :func:`trace_from_log` makes two passes and keeps only the selected monitors'
+messages. :func:`parse_bytes_per_second` and :func:`generate_log` serve the benchmark.
 
 Example::
 
