@@ -281,6 +281,7 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
                 phase["image"] = s["image"]
                 phase["messages"] = messages
                 phase["seconds"] = res.seconds
+                phase["window"] = {"since": s["since"].isoformat(), "until": s["until"].isoformat()}
                 if unphased:
                     phase["unphased"] = unphased
     finally:

@@ -198,6 +198,9 @@ def test_two_guests_traced_at_once(conn, make_guest, workdir) -> None:  # type: 
         assert len(commands(phase(tr, "save"), "migrate")) == 1
         assert len(commands(phase(tr, "restore"), "migrate-incoming")) == 1
     assert len(monitors) == 4  # two phases per guest, each on its own QEMU's monitor
+    # The two runs really overlapped (else this test would prove nothing).
+    spans = [(tr["phases"][0]["window"]["since"], tr["phases"][-1]["window"]["until"]) for tr in traces]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
     for n in names:
         assert conn.lookupByName(n).state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
