@@ -74,9 +74,41 @@ def has_file_uri(version: tuple[int, int, int]) -> bool:
     return version >= (8, 2, 0)
 
 
+def exec_done_marker(path: str) -> str:
+    """Where the ``exec:`` save helper leaves its exit status (QEMU does not wait for it)."""
+    return f"{path}.virtsave-dd-status"
+
+
 def exec_save_uri(path: str, offset: int) -> str:
-    """An ``exec:`` URI appending the stream to *path* after its header (QEMU < 8.2 over TCP)."""
-    return f"exec:dd of={shlex.quote(path)} bs=4M oflag=seek_bytes seek={offset} conv=notrunc status=none"
+    """An ``exec:`` URI writing the stream into *path* after its header (QEMU < 8.2 over TCP).
+
+    Removes any stale status file first. The helper writes its exit status to
+    :func:`exec_done_marker` when it is done: QEMU reports ``completed`` once it closed
+    the pipe, possibly before ``dd`` wrote the last block.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(exec_done_marker(path))  # a stale status must not pass for this run's
+    marker = shlex.quote(exec_done_marker(path))
+    return (f"exec:dd of={shlex.quote(path)} bs=4M oflag=seek_bytes seek={offset} conv=notrunc status=none;"
+            f" echo $? > {marker}")
+
+
+def wait_exec_helper(path: str, timeout: float = 60.0) -> None:
+    """Wait for the ``exec:`` save helper of *path* to finish; raise if it failed."""
+    marker = exec_done_marker(path)
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            with open(marker) as f:
+                text = f.read()
+            if text.endswith("\n"):
+                os.unlink(marker)
+                if int(text) != 0:
+                    raise OperationFailed(f"the dd helper writing {path} failed (exit {text.strip()})")
+                return
+        if time.monotonic() > deadline:
+            raise OperationFailed(f"the dd helper writing {path} did not finish within {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def exec_restore_uri(path: str, offset: int) -> str:
@@ -235,6 +267,8 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], *, xml: str | Non
             if final != "completed":
                 raise OperationFailed(f"migration to {image} {final}: {_fail_info(s)}")
             stats = s.execute("query-migrate") or {}
+            if uri.startswith("exec:"):
+                wait_exec_helper(image)
             if not unix:
                 # QEMU opened the file itself: rewrite the header in case it truncated it.
                 os.pwrite(fd, saveimage.encode_header(xml, cookie, was_running=was_running,

@@ -346,6 +346,8 @@ def _save_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase, im
             finally:
                 if scm_fd != fd:
                     os.close(scm_fd)
+            if use_exec:
+                direct.wait_exec_helper(image)
             if transport == "tcp":
                 # QEMU opened the file by path (and may have truncated it): put the header back.
                 os.pwrite(fd, saveimage.encode_header(xml, None, was_running=True, image_format=fmt), 0)
