@@ -33,8 +33,10 @@ Refused (each a finding):
 
 Rewritable (not findings), exactly what :mod:`virtsave.qemu_launch` replaces: the monitor chardev
 ``-chardev socket,id=charmonitor,fd=N`` (the chardev a ``-mon …,mode=control`` names), libvirt's
-``-add-fd set=S,fd=F,opaque=…`` whose set only feeds ``-chardev file,…,path=/dev/fdset/S`` (the serial log)
-or the incoming migration ``file:/dev/fdset/S``, and the master-key secret file.
+``-add-fd set=S,fd=F,opaque=…`` whose set only feeds ``pty``/``file``/``vc``/``stdio`` chardevs (the
+serial log: ``-chardev file,…,path=/dev/fdset/S`` on 9.0, ``-chardev pty,…,logfile=/dev/fdset/S`` on
+11.x — the launcher replaces those chardevs whole) or the incoming migration ``file:/dev/fdset/S``
+(``-incoming`` or ``migrate-incoming``), and the master-key secret file.
 
 Example::
 
@@ -82,6 +84,8 @@ FLAG_OPTIONS = frozenset({
 })
 _SAFE_CHARDEVS = frozenset({"pty", "null", "vc", "stdio", "spicevmc", "spiceport", "qemu-vdagent", "ringbuf",
                             "memory", "dbus", "msmouse", "braille", "wctablet", "testdev"})
+#: Chardev backends the launcher replaces whole by a file it owns (their ``logfile=``/fdset uses go too).
+_REWRITTEN_CHARDEVS = frozenset({"pty", "file", "vc", "stdio"})
 _FD_KEYS = frozenset({"fd", "fds", "vhostfd", "vhostfds"})
 _FILE_KEYS = frozenset({"file", "filename", "path", "romfile", "mem-path", "kernel", "initrd", "dtb", "bios",
                         "firmware", "x-file", "script", "downscript", "helper", "dir", "sock", "socket"})
@@ -289,7 +293,7 @@ def check_argv(argv: list[str], incoming_fdsets: set[str] | None = None,
             continue
         kind, d = parse_option(val)
         for m in _FDSET.finditer(val):
-            rewritable = (opt == "-chardev" and kind == "file") or (opt == "-incoming")
+            rewritable = (opt == "-chardev" and kind in _REWRITTEN_CHARDEVS) or (opt == "-incoming")
             uses.setdefault(m.group(1), []).append((i, opt, rewritable))
 
     for i, opt, val in ps:
@@ -302,6 +306,11 @@ def check_argv(argv: list[str], incoming_fdsets: set[str] | None = None,
                 add(i, opt, val, why)
         elif opt == "-chardev":
             cid = str(d.get("id", ""))
+            lf = d.get("logfile")
+            if lf is not None:
+                fm = _FDSET.fullmatch(str(lf))
+                if not (fm and fm.group(1) in declared and kind in _REWRITTEN_CHARDEVS):
+                    add(i, opt, val, f"chardev logfile writes host file {lf}")
             if kind == "socket":
                 if cid in monitors and "fd" in d and not any(k in d for k in ("path", "host", "port")):
                     continue   # libvirt's monitor: the launcher replaces it with its own socket
@@ -391,7 +400,7 @@ def check_argv(argv: list[str], incoming_fdsets: set[str] | None = None,
                 s = m.group(1)
                 if s not in declared and s not in incoming_fdsets:
                     add(i, opt, val, f"/dev/fdset/{s} is not declared by an -add-fd")
-                elif not ((opt == "-chardev" and kind == "file") or opt == "-incoming"):
+                elif not ((opt == "-chardev" and kind in _REWRITTEN_CHARDEVS) or opt == "-incoming"):
                     add(i, opt, val, f"/dev/fdset/{s} used by {opt}, which the launcher cannot rewrite")
         # guest file paths
         paths: list[str] = []

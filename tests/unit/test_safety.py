@@ -166,3 +166,25 @@ def test_refusal_message_names_each_item(base):
     assert "human-monitor-command" in msg and "-plugin /p.so" in msg and "argv[" in msg
     assert str(found[0]) in msg
     json.dumps([f.__dict__ for f in found])     # findings are plain data
+
+
+def test_libvirt_11_serial_log_and_incoming_fdsets(base):
+    """libvirt 11.x: the serial log is -chardev pty,…,logfile=/dev/fdset/1 and a sparse restore passes
+    -add-fd set=0,…,opaque=libvirt-incoming-migrate-buffered-fd for migrate-incoming file:/dev/fdset/0."""
+    t = copy.deepcopy(base)
+    argv = [a for a in t["domain"]["argv"]]
+    i = argv.index("-add-fd")
+    argv[i:i + 4] = ["-add-fd", "set=1,fd=38,opaque=serial0-log",
+                     "-chardev", "pty,id=charserial0,logfile=/dev/fdset/1,logappend=on"]
+    argv += ["-add-fd", "set=0,fd=29,opaque=libvirt-incoming-migrate-buffered-fd",
+             "-add-fd", "set=0,fd=30,opaque=libvirt-incoming-migrate-direct-fd"]
+    t["domain"]["argv"] = argv
+    t["phases"][1]["messages"].insert(3, trace.command("migrate-incoming",
+                                                       {"uri": "file:/dev/fdset/0,offset=0x10650"}, id="x"))
+    assert safety.check_trace(t) == []
+    # without the migrate-incoming that uses it, set 0 is an fd nothing rewritable uses
+    t["phases"][1]["messages"].pop(3)
+    assert {f.reason for f in safety.check_trace(t)} == {"fdset 0 passes an fd nothing rewritable uses"}
+    # a chardev log written to a host path is refused
+    t2 = with_argv(base, "-chardev", "pty,id=c2,logfile=/etc/cron.d/x,logappend=on")
+    assert any("logfile writes host file /etc/cron.d/x" in f.reason for f in safety.check_trace(t2))
