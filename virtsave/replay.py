@@ -19,9 +19,12 @@ of what actually went over the wire, so it can be diffed against the input.
   no post-save resets of a QEMU about to quit).
 
 Every deviation from the traced command is in ``phase["substitutions"]``; mode, transport,
-argv rewrites and timings in ``trace["replay"]``. Untrusted traces are checked first
-(:func:`virtsave.safety.check_trace`): findings raise :class:`UnsafeTraceError` before any
-process is started, unless *allow_unsafe*.
+argv rewrites and timings in ``trace["replay"]`` (``timings.save.seconds``: first traced
+command to QEMU gone, image finalized and synced; ``timings.restore.seconds``: QEMU launch to
+the traced commands done, i.e. running after ``cont``; ``migration_seconds``: the stream alone).
+The image (default ``/var/lib/virtsave/replay/<name>-<pid>.save``) is left for the caller.
+Untrusted traces are checked first (:func:`virtsave.safety.check_trace`): findings raise
+:class:`UnsafeTraceError` before any process is started, unless *allow_unsafe*.
 
 Example::
 
