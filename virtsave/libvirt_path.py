@@ -312,26 +312,85 @@ def _state_flags(state: str | None, running: int, paused: int) -> int:
     raise ValueError(f"state must be None, 'running' or 'paused', not {state!r}")
 
 
+def _interruptible(call: Callable[[], Any], dom: libvirt.virDomain | None, flags: dict[str, Any]) -> Any:
+    """Run *call*; in the main thread, a Ctrl-C aborts libvirt's job instead of being held.
+
+    Why: the binding blocks in C, so a KeyboardInterrupt would only arrive after a multi-GiB
+    save finished. The call runs in a worker; on Ctrl-C ``virDomainAbortJob`` cancels it
+    (libvirt resumes the guest) and we wait for libvirt's answer: it is the truth (a job
+    past the point of no return still completes), so it is returned or raised as usual,
+    with ``flags["interrupted"]`` set.
+    """
+    if dom is None or threading.current_thread() is not threading.main_thread():
+        return call()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
+
+    # An Event, not Thread.join: a join() interrupted by Ctrl-C can later return while the
+    # thread still runs (seen here on Python 3.11), which reported an aborted save as done.
+    threading.Thread(target=work, name="virtsave-libvirt-call", daemon=True).start()
+    try:
+        while not done.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        flags["interrupted"] = True
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.abortJob()
+        while not done.wait(0.2):
+            pass
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _settled_state(dom: libvirt.virDomain, was_running: bool) -> str:
+    """The state after a failed job; libvirt resumes a cancelled save's guest just after answering."""
+    st = state_name(dom)
+    deadline = time.monotonic() + 5
+    while was_running and st == "paused" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        st = state_name(dom)
+    return st
+
+
 def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: bool,
          what: str, image: str | None = None, image_error: bool = False,
-         after_fail: Callable[[], dict[str, Any]] | None = None) -> tuple[OpResult, Any]:
+         after_fail: Callable[[], dict[str, Any]] | None = None,
+         dom: libvirt.virDomain | None = None) -> tuple[OpResult, Any]:
     t0 = time.monotonic()
+    flags: dict[str, Any] = {}
     try:
-        value = call()
+        value = _interruptible(call, dom, flags)
     except libvirt.libvirtError as exc:
         err = map_error(exc, what, image=image if image_error else None)
+        if flags.get("interrupted"):
+            err = OperationFailed(f"interrupted: {err}")
+            err.exit_code = 130
         res = OpResult(name, operation, False, round(time.monotonic() - t0, 3), image, None, str(err))
+        res.detail.update(flags)
         if after_fail:
             res.detail.update(after_fail())
             if res.detail.get("state_after"):
                 # one line, but say where the guest is: a failed save leaves it running
+                code = err.exit_code
                 err = type(err)(f"{err}; domain {name} is {res.detail['state_after']}")
+                err.exit_code = code
                 res.error = str(err)
         if raise_on_error:
             err.result = res  # type: ignore[attr-defined]
             raise err from None
         return res, None
-    return OpResult(name, operation, True, round(time.monotonic() - t0, 3), image), value
+    res = OpResult(name, operation, True, round(time.monotonic() - t0, 3), image)
+    res.detail.update(flags)  # "interrupted": Ctrl-C came too late to stop the job
+    return res, value
 
 
 def _require_active(dom: libvirt.virDomain, what: str) -> None:
@@ -349,10 +408,11 @@ def managed_save(conn: libvirt.virConnect, name: str, *, bypass_cache: bool = Fa
     if bypass_cache:
         flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
     path = managed_save_path(conn, name)
+    was_running = state_name(dom) == "running"
     with _watch(lambda: dom, name, "managed-save", progress) as last:
         res, _ = _run(name, "managed-save", lambda: dom.managedSave(flags), raise_on_error=raise_on_error,
                       what=f"managed-save of {name} failed", image=path,
-                      after_fail=lambda: {"state_after": state_name(dom)})
+                      after_fail=lambda: {"state_after": _settled_state(dom, was_running)}, dom=dom)
     if res.ok:
         st = _stat(path)
         res.image_size = st.st_size if st else None
@@ -403,9 +463,10 @@ def save(conn: libvirt.virConnect, name: str, path: str | os.PathLike[str], *, b
         def call() -> Any:
             return dom.saveFlags(path, xml, flags)
 
+    was_running = state_name(dom) == "running"
     with _watch(lambda: dom, name, "save", progress) as last:
         res, _ = _run(name, "save", call, raise_on_error=raise_on_error, what=f"save of {name} to {path} failed",
-                      image=path, after_fail=lambda: {"state_after": state_name(dom)})
+                      image=path, after_fail=lambda: {"state_after": _settled_state(dom, was_running)}, dom=dom)
     if res.ok:
         st = _stat(path)
         res.image_size = st.st_size if st else None
@@ -495,7 +556,7 @@ def start(conn: libvirt.virConnect, name: str, *, bypass_cache: bool = False, st
     st = _stat(path)
     with _watch(lambda: dom, name, "start", progress) as last:
         res, _ = _run(name, "start", lambda: dom.createWithFlags(flags), raise_on_error=raise_on_error,
-                      what=f"start of {name} failed", image=path, image_error=had)
+                      what=f"start of {name} failed", image=path, image_error=had, dom=dom)
     res.image_size = st.st_size if st else None
     res.detail.update(from_managed_save=had, flags=flags, job=dict(last), state_after=state_name(dom))
     return res

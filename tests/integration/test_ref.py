@@ -248,3 +248,35 @@ def test_xml_option_replaces_domain_xml(conn, make_guest, cli, workdir: Path) ->
     ok(cli("restore", str(img), "--xml", str(with_description("vs-restored-xml"))))
     assert "<description>vs-restored-xml</description>" in conn.lookupByName(name).XMLDesc(0)
     assert_ticks_continue(name, before)
+
+
+def test_ctrl_c_during_managed_save_is_truthful(conn, make_guest) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C aborts libvirt's job: either it was cancelled (exit 130, one line, guest running,
+    no image) or it was past the point of no return (exit 0, shut off, image). Never a mix."""
+    import signal
+    import sys
+    import time
+
+    name = ticking_guest(make_guest)
+    dom = conn.lookupByName(name)
+    proc = subprocess.Popen([sys.executable, "-m", "virtsave.cli", "managed-save", name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while lp.state_name(dom) == "running" and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # libvirt pauses the guest first: the save job is under way
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err
+    if proc.returncode == 130:
+        [line] = err.strip().splitlines()
+        assert "interrupted" in line and f"domain {name} is running" in line, line
+        assert lp.state_name(dom) == "running" and not dom.hasManagedSaveImage(0)
+        before = guest.last_tick(name)
+        assert guest.wait_tick(name, before + 1) > before
+    else:
+        assert proc.returncode == 0, (proc.returncode, err)
+        assert lp.state_name(dom) == "shut off" and dom.hasManagedSaveImage(0), out

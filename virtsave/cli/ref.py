@@ -95,6 +95,8 @@ def _out() -> Console:
 
 
 def _emit(res: lp.OpResult, text: str) -> None:
+    if res.detail.get("interrupted"):
+        info(f"{res.domain}: Ctrl-C came too late to cancel the {res.operation}: it completed")
     if OPTIONS.json:
         emit_json(res.to_dict())
     else:
