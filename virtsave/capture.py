@@ -55,7 +55,7 @@ import libvirt
 from . import config, logcapture, saveimage
 from . import libvirt_path as lp
 from . import trace as tr
-from .errors import DomainStateError, ImageError, UnsupportedError, VirtsaveError
+from .errors import DomainStateError, ImageError, LogError, UnsupportedError, VirtsaveError
 
 OPS = ("cycle", "managed-save", "save", "restore")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -270,7 +270,16 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
                     f.write(window.read_bytes())
             for s in run.steps:
                 res: lp.OpResult = s["result"]
-                messages, monitor, unphased = _parse_window(window, name, s["since"], s["until"], s["phase"])
+                try:
+                    messages, monitor, unphased = _parse_window(window, name, s["since"], s["until"], s["phase"])
+                except LogError as exc:
+                    if res.ok:  # it worked, yet nothing was logged: the capture itself failed
+                        raise LogError(f"{s['operation']} of {name} succeeded but its monitor traffic was not "
+                                       f"captured ({exc}); were libvirtd's log settings changed meanwhile?") from None
+                    # failed before QEMU migrated anything: record the failure without messages
+                    messages, monitor, unphased = [], None, []
+                    if on_warning:
+                        on_warning(f"{s['phase']} phase: no migration found in the log ({exc})")
                 if unphased and on_warning:
                     on_warning(f"{s['phase']} phase: {len(unphased)} message(s) of {name}'s monitor in the "
                                f"operation's window were not placed in the phase ({', '.join(unphased[:6])}…)")
@@ -286,7 +295,7 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
                     phase["unphased"] = unphased
     finally:
         if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            _drop_scratch(tmpdir, dom, run, on_warning)
     trace["domain"]["argv"] = qemu_argv(conn, name, xml)
     return _redact(trace)
 
@@ -317,6 +326,24 @@ def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_fi
         conn, file, bypass_cache=bypass_cache, state=state,  # type: ignore[arg-type]
         parallel_channels=parallel_channels, progress=progress, raise_on_error=False),
         dom, file, {**rest_opts, "file": file})
+
+
+def _drop_scratch(tmpdir: Path, dom: libvirt.virDomain, run: _Run,
+                  on_warning: Callable[[str], None] | None) -> None:
+    """Remove a cycle's scratch image — unless it now holds the guest's only state (saved, not
+    restored: the restore failed or was interrupted)."""
+    saved = any(s["phase"] == "save" and s["result"].ok for s in run.steps)
+    try:
+        active = bool(dom.isActive())
+    except libvirt.libvirtError:
+        active = False
+    if saved and not active and any(tmpdir.glob("*.save")):
+        if on_warning:
+            img = next(tmpdir.glob("*.save"))
+            on_warning(f"{dom.name()} is not running; its saved state is kept in {img} "
+                       f"(restore it with `virtsave restore {img}`)")
+        return
+    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _images_dir() -> Path:
@@ -379,8 +406,6 @@ def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monito
     from . import logparse
 
     if not os.path.isfile(log):
-        from .errors import LogError
-
         why = "not a regular file" if os.path.exists(log) else "No such file or directory"
         raise LogError(f"cannot read log {log}: {why}")
     trace = logparse.trace_from_log(log, domain=domain, monitor=monitor, since=since, until=until)
