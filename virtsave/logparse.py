@@ -1145,9 +1145,9 @@ def build_phases(sc: Scan, keys: list[str], lo: float | None = None, hi: float |
             operation = OPERATIONS.get(job.api, name) if job else name
             ok, error = _status(msgs[s:e + 1], a - s)
             if job is not None and job.ret is not None:
-                if job.ret != 0:
+                if job.ret != 0:   # libvirt's own last error of the job is what the user was told
                     ok = False
-                    error = error or job.error or f"{job.api} failed"
+                    error = job.error or error or f"{job.api} failed"
                 elif ok is None:
                     ok = True
             mon = sc.monitors[key]
