@@ -149,25 +149,30 @@ def _run_interruptible(call: Callable[[], lp.OpResult], dom: libvirt.virDomain |
     libvirt), the worker is awaited, and the interrupt is re-raised.
     """
     box: dict[str, Any] = {}
+    done = threading.Event()
 
     def work() -> None:
         try:
             box["result"] = call()
         except BaseException as exc:
             box["error"] = exc
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="virtsave-trace-op", daemon=True)
-    worker.start()
+    # Wait on an Event, not Thread.join(): a join() cut by KeyboardInterrupt can later report the
+    # thread finished while it still runs (CPython 3.11), i.e. before libvirt answered.
+    threading.Thread(target=work, name="virtsave-trace-op", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        while not done.wait(0.2):
+            pass
     except KeyboardInterrupt:
         if dom is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.abortJob()
         # A second Ctrl-C is held while libvirt finishes cancelling (the guest must be resumed).
         with logcapture.deferred_signals():
-            worker.join()
+            while not done.wait(0.2):
+                pass
         raise
     if "error" in box:
         raise box["error"]

@@ -210,6 +210,7 @@ def test_ctrl_c_mid_save_restores_everything(conn, make_guest, sig) -> None:  # 
     name = make_guest(memory_mib=384, fill_mib=200)
     dom = conn.lookupByName(name)
     before = settings()
+    qemu_id = dom.ID()
     proc = popen_trace(name)
     wait_job_started(dom, proc)
     proc.send_signal(sig)
@@ -218,6 +219,7 @@ def test_ctrl_c_mid_save_restores_everything(conn, make_guest, sig) -> None:  # 
     assert "Traceback" not in err
     assert not STATE.exists() or str(proc.pid) not in STATE.read_text()
     assert_running_and_ticking(conn, name)
+    assert dom.ID() == qemu_id  # the save was cancelled: same QEMU, resumed (not saved and restarted)
     assert not dom.hasManagedSaveImage(0)
     assert settings() == before
 
