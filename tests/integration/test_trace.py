@@ -24,7 +24,7 @@ import libvirt
 import pytest
 
 from tests.conftest import REPO, VIRTSAVE
-from virtsave import config, guest
+from virtsave import config, guest, logcapture
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +43,7 @@ def wait_idle(timeout: float = 600) -> None:
     """Wait until no virtsave capture session (ours or another engineer's) holds the daemon."""
     deadline = time.monotonic() + timeout
     while STATE.exists() and time.monotonic() < deadline:
+        logcapture.repair_if_stale()  # a session whose process died does not count
         time.sleep(0.5)
 
 
