@@ -233,8 +233,11 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
     if op == "restore":
         if dom.isActive():
             raise DomainStateError(f"cannot trace restore of {name}: it is running (save it first)")
-        if not os.path.exists(file):  # type: ignore[arg-type]
-            raise ImageError(f"cannot read image {file}: No such file or directory")
+        hdr = saveimage.read_header_path(file, allow_partial=False)  # type: ignore[arg-type]
+        m = re.search(r"<uuid>\s*([^<\s]+)\s*</uuid>", hdr.xml)
+        if m and m.group(1).lower() != dom.UUIDString().lower():
+            other = re.search(r"<name>\s*([^<]+?)\s*</name>", hdr.xml)
+            raise ImageError(f"{file} holds domain {other.group(1) if other else m.group(1)}, not {name}")
     elif not dom.isActive():
         raise DomainStateError(f"cannot trace {op} of {name}: domain is {lp.state_name(dom)}, not running")
 
