@@ -159,12 +159,29 @@ def binary_version(binary: str) -> tuple[int, int, int]:
     return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else (0, 0, 0)
 
 
-def plan_launch(argv: list[str], *, incoming: str | None = None, transport: str = "unix",
+def plan_launch(argv: list[str], **kw: Any) -> LaunchPlan:
+    """Rewrite a libvirt (or hand-made) QEMU argv into one virtsave can run and drive.
+
+    Keywords as :func:`_plan_launch`. A run dir made here is removed again if planning fails.
+    """
+    if kw.get("run_dir") is not None:
+        return _plan_launch(argv, **kw)
+    rdir = make_run_dir()
+    try:
+        plan = _plan_launch(argv, **{**kw, "run_dir": rdir})
+    except BaseException:
+        shutil.rmtree(rdir, ignore_errors=True)
+        raise
+    plan.owns_run_dir = True
+    return plan
+
+
+def _plan_launch(argv: list[str], *, incoming: str | None = None, transport: str = "unix",
                 paused: bool = True, serial_log: str | os.PathLike[str] | None = None,
                 add_fds: list[tuple[int, int, str]] | None = None, pass_fds: tuple[int, ...] = (),
                 allow_spawn: bool = False, binary: str | None = None,
                 run_dir: Path | None = None) -> LaunchPlan:
-    """Rewrite a libvirt (or hand-made) QEMU argv into one virtsave can run and drive.
+    """The rewriting behind :func:`plan_launch`.
 
     *incoming*: ``-incoming`` value (``defer`` for restores) or None. *add_fds*: extra
     ``-add-fd`` (set, fd, opaque) entries, whose fds are inherited. *allow_spawn*: let QEMU

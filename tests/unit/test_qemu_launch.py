@@ -91,9 +91,11 @@ def test_extra_fds_are_added_and_inherited(plans, fxa_argv):
     (["-drive", "file=/dev/fdset/0,if=none,id=d0"], "fdset 0"),
 ])
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
-def test_unknown_fds_are_refused(plans, fxa_argv, extra, what):
+def test_unknown_fds_are_refused(plans, fxa_argv, extra, what, tmp_path, monkeypatch):
+    monkeypatch.setattr(ql, "RUN_BASE", tmp_path)
     with pytest.raises(LaunchError, match=what):
         _plan(plans, fxa_argv + extra)
+    assert list(tmp_path.iterdir()) == []  # the run dir (with its key) is gone again
 
 
 def test_missing_binary_and_guest_files(plans, fxa_argv):
