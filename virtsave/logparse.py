@@ -267,6 +267,11 @@ def iter_records(path: str | os.PathLike[str], stats: LogStats | None = None, *,
                         pending = rec
                     else:
                         yield rec
+                elif b" : Line [" in line:      # libvirt's echo of every QMP line: only the greeting matters
+                    if b'"QMP"' in line:
+                        v = _greeting_version(line)
+                        if v:
+                            yield Record("greeting", 0.0, 0, text=v, lineno=lineno)
                 elif b"mon:0x" in line:
                     m = _RE_MONVM.search(line)
                     if m and m.group(2) != b"(nil)":
@@ -817,7 +822,8 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                     if kind is None or t is None:
                         st.malformed += 1
                         continue
-                    payload = b""
+                    # The JSON payload is line[p0:p1]; searched in place, copied only when collected.
+                    p0 = p1 = 0
                     key_ = _PAYLOAD_KEY.get(kind)
                     if key_ is not None:
                         e = mm.end()  # type: ignore[union-attr]
@@ -826,8 +832,11 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                             if e < 0:
                                 st.malformed += 1
                                 continue
-                        payload = line[e + len(key_):].rstrip(b"\r\n")
-                        if not (payload[:1] == b"{" and payload[-1:] == b"}"):
+                        p0 = e + len(key_)
+                        p1 = len(line)
+                        while p1 > p0 and line[p1 - 1] in (10, 13):
+                            p1 -= 1
+                        if not (p1 > p0 and line[p0] == 123 and line[p1 - 1] == 125):   # "{" … "}"
                             st.malformed += 1
                             continue
                     if not windowless and not ((lo is None or t >= lo) and (hi is None or t <= hi)) \
@@ -856,19 +865,19 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                             attribute(m, job.vm, job.name)
                             if job.api not in m.operations:
                                 m.operations.append(job.api)
-                        ex = _RE_EXEC.search(payload)
+                        ex = _RE_EXEC.search(line, p0, p1)
                         if ex and ex.group(1) in _NOTABLE_B:
                             execute = ex.group(1).decode()
                             if len(m.notable) < 200:
                                 m.notable.append(execute)
                             if execute in ("migrate", "migrate-incoming"):
-                                u = _RE_URI.search(payload)
+                                u = _RE_URI.search(line, p0, p1)
                                 if u:
                                     m.migrate_uris.append(_dec(u.group(1)))
                         key = m.key
                         if key in want:
                             flush(key)
-                            obj = _loads(payload)
+                            obj = _loads(line[p0:p1])
                             execute_ = obj.get("execute") or obj.get("exec-oob") if isinstance(obj, dict) else None
                             if not isinstance(execute_, str):
                                 st.malformed += 1
@@ -896,12 +905,12 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                             m.first = t
                         m.last = t
                         m.replies += 1
-                        if b'"error"' in payload:
+                        if line.find(b'"error"', p0, p1) >= 0:
                             m.errors += 1
                         key = m.key
                         if key in want:
                             flush(key)
-                            obj = _loads(payload)
+                            obj = _loads(line[p0:p1])
                             if not isinstance(obj, dict):
                                 st.malformed += 1
                                 continue
@@ -926,14 +935,14 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                             m.first = t
                         m.last = t
                         m.events += 1
-                        if b'"MIGRATION"' in payload:
-                            sm = _RE_STATUS.search(payload)
+                        if line.find(b'"MIGRATION"', p0, p1) >= 0:
+                            sm = _RE_STATUS.search(line, p0, p1)
                             if sm:
                                 m.migration_status = sm.group(1).decode()
                         key = m.key
                         if key in want:
                             flush(key)
-                            obj = _loads(payload)
+                            obj = _loads(line[p0:p1])
                             if not isinstance(obj, dict) or "event" not in obj:
                                 st.malformed += 1
                                 continue
@@ -971,6 +980,14 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                     if line.strip():
                         st.skipped += 1
                     continue
+                elif b" : Line [" in line:      # libvirt's echo of every QMP line: only the greeting matters
+                    n_log += 1
+                    if b'"QMP"' in line:
+                        v = _greeting_version(line)
+                        if v:
+                            sc.qemu_version = sc.qemu_version or v
+                            if last_new is not None and last_new.qemu_version is None:
+                                last_new.qemu_version = v
                 elif b"mon:0x" in line:
                     n_log += 1
                     mv = _RE_MONVM.search(line)
