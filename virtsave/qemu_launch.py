@@ -149,8 +149,19 @@ def _guest_files(opt: str, value: str) -> list[str]:
     return files
 
 
+_QEMU_NAME = re.compile(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm)$")
+
+
+def is_qemu_binary(path: str) -> bool:
+    """True when *path* names a QEMU system emulator (``qemu-system-*``, ``qemu-kvm``): the
+    only programs a (possibly untrusted) command line may make virtsave execute."""
+    return bool(_QEMU_NAME.match(os.path.basename(path)))
+
+
 def binary_version(binary: str) -> tuple[int, int, int]:
     """``qemu-system-x86_64 --version`` as a tuple (0, 0, 0) if it cannot be read."""
+    if not is_qemu_binary(binary):
+        return (0, 0, 0)
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -190,6 +201,8 @@ def _plan_launch(argv: list[str], *, incoming: str | None = None, transport: str
     if not argv:
         raise LaunchError("empty QEMU command line (trace has no domain argv)")
     exe = binary or argv[0]
+    if not is_qemu_binary(exe):
+        raise LaunchError(f"refusing to execute {exe}: not a QEMU system emulator (qemu-system-*)")
     resolved = exe if "/" in exe else shutil.which(exe)
     if not resolved or not os.path.isfile(resolved) or not os.access(resolved, os.X_OK):
         raise LaunchError(f"QEMU binary not found or not executable: {exe}")

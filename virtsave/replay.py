@@ -114,6 +114,9 @@ def check_safety(trace: _trace.Trace, allow_unsafe: bool = False) -> list[str]:
         for f in safety.check_trace(trace):
             get = (lambda k, f=f: f.get(k)) if isinstance(f, dict) else (lambda k, f=f: getattr(f, k, None))
             items.append(f"{get('item')} at {get('where')}: {get('reason')}")
+    argv = (trace.get("domain") or {}).get("argv") or []
+    if argv and not qemu_launch.is_qemu_binary(str(argv[0])):
+        items.append(f"{argv[0]} at argv[0]: not a QEMU system emulator (qemu-system-*), would be executed")
     if items and not allow_unsafe:
         raise UnsafeTraceError(f"unsafe trace ({len(items)} finding{'s' * (len(items) > 1)}): "
                                + "; ".join(items) + " — refusing (use --allow-unsafe to override)")

@@ -108,6 +108,15 @@ def test_missing_binary_and_guest_files(plans, fxa_argv):
         _plan(plans, bad)
 
 
+def test_only_qemu_binaries_are_executed(tmp_path):
+    with pytest.raises(LaunchError, match="not a QEMU system emulator"):
+        ql.plan_launch(["/bin/sh", "-c", "touch /tmp/pwned"])
+    assert ql.binary_version("/bin/sh") == (0, 0, 0)
+    tr = trace.new_trace("libvirt", domain={"name": "evil", "argv": ["/bin/sh", "-name", "x"]})
+    with pytest.raises(UnsafeTraceError, match="not a QEMU system emulator"):
+        replay.check_safety(tr)
+
+
 def test_exec_trace_refused_before_launch(tmp_path):
     tr = trace.new_trace("libvirt", domain={"name": "evil", "argv": ["/nonexistent/qemu"]})
     ph = trace.add_phase(tr, "save", "save")
