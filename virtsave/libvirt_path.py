@@ -108,10 +108,11 @@ def map_error(exc: libvirt.libvirtError, what: str, *, image: str | None = None)
     low = msg.lower()
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return DomainNotFound(text)
-    if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED, libvirt.VIR_ERR_ACCESS_DENIED) or (
-        code == libvirt.VIR_ERR_SYSTEM_ERROR and "permission denied" in low and image is None
-    ):
+    if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED, libvirt.VIR_ERR_ACCESS_DENIED):
         return ConnectionFailed(f"{text} (permission problem: run as root or as a member of the libvirt group)")
+    if "permission denied" in low:  # a file the daemon, its iohelper or QEMU may not touch
+        cls = ImageError if image is not None else OperationFailed
+        return cls(f"{text} (permission problem: check the file's owner/mode and its directory)")
     if code == libvirt.VIR_ERR_NO_CONNECT or code == libvirt.VIR_ERR_RPC:
         return ConnectionFailed(text)
     if code in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED, libvirt.VIR_ERR_CONFIG_UNSUPPORTED):

@@ -101,6 +101,8 @@ def test_save_restore_file(conn, make_guest, cli, workdir: Path, bypass: bool) -
     assert res["domain"] == name and res["detail"]["state_after"] == "running"
     assert state(conn, name) == "running"
     assert_ticks_continue(name, before)
+    # the image's domain runs now: a second restore is refused before libvirt is asked
+    one_line_exit2(cli("restore", str(img)), "already running")
 
 
 def test_paused_honoured(conn, make_guest, cli, workdir: Path) -> None:  # type: ignore[no-untyped-def]
