@@ -453,7 +453,8 @@ class Scan:
     """Result of one pass: monitor instances, jobs, host facts, counters, collected messages."""
 
     monitors: dict[str, Monitor] = field(default_factory=dict)
-    jobs: list[_Job] = field(default_factory=list)
+    jobs: dict[int, _Job] = field(default_factory=dict)    # only jobs that sent a collected command
+    job_count: int = 0
     vm_names: dict[str, str] = field(default_factory=dict)
     vm_images: dict[str, str] = field(default_factory=dict)
     libvirt_version: str | None = None
@@ -574,6 +575,8 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                     cmd["_t"] = r.t
                     cmd["_tid"] = r.tid
                     cmd["_job"] = job.index if job is not None else None
+                    if job is not None:
+                        sc.jobs[job.index] = job
                     unwritten[key] = cmd
                     outstanding.setdefault(key, {})[cmd["id"]] = cmd
             elif k == "write":
@@ -661,8 +664,8 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                     m.domain = r.name
             j = tid_job.get(r.tid)
             if j is None or j.api != r.api or j.end is not None or r.text != "nested":
-                j = _Job(r.tid, r.api, r.vm, r.name, r.t, index=len(sc.jobs))  # type: ignore[arg-type]
-                sc.jobs.append(j)
+                j = _Job(r.tid, r.api, r.vm, r.name, r.t, index=sc.job_count)  # type: ignore[arg-type]
+                sc.job_count += 1
                 tid_job[r.tid] = j
         elif k == "jobend":
             j = tid_job.get(r.tid)
@@ -687,7 +690,7 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
     """One streaming pass: summarize every monitor instance; keep full messages for keys in *collect*.
 
     Collected messages are dicts in wire order with the public trace fields plus private ones
-    (``_t`` absolute time, ``_tid``, ``_job`` index into ``Scan.jobs``); :func:`build_phases` strips them.
+    (``_t`` absolute time, ``_tid``, ``_job`` key into ``Scan.jobs``); :func:`build_phases` strips them.
     Same result as :func:`_scan_records`, with the line parsing inlined (no per-line objects) for
     throughput; lines are read one at a time (constant memory). ``summary=False`` (with *collect*):
     monitors whose pointer is not collected are skipped, so ``Scan.monitors`` holds only the collected
@@ -758,8 +761,8 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
             j = tid_job.get(tid)
             # A top-level "Starting job" is a new job; "job=async nested" continues the thread's async job.
             if j is None or j.api != api or j.end is not None or b"job=async nested" not in line:
-                j = _Job(tid, api, vm, name, t, index=len(sc.jobs))
-                sc.jobs.append(j)
+                j = _Job(tid, api, vm, name, t, index=sc.job_count)
+                sc.job_count += 1
                 tid_job[tid] = j
         else:
             pm = _RE_PATH.search(line)
@@ -892,6 +895,8 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                             cmd["_t"] = t
                             cmd["_tid"] = tid if tid_job else _tid(line)
                             cmd["_job"] = job.index if job is not None else None
+                            if job is not None:
+                                sc.jobs[job.index] = job
                             unwritten[key] = cmd
                             outstanding.setdefault(key, {})[cmd["id"]] = cmd
                             pend = ("send", cmd)
@@ -1158,7 +1163,7 @@ def build_phases(sc: Scan, keys: list[str], lo: float | None = None, hi: float |
             for i in range(s, e + 1):
                 covered[i] = True
             anchor = msgs[a]
-            job = sc.jobs[anchor["_job"]] if anchor.get("_job") is not None else None
+            job = sc.jobs.get(anchor["_job"]) if anchor.get("_job") is not None else None
             operation = OPERATIONS.get(job.api, name) if job else name
             ok, error = _status(msgs[s:e + 1], a - s)
             if job is not None and job.ret is not None:

@@ -434,8 +434,9 @@ def _scan_equal(path: Path, **kw) -> None:
     assert [m.to_dict() for m in fast.monitors.values()] == [m.to_dict() for m in ref.monitors.values()]
     assert fast.messages == ref.messages
     assert fast.stats == ref.stats
-    assert [(j.tid, j.api, j.vm, j.name, j.start, j.end, j.ret, j.error) for j in fast.jobs] == \
-        [(j.tid, j.api, j.vm, j.name, j.start, j.end, j.ret, j.error) for j in ref.jobs]
+    assert {i: (j.tid, j.api, j.vm, j.name, j.start, j.end, j.ret, j.error) for i, j in fast.jobs.items()} == \
+        {i: (j.tid, j.api, j.vm, j.name, j.start, j.end, j.ret, j.error) for i, j in ref.jobs.items()}
+    assert fast.job_count == ref.job_count
     assert (fast.vm_names, fast.vm_images, fast.libvirt_version, fast.hostname) == \
         (ref.vm_names, ref.vm_images, ref.libvirt_version, ref.hostname)
     summary = logparse.scan(path, **kw)      # the summary pass (no collection) agrees too
@@ -638,3 +639,18 @@ def test_real_five_interleaved_saves(five_saves):
         logparse.trace_from_log(p)
     assert "vs-lp-a2523" in str(ei.value)
     _scan_equal(p)
+
+
+def test_window_accepts_datetimes_and_iso(tmp_path):
+    import datetime as dt
+
+    p = write(tmp_path, "cycle.log", read("libvirt-9.0/managedsave-running.log") +
+              read("libvirt-9.0/managedsave-restore.log"))
+    save_end = logparse.list_monitors(p)[0]["last"]
+    aware = dt.datetime.fromtimestamp(save_end + 0.5, dt.UTC)
+    naive = aware.replace(tzinfo=None)                      # naive = UTC
+    for since in (aware, naive, aware.isoformat(), str(save_end + 0.5)):
+        assert [ph["name"] for ph in logparse.trace_from_log(p, since=since)["phases"]] == ["restore"]
+    with pytest.raises(errors.LogError, match="cannot understand time"):
+        logparse.trace_from_log(p, since="yesterday")
+    assert logparse.scan(p).job_count == 0                 # monitor-only: no job lines
