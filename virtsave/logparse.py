@@ -135,7 +135,7 @@ class _Clock:
         t = self.ms.get(stamp, -1.0)
         if t != -1.0:
             return t
-        if len(self.ms) > 200_000:
+        if len(self.ms) > 20_000:
             self.ms.clear()
         t = self.ms[stamp] = self._slow(line)
         return t
@@ -153,7 +153,7 @@ class _Clock:
                 base = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offs
             except ValueError:
                 return None
-            if len(self.cache) > 100_000:
+            if len(self.cache) > 10_000:
                 self.cache.clear()
             self.cache[key] = base
         try:
