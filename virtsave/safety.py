@@ -411,6 +411,8 @@ def check_argv(argv: list[str], incoming_fdsets: set[str] | None = None,
             for k, x in _walk_items(d):
                 if k in ("file", "filename", "romfile") and isinstance(x, str):
                     paths.append(x)
+        elif opt == "-audiodev" and isinstance(d.get("path"), str):
+            paths.append(d["path"])      # the wav backend writes there
         for p in paths:
             if not p or _FDSET.fullmatch(p):
                 continue

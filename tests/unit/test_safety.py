@@ -74,6 +74,7 @@ ARGV_CASES = [
      "-blockdev", "path traversal"),
     (["-drive", "file=/etc/passwd,format=raw,if=virtio"], "-drive file=/etc/passwd", "outside the expected places"),
     (["-fsdev", "local,id=f,path=/,security_model=none"], "-fsdev local", "shares a host directory"),
+    (["-audiodev", '{"id":"a2","driver":"wav","path":"/etc/profile.d/x.sh"}'], "-audiodev", "outside the expected"),
 ]
 
 
