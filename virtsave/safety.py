@@ -28,8 +28,9 @@ Refused (each a finding):
   netdevs; ``-plugin``, ``-loadvm``, ``-fsdev``/``-virtfs``, ``-D``, ``-trace file=``, ``-readconfig``/
   ``-writeconfig``; ``romfile=`` outside ``/usr/share/``;
 * paths with a ``..`` component or relative, in guest file options (kernel, initrd, firmware, disks
-  ``file=``/``filename``, ``fw_cfg``, ``-option-rom``) and in every phase's ``image.path``; guest files
-  outside :data:`EXPECTED_PREFIXES`; image paths under :data:`DENY_PREFIXES` (``/etc``, ``/dev``, ``/proc`` …).
+  ``file=``/``filename``, ``fw_cfg``, ``-option-rom``, ``-audiodev`` wav ``path``) and in every phase's
+  ``image.path``; guest files outside :data:`EXPECTED_PREFIXES`; image paths under
+  :data:`DENY_PREFIXES` (``/etc``, ``/dev``, ``/proc`` …).
 
 Rewritable (not findings), exactly what :mod:`virtsave.qemu_launch` replaces: the monitor chardev
 ``-chardev socket,id=charmonitor,fd=N`` (the chardev a ``-mon …,mode=control`` names), libvirt's
