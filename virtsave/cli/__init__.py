@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from .common import OPTIONS, handle_errors
+from .common import OPTIONS, handle_errors, info
 
 app = typer.Typer(
     name="virtsave",
@@ -42,6 +42,22 @@ def _global(
     if connect:
         OPTIONS.uri = connect
     OPTIONS.json = json_out
+    _repair_log_settings()
+
+
+def _repair_log_settings() -> None:
+    """A ``virtsave trace`` killed with SIGKILL leaves libvirtd logging into our capture file;
+    every command puts the operator's settings back (one ``stat`` when nothing is stale)."""
+    from ..errors import VirtsaveError
+    from ..logcapture import repair_if_stale
+
+    try:
+        msg = repair_if_stale(OPTIONS.uri)
+    except VirtsaveError as exc:
+        info(f"warning: could not check libvirtd's log settings: {exc}")
+        return
+    if msg:
+        info(f"warning: {msg}")
 
 
 for _area in AREAS:
