@@ -623,3 +623,84 @@ def test_private_files_even_with_umask_000(tmp_path, real_image):
     assert proc.returncode == 0, proc.stderr
     for p in (img, out, rep):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p, oct(p.stat().st_mode))
+
+
+def test_allow_unsafe_warns_naming_the_item(cli, tmp_path, qemu_wrapper):
+    """SECURITY.md: ``--allow-unsafe`` turns the refusal into a *warning* — the replay runs, and
+    stderr still names what the check found. (HMP ``info status`` is harmless to actually run.)"""
+    wrapper, record = qemu_wrapper
+    t = _synthetic_trace(argv0=str(wrapper))
+    t["phases"][0]["messages"].insert(0, tr.command("human-monitor-command", {"command-line": "info status"},
+                                                    id="x-1"))
+    path = _write_trace(tmp_path / "hmp.json", t)
+    img = tmp_path / "x.save"
+    proc = cli("replay", str(path), "--allow-unsafe", "--phases", "save", "--run-for", "0", "--image", str(img),
+               "-o", str(tmp_path / "r.json"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert record.exists()  # it did run
+    assert saveimage.read_header_path(img).partial is False
+    assert "human-monitor-command" in proc.stderr and "warn" in proc.stderr.lower(), \
+        f"--allow-unsafe replayed silently, no warning naming the finding: {proc.stderr!r}"
+
+
+def test_plugin_and_extra_monitor_refused(cli, tmp_path, qemu_wrapper):
+    wrapper, record = qemu_wrapper
+    t = _synthetic_trace(argv0=str(wrapper))
+    t["domain"]["argv"] += ["-plugin", "/tmp/evil.so"]
+    line = assert_clean_error(cli("replay", str(_write_trace(tmp_path / "p.json", t)), "--image",
+                                  str(tmp_path / "x.save")))
+    assert "-plugin" in line or "evil.so" in line, line
+    assert not record.exists() and not (tmp_path / "x.save").exists()
+
+
+SECRETS = ["VNCPW123", "SPICEPW1", "ARGVSECRETDATA", "JSONSECRETDATA", "SPICEOPTPW", "QMPSECRETDATA",
+           "QMPVNCPW", "CHGVNCPW"]
+
+
+def test_redaction_covers_what_security_md_lists(cli, tmp_path):
+    """Every secret kind SECURITY.md names is redacted by ``virtsave.redact`` and never reaches a
+    ``virtsave export --format replies`` output (export works from the redacted trace)."""
+    from virtsave import redact
+
+    t = _synthetic_trace()
+    t["domain"]["xml"] = ("<domain type='qemu'><name>s</name><devices>"
+                          "<graphics type='vnc' passwd='VNCPW123'/><graphics type='spice' passwd='SPICEPW1'/>"
+                          "</devices></domain>")
+    t["domain"]["argv"] += ["-object", "secret,id=sec0,data=ARGVSECRETDATA,format=raw",
+                            "-object", json.dumps({"qom-type": "secret", "id": "sec1", "data": "JSONSECRETDATA",
+                                                   "format": "base64"}),
+                            "-spice", "port=5901,password=SPICEOPTPW"]
+    ph = t["phases"][1]["messages"]
+    for i, (execute, args) in enumerate([
+            ("object-add", {"qom-type": "secret", "id": "s2", "data": "QMPSECRETDATA", "format": "raw"}),
+            ("set_password", {"protocol": "vnc", "password": "QMPVNCPW"}),
+            ("change-vnc-password", {"password": "CHGVNCPW"})]):
+        ph.insert(0, tr.reply(f"r-{i}", ret={}))
+        ph.insert(0, tr.command(execute, args, id=f"r-{i}"))
+    assert tr.validate(t) == []
+    red = json.dumps(redact.redact_trace(copy.deepcopy(t)))
+    leaked = [s for s in SECRETS if s in red]
+    assert not leaked, f"not redacted: {leaked}"
+    path = _write_trace(tmp_path / "unredacted.json", t)
+    proc = cli("export", str(path), "--format", "replies")
+    assert proc.returncode == 0, proc.stderr
+    assert "set_password" in proc.stdout  # control: the command itself is exported
+    leaked = [s for s in SECRETS if s in proc.stdout + proc.stderr]
+    assert not leaked, f"exported in clear: {leaked}"
+
+
+def test_cookie_external_entity_not_resolved(cli, tmp_path, real_image):
+    """The cookie XML (unlike the domain XML) need not start with '<domain': an external entity
+    there must not pull a host file into inspect's output."""
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("HOST-FILE-CONTENT-4343\n")
+    cookie = (f'<?xml version="1.0"?><!DOCTYPE cookie [<!ENTITY x SYSTEM "file://{secret}">]>'
+              "<cookie><cpu>&x;</cpu></cookie>")
+    stream = real_image.read_bytes()[_stream_offset(real_image):]
+    img = tmp_path / "xxe-cookie.save"
+    img.write_bytes(saveimage.encode_header("<domain type='qemu'><name>c</name></domain>", cookie,
+                                            partial=False) + stream)
+    for args in (("inspect", str(img)), ("--json", "inspect", str(img)), ("diff", str(real_image), str(img))):
+        proc = cli(*args)
+        assert "HOST-FILE-CONTENT" not in proc.stdout + proc.stderr, args
+        assert "Traceback" not in proc.stderr
