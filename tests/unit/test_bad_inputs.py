@@ -704,3 +704,16 @@ def test_cookie_external_entity_not_resolved(cli, tmp_path, real_image):
         proc = cli(*args)
         assert "HOST-FILE-CONTENT" not in proc.stdout + proc.stderr, args
         assert "Traceback" not in proc.stderr
+
+
+def test_oversized_trace_refused_by_every_command(cli, tmp_path):
+    """SECURITY.md: traces are size-capped (512 MiB) — for every command that reads one. A sparse
+    file costs no disk; a command that reads it whole instead of refusing costs 513 MiB of RAM."""
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.write(b'{"format": "virtsave-trace", "version": 1, "pad": "')  # looks like a trace
+        f.truncate(513 * 1024 * 1024)
+    good = _write_trace(tmp_path / "good.json", _synthetic_trace())
+    for args in (("replay", str(big)), ("export", str(big)), ("diff", str(good), str(big)), ("validate", str(big))):
+        line = assert_clean_error(cli(*args))
+        assert "512 MiB" in line or "too large" in line or "larger" in line, (args, line)
