@@ -134,15 +134,24 @@ def run(cfg: Config) -> Result:
             t, _ = _timed(lambda: libvirt_path.restore(conn, sparse_img, parallel_channels=cfg.channels))
             s["libvirt sparse-p2 restore"].values.append(t)
             os.unlink(sparse_img)
-            log(f"[{r + 1}/{cfg.repeats}] traced managedsave (virtsave trace --op managed-save)")
-            t, _ = _timed(lambda: capture.trace_domain(conn, name, op="managed-save"))
-            s["libvirt traced managedsave"].values.append(t)
-            libvirt_path.start(conn, name)
+        # P4 in ABBA order (untraced/traced, then traced/untraced): libvirt's save time drifts and
+        # jumps in 200 ms steps (its SIGTERM polling), so pairs must alternate to compare fairly.
+        pairs = max(4, cfg.repeats)
+        for i in range(pairs):
+            log(f"[P4 {i + 1}/{pairs}] managed save untraced and traced (virtsave trace --op managed-save)")
+            for traced in ((False, True) if i % 2 == 0 else (True, False)):
+                if traced:
+                    t, _ = _timed(lambda: capture.trace_domain(conn, name, op="managed-save"))
+                    s["libvirt traced managedsave"].values.append(t)
+                else:
+                    t, _ = _timed(lambda: libvirt_path.managed_save(conn, name))
+                    s["libvirt managedsave"].values.append(t)
+                libvirt_path.start(conn, name)
         # The direct path needs the libvirt guest's CPU out of the way: save it while we measure.
         libvirt_path.managed_save(conn, name)
         log("direct: launching QEMU from the domain's own command line")
         direct_serial = work / "direct-serial.log"
-        proc = qemu_launch.start(qemu_launch.plan_launch(argv, serial_log=direct_serial))
+        proc = qemu_launch.start(qemu_launch.plan_launch(argv, serial_log=direct_serial, paused=False))
         _wait_filled(direct_serial)
         img = str(work / "direct.img")
         for r in range(cfg.repeats):
@@ -159,6 +168,9 @@ def run(cfg: Config) -> Result:
             s["direct restore to running"].values.append(t)
             if r < cfg.repeats - 1:
                 os.unlink(img)
+        header = saveimage.read_header_path(img).to_dict()
+        proc.stop(grace=1.0)  # nothing else may compete for the CPU during dd and the parser
+        proc = None
         log("dd write rate to the same filesystem")
         dd_mib = max(256, min(2048, cfg.fill_mib))
         for _ in range(cfg.repeats):
@@ -169,7 +181,6 @@ def run(cfg: Config) -> Result:
         for _ in range(cfg.repeats):
             s["parser throughput"].values.append(logparse.parse_bytes_per_second(big))
         big.unlink()
-        header = saveimage.read_header_path(img).to_dict()
     finally:
         if proc is not None:
             proc.stop(grace=1.0)
