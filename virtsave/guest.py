@@ -94,8 +94,10 @@ def remove(conn: libvirt.virConnect, name: str) -> None:
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         with contextlib.suppress(libvirt.libvirtError):
             dom.undefineFlags(flags)
-    with contextlib.suppress(FileNotFoundError, PermissionError):
-        serial_log(name).unlink()
+    # libvirt keeps the domain's QEMU log after undefine; a throwaway guest leaves nothing behind.
+    for log in (serial_log(name), SERIAL_LOG_DIR / f"{name}.log"):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            log.unlink()
 
 
 def ticks(name: str) -> list[int]:
