@@ -602,21 +602,41 @@ def test_sigkill_during_trace_repaired_by_next_command(cli, conn, make_guest, da
 
 
 VNC_PASSWORD = "s3cr3tVN"  # libvirt allows at most 8 characters for VNC
+LUKS_PASSPHRASE = "LuksPass-4711-s3cr3t"
 
 
 @pytest.fixture
-def vnc_guest(conn) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    """A test guest with a VNC password (and libvirt's master-key secret object)."""
+def secret_guest(conn, workdir) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A test guest with a VNC password and a LUKS disk whose passphrase is a libvirt ``<secret>``
+    (libvirt hands it to QEMU as a ``secret`` object, encrypted with the domain's master key)."""
     name = guest.unique_name("vs-test-sec")
+    disk = workdir / f"{name}.luks"
+    subprocess.run(["qemu-img", "create", "--object", f"secret,id=sec0,data={LUKS_PASSPHRASE}", "-f", "luks",
+                    "-o", "key-secret=sec0", str(disk), "16M"], check=True, capture_output=True)
+    disk.chmod(0o644)
+    sec_uuid = str(_uuid.uuid4())
+    sec = conn.secretDefineXML(f"<secret ephemeral='no' private='yes'><uuid>{sec_uuid}</uuid>"
+                               f"<usage type='volume'><volume>{disk}</volume></usage></secret>")
     xml = guest.guest_xml(name, memory_mib=256, fill_mib=32)
-    xml = xml.replace("</devices>", f"<graphics type='vnc' autoport='yes' listen='127.0.0.1' "
-                                    f"passwd='{VNC_PASSWORD}'/></devices>")
+    xml = xml.replace("</devices>", f"<graphics type='vnc' autoport='yes' listen='127.0.0.1' passwd='{VNC_PASSWORD}'/>"
+                      f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{disk}'>"
+                      f"<encryption format='luks'><secret type='passphrase' uuid='{sec_uuid}'/></encryption>"
+                      "</source><target dev='vdb' bus='virtio'/></disk></devices>")
     try:
+        sec.setValue(LUKS_PASSPHRASE.encode())
         conn.defineXML(xml).create()
         guest.wait_tick(name, 1, timeout=120)
         yield name
     finally:
         guest.remove(conn, name)
+        with contextlib.suppress(libvirt.libvirtError):
+            sec.undefine()
+
+
+def _secret_object_data(name: str) -> list[str]:
+    """``data`` values of secret objects on the QEMU command lines libvirt logged for *name*."""
+    text = Path(f"/var/log/libvirt/qemu/{name}.log").read_text(errors="replace")
+    return sorted(set(re.findall(r'"qom-type":"secret"[^}]*"data":"([^"]+)"', text)))
 
 
 def _master_key_b64(name: str) -> list[str]:
@@ -628,12 +648,14 @@ def _master_key_b64(name: str) -> list[str]:
     return found
 
 
-def test_secrets_not_in_trace_or_replies(cli, conn, vnc_guest, workdir):
-    """A domain with a VNC password: the trace (XML, argv, messages) and its ``.replies`` export
-    hold no secret value; the trace and export are 0600 even with umask 000."""
-    name = vnc_guest
+def test_secrets_not_in_trace_or_replies(cli, conn, secret_guest, workdir):
+    """A domain with a VNC password and a ``<secret>``-backed LUKS disk: the trace (XML, argv,
+    messages) and its ``.replies`` export hold no secret value (password, passphrase, the secret
+    object's data, libvirt's master key); the trace and export are 0600 even with umask 000."""
+    name = secret_guest
     keys = _master_key_b64(name)
     assert keys, "control: libvirt's master key of the domain not found"
+    secrets_ = [VNC_PASSWORD, LUKS_PASSPHRASE, base64.b64encode(LUKS_PASSPHRASE.encode()).decode(), *keys]
     xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
     assert VNC_PASSWORD in xml  # control: libvirt does hold the secret
     out = workdir / "t.json"
@@ -641,9 +663,13 @@ def test_secrets_not_in_trace_or_replies(cli, conn, vnc_guest, workdir):
     res = finish(p)
     assert res.returncode == 0, res.stderr
     text = out.read_text()
-    assert VNC_PASSWORD not in text, "VNC password in the trace"
-    for k in keys:
-        assert k not in text, "master key in the trace"
+    data = _secret_object_data(name)
+    assert data, "control: no secret object with data on the command line"
+    leaked = [x for x in [*secrets_, *data] if x in text]
+    assert not leaked, f"secret values in the trace: {leaked}"
+    argv = tr.load(out)["domain"]["argv"]
+    assert any('"qom-type":"secret"' in a and '"data":"<redacted>"' in a for a in argv), \
+        "the secret object's data was dropped, not redacted"
     t = tr.load(out)
     assert "redacted" in json.dumps(t["domain"]["xml"]), "the password attribute was dropped, not redacted"
     # libvirt hands QEMU the VNC password over QMP at start (set_password): it was there to redact
@@ -655,9 +681,10 @@ def test_secrets_not_in_trace_or_replies(cli, conn, vnc_guest, workdir):
     p = popen_cli("export", str(out), "--format", "replies", "-o", str(rep), umask=0)
     res = finish(p)
     assert res.returncode == 0, res.stderr
-    assert rep.stat().st_size > 0 and VNC_PASSWORD not in rep.read_text()
+    assert rep.stat().st_size > 0
     stdout = cli("export", str(out), "--format", "replies").stdout
-    assert VNC_PASSWORD not in stdout
+    leaked = [x for x in [*secrets_, *data] if x in rep.read_text() + stdout]
+    assert not leaked, f"secret values in the .replies export: {leaked}"
     for p_ in (out, rep):
         assert (p_.stat().st_mode & 0o777) == 0o600, (p_, oct(p_.stat().st_mode))
     assert VNC_PASSWORD not in res.stderr + res.stdout
