@@ -720,3 +720,19 @@ def test_oversized_trace_refused_by_every_command(cli, tmp_path):
     for args in (("replay", str(big)), ("export", str(big)), ("diff", str(good), str(big)), ("validate", str(big))):
         line = assert_clean_error(cli(*args))
         assert "512 MiB" in line or "too large" in line or "larger" in line, (args, line)
+
+
+def test_cookie_entity_expansion_bomb(cli, tmp_path, real_image):
+    """A 'billion laughs' cookie is refused quickly with one line (libxml2's amplification limit),
+    not expanded into gigabytes."""
+    ents = '<!ENTITY a0 "LOLLOLLOLLOL">' + "".join(
+        f'<!ENTITY a{i} "' + f"&a{i - 1};" * 10 + '">' for i in range(1, 10))
+    cookie = f'<?xml version="1.0"?><!DOCTYPE cookie [{ents}]><cookie><cpu>&a9;</cpu></cookie>'
+    stream = real_image.read_bytes()[_stream_offset(real_image):]
+    img = tmp_path / "lol.save"
+    img.write_bytes(saveimage.encode_header("<domain type='qemu'><name>c</name></domain>", cookie,
+                                            partial=False) + stream)
+    proc = cli("inspect", str(img), timeout=60)
+    assert "LOLLOLLOL" not in proc.stdout
+    if proc.returncode != 0:
+        assert_clean_error(proc)
