@@ -72,6 +72,10 @@ class Result:
 
 
 def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    # Each measured operation starts on a quiet disk: without this, the previous save's
+    # gigabytes still being written back land on whichever operation comes next.
+    os.sync()
+    time.sleep(0.3)
     t0 = time.monotonic()
     out = call()
     return time.monotonic() - t0, out
@@ -174,6 +178,7 @@ def run(cfg: Config) -> Result:
         log("dd write rate to the same filesystem")
         dd_mib = max(256, min(2048, cfg.fill_mib))
         for _ in range(cfg.repeats):
+            os.sync()
             s["dd write rate"].values.append(dd_write_rate(work, dd_mib))
         log(f"log parser on a generated {cfg.parse_log_mb} MB libvirtd log")
         big = work / "big.log"

@@ -45,7 +45,6 @@ import secrets
 import shlex
 import shutil
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -142,43 +141,6 @@ def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetim
     return messages, monitor, unphased
 
 
-def _run_interruptible(call: Callable[[], lp.OpResult], dom: libvirt.virDomain | None) -> lp.OpResult:
-    """Run a blocking libvirt call in a worker thread so Ctrl-C reaches us while it runs.
-
-    On KeyboardInterrupt libvirt's job is aborted (a save is cancelled and the guest resumed by
-    libvirt), the worker is awaited, and the interrupt is re-raised.
-    """
-    box: dict[str, Any] = {}
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            box["result"] = call()
-        except BaseException as exc:
-            box["error"] = exc
-        finally:
-            done.set()
-
-    # Wait on an Event, not Thread.join(): a join() cut by KeyboardInterrupt can later report the
-    # thread finished while it still runs (CPython 3.11), i.e. before libvirt answered.
-    threading.Thread(target=work, name="virtsave-trace-op", daemon=True).start()
-    try:
-        while not done.wait(0.2):
-            pass
-    except KeyboardInterrupt:
-        if dom is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.abortJob()
-        # A second Ctrl-C is held while libvirt finishes cancelling (the guest must be resumed).
-        with logcapture.deferred_signals():
-            while not done.wait(0.2):
-                pass
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
 # --------------------------------------------------------------------------- the traced run
 
 
@@ -197,7 +159,15 @@ class _Run:
         # after (before a following start can delete it).
         img = image_info(image) if phase == "restore" else None
         since = _dt.datetime.now(_dt.UTC)
-        res = _run_interruptible(call, dom)
+        flags: dict[str, Any] = {}
+        try:
+            res = lp.abortable(call, dom, flags)
+        except Exception:
+            if flags.get("interrupted"):  # libvirt cancelled the job: report the Ctrl-C, not its error
+                raise KeyboardInterrupt from None
+            raise
+        if flags.get("interrupted"):
+            raise KeyboardInterrupt
         until = _dt.datetime.now(_dt.UTC)
         if phase == "save":
             img = image_info(res.image or image)

@@ -49,6 +49,7 @@ from .errors import (
     VirtsaveError,
 )
 from .saveimage import read_header_path
+from .signals import deferred_signals
 
 DEFAULT_URI = "qemu:///system"
 #: Where the system QEMU driver keeps managed-save images (``<save_dir>/<name>.save``).
@@ -313,7 +314,7 @@ def _state_flags(state: str | None, running: int, paused: int) -> int:
     raise ValueError(f"state must be None, 'running' or 'paused', not {state!r}")
 
 
-def _interruptible(call: Callable[[], Any], dom: libvirt.virDomain | None, flags: dict[str, Any]) -> Any:
+def abortable(call: Callable[[], Any], dom: libvirt.virDomain | None, flags: dict[str, Any]) -> Any:
     """Run *call*; in the main thread, a Ctrl-C aborts libvirt's job instead of being held.
 
     Why: the binding blocks in C, so a KeyboardInterrupt would only arrive after a multi-GiB
@@ -345,8 +346,10 @@ def _interruptible(call: Callable[[], Any], dom: libvirt.virDomain | None, flags
         flags["interrupted"] = True
         with contextlib.suppress(libvirt.libvirtError):
             dom.abortJob()
-        while not done.wait(0.2):
-            pass
+        # A second Ctrl-C is held while libvirt finishes cancelling (the guest must be resumed).
+        with deferred_signals():
+            while not done.wait(0.2):
+                pass
     if "error" in box:
         raise box["error"]
     return box.get("value")
@@ -369,7 +372,7 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
     t0 = time.monotonic()
     flags: dict[str, Any] = {}
     try:
-        value = _interruptible(call, dom, flags)
+        value = abortable(call, dom, flags)
     except libvirt.libvirtError as exc:
         err = map_error(exc, what, image=image if image_error else None)
         if flags.get("interrupted"):

@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 from . import config
 from .errors import ConnectionFailed, LogError, UnsupportedError
+from .signals import Terminated, deferred_signals
 
 # Filters that make the log name the domain (DESIGN.md §3): monitor I/O, the job lines
 # ("Starting job: API=… vm=0x… name=NAME") and qemuProcessStart ("vm=0x… name=NAME").
@@ -355,40 +356,6 @@ def _restore(runner: Any, state: State, paths: Paths) -> str | None:
     return warning
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM/SIGHUP turned into an exception so ``finally`` blocks run."""
-
-
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """Hold SIGINT/SIGTERM/SIGHUP while settings and the state file change; re-raise after.
-
-    A signal arriving inside the block is recorded, not acted on; at the end of the block
-    (if it ended normally) it becomes :class:`KeyboardInterrupt`. So a second Ctrl-C cannot cut
-    a restore of the daemon's settings in half. Python runs signal handlers in the main thread
-    only, so elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield []
-        return
-    got: list[int] = []
-
-    def hold(signum: int, _frame: Any) -> None:
-        got.append(signum)
-
-    old = {s: signal.signal(s, hold) for s in _HELD_SIGNALS}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-    if got:
-        raise _Terminated(f"signal {got[0]}") if got[0] != signal.SIGINT else KeyboardInterrupt()
-
-
 def repair_if_stale(uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
                     runner: Any = None) -> str | None:
     """Restore the daemon's log settings if every virtsave that switched them on has died.
@@ -579,7 +546,7 @@ def _term_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        raise _Terminated(f"signal {signum}")
+        raise Terminated(f"signal {signum}")
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
     old_int = signal.getsignal(signal.SIGINT)
