@@ -319,6 +319,28 @@ def test_disk_full_libvirt_save(cli, conn, make_guest, full_fs):
     assert guest.wait_tick(name, before + 1, timeout=60) > before
 
 
+def test_disk_full_traced_save(cli, conn, make_guest, full_fs, workdir):
+    """``virtsave trace --file`` into a full filesystem: exit 2, one line, but the trace is still
+    written as evidence — its save phase says ``ok: false`` with the error and holds libvirt's
+    ``cont``; no restore phase; the guest runs on; no complete image."""
+    name = make_guest(memory_mib=256, fill_mib=128)
+    target = full_fs / "x.img"
+    out = workdir / "t.json"
+    proc = cli("trace", name, "--file", str(target), "-o", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert_not_complete(target)
+    t = tr.load(out)
+    assert [p["name"] for p in t["phases"]] == ["save"], [p["name"] for p in t["phases"]]
+    save = t["phases"][0]
+    assert save["ok"] is False and save["error"], save["error"]
+    cmds = [m["execute"] for m in save["messages"] if m["kind"] == "command"]
+    assert "migrate" in cmds and "cont" in cmds[cmds.index("migrate"):], cmds
+    before = guest.last_tick(name)
+    assert guest.wait_tick(name, before + 1, timeout=60) > before
+
+
 def test_disk_full_direct_save(cli, conn, make_guest, full_fs, workdir, our_qemus):
     """direct path: ``virtsave direct save`` of a QEMU launched by hand from the guest's own
     command line into a full filesystem → exit 2, the QEMU's guest is running again (query-status)
