@@ -544,18 +544,20 @@ def _our_capture_files(pid: int) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", [None, "gzip"])
-def test_sigint_during_trace(cli, conn, make_guest, workdir, daemon_log_settings_unchanged, fmt):
+@pytest.mark.parametrize(("fmt", "sig"), [(None, signal.SIGINT), ("gzip", signal.SIGINT), (None, signal.SIGTERM)],
+                         ids=["managed-save", "gzip-file-cycle", "sigterm"])
+def test_sigint_during_trace(cli, conn, make_guest, workdir, daemon_log_settings_unchanged, fmt, sig):
     """Ctrl-C during ``virtsave trace``: the save is cancelled (libvirt resumes the guest), no trace
     claims success, temporary files (capture window, scratch image) are gone, and libvirtd's log
-    settings are back. gzip: the scratch image of a file cycle."""
+    settings are back. gzip: the scratch image of a file cycle. SIGTERM (a service manager stopping
+    virtsave) is handled the same way."""
     name = make_guest(**BIG)
     dom = conn.lookupByName(name)
     out = workdir / "t.json"
     args = ["trace", name, "-o", str(out)] + (["--image-format", fmt] if fmt else [])
     p = popen_cli(*args)
     wait_for(lambda: job_active(dom), "libvirt's save job", while_alive=p)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     res = finish(p)
     assert_interrupted(res)
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, f"guest not running after Ctrl-C: {dom.state()}"
