@@ -52,8 +52,8 @@ messages. :func:`parse_bytes_per_second` and :func:`generate_log` serve the benc
 
 Example::
 
-    >>> tr = trace_from_log("tests/fixtures/libvirt-9.0-attributed/managedsave-running.log")  # doctest: +SKIP
-    >>> [m["execute"] for m in tr["phases"][0]["messages"] if m["kind"] == "command"][:2]  # doctest: +SKIP
+    >>> tr = trace_from_log("tests/fixtures/libvirt-9.0-attributed/managedsave-running.log")
+    >>> [m["execute"] for m in tr["phases"][0]["messages"] if m["kind"] == "command"][:2]
     ['query-migrate', 'stop']
 """
 

@@ -20,8 +20,8 @@ words are the environment, the next word is the binary (``argv[0]``).
 
 Example::
 
-    >>> starts = parse_domain_log("tests/fixtures/qemu-domain-logs/fxa.log")  # doctest: +SKIP
-    >>> starts[0].libvirt_version, starts[0].qemu_version, starts[0].argv[0]  # doctest: +SKIP
+    >>> starts = parse_domain_log("tests/fixtures/qemu-domain-logs/fxa.log")
+    >>> starts[0].libvirt_version, starts[0].qemu_version, starts[0].argv[0]
     ('9.0.0', '7.2.22', '/usr/bin/qemu-system-x86_64')
 """
 
