@@ -176,18 +176,29 @@ def loads(text: str | bytes, *, name: str = "trace") -> Trace:
     return data
 
 
-def load(path: str | os.PathLike[str]) -> Trace:
-    """Read and validate the trace at *path* (``-`` for stdin)."""
-    if os.fspath(path) == "-":
-        return loads(sys.stdin.read(), name="stdin")
+#: A trace is untrusted input: never read more than this into memory.
+MAX_TRACE_BYTES = 512 * 1024 * 1024
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The raw bytes of a trace file (``-`` for stdin), refusing anything over 512 MiB."""
+    name = "stdin" if os.fspath(path) == "-" else os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            text = f.read(512 * 1024 * 1024 + 1)
+        if name == "stdin":
+            data = sys.stdin.buffer.read(MAX_TRACE_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_TRACE_BYTES + 1)
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
-    if len(text) > 512 * 1024 * 1024:
-        raise TraceError(f"{path}: trace larger than 512 MiB, refusing")
-    return loads(text, name=os.fspath(path))
+    if len(data) > MAX_TRACE_BYTES:
+        raise TraceError(f"{name}: trace larger than 512 MiB, refusing")
+    return data
+
+
+def load(path: str | os.PathLike[str]) -> Trace:
+    """Read and validate the trace at *path* (``-`` for stdin)."""
+    return loads(read_bytes(path), name="stdin" if os.fspath(path) == "-" else os.fspath(path))
 
 
 def dumps(trace: Trace) -> str:

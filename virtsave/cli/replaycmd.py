@@ -78,7 +78,9 @@ def replay_cmd(
         wanted = tuple(p.strip() for p in phases.split(",") if p.strip())
     if not wanted:
         raise ArgumentError("nothing to replay: give --phases save,restore (or a trace with phases)")
-    replay.check_safety(trace, allow_unsafe)  # refuse before saying (or starting) anything
+    # Refuse before saying (or starting) anything; with --allow-unsafe still say what was found.
+    for finding in replay.check_safety(trace, allow_unsafe):
+        info(f"warning: unsafe trace item allowed by --allow-unsafe: {finding}")
     info(f"replaying {'+'.join(wanted)} of {trace['domain'].get('name')} ({mode}, {transport})")
     with _progress("replay") as cb:
         try:

@@ -25,7 +25,7 @@ import typer
 
 from .. import capture
 from .. import trace as tr
-from ..errors import AmbiguousMonitor, TraceError, VirtsaveError
+from ..errors import AmbiguousMonitor, VirtsaveError
 from ..fileio import private_writer
 from .common import OPTIONS, emit_json, fail, info
 
@@ -154,13 +154,10 @@ def validate_cmd(
     path: Annotated[Path, typer.Argument(metavar="TRACE", help="trace JSON file ('-' for stdin)")],
 ) -> None:
     """Check a trace file against the trace JSON Schema (exit 0 valid, 2 invalid)."""
+    raw = tr.read_bytes(path)  # size-capped: a trace is untrusted input
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"cannot read trace {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         problems = [f"(top): not valid JSON: {exc}"]
     else:
         problems = tr.validate(data)
