@@ -170,8 +170,9 @@ def test_direct_restore_of_libvirt_managed_save(cli, conn, make_guest, _kill_our
     assert restarts == 0 and first > 1
 
 
-@pytest.mark.parametrize("transport, fmt", [("unix", "raw"), ("tcp", "raw"), ("unix", "sparse")])
-def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, transport, fmt):
+@pytest.mark.parametrize("transport, fmt, extra", [("unix", "raw", ()), ("tcp", "raw", ()), ("unix", "sparse", ()),
+                                                   ("unix", "sparse", ("--bypass-cache",))])
+def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, transport, fmt, extra):
     name = guest.unique_name()
     uid = str(_uuid.uuid4())
     xml = guest.guest_xml(name, 256, 32, domain_uuid=uid)
@@ -198,7 +199,7 @@ def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, t
         guest.wait_tick(name, 2, timeout=120)
         img = workdir / "hand.save"
         proc = cli("direct", "save", "--qmp", qmp, str(img), "--xml", str(xml_file), "--image-format", fmt,
-                   "--parallel-channels", "2" if fmt == "sparse" else "1")
+                   "--parallel-channels", "2" if fmt == "sparse" else "1", *extra)
         assert proc.returncode == 0, proc.stderr
         assert q.wait(30) == 0  # quit, not killed
         hdr = saveimage.read_header_path(img)
@@ -263,3 +264,41 @@ def test_direct_restore_of_libvirt_zstd_save(cli, conn, make_guest, workdir, _ki
     _RUN_DIRS.append(res["run_dir"])
     first, restarts = guest.wait_ticks_continue(name, before, timeout=60)
     assert restarts == 0 and first > 1
+
+
+def test_direct_save_bypass_cache_to_tmpfs_completes_or_refuses_cleanly(cli, conn, workdir, _kill_our_qemus):
+    """tmpfs takes O_DIRECT only on kernels >= 6.6: either the save completes with a complete image,
+    or it is one line, exit 2, the guest resumed and no image left — never a half-written image."""
+    name = guest.unique_name()
+    sock = workdir / "qmp.sock"
+    serial = guest.serial_log(name)
+    g = "/var/lib/virtsave/guest"
+    mnt = workdir / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mnt)], check=True)
+    argv = ["qemu-system-x86_64", "-machine", "pc,acpi=off", "-accel", guest.accel(), "-m", "128", "-nodefaults",
+            "-display", "none", "-kernel", f"{g}/vmlinuz", "-initrd", f"{g}/initrd.gz",
+            "-append", "console=ttyS0 quiet panic=-1 virtsave.fill=8",
+            "-chardev", f"file,id=s0,path={serial},append=on", "-device", "isa-serial,chardev=s0",
+            "-qmp", f"unix:{sock},server=on,wait=off"]
+    q = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_our_qemus.append(q.pid)
+    try:
+        guest.wait_tick(name, 1, timeout=120)
+        img = mnt / "x.save"
+        proc = cli("direct", "save", "--qmp", f"unix:{sock}", str(img), "--image-format", "sparse",
+                   "--parallel-channels", "2", "--bypass-cache")
+        if proc.returncode == 0:  # a kernel whose tmpfs takes O_DIRECT: then the image must be complete
+            assert not saveimage.read_header_path(img).partial
+            return
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "O_DIRECT" in proc.stderr, proc.stderr
+        assert not img.exists()
+        before = guest.last_tick(name)
+        guest.wait_tick(name, before + 1, timeout=30)  # resumed: still counting
+        assert q.poll() is None
+    finally:
+        q.kill()
+        q.wait(10)
+        subprocess.run(["umount", str(mnt)], check=False)
+        guest.remove(conn, name)
