@@ -702,7 +702,8 @@ def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
     from lxml import etree
 
     try:
-        root = etree.fromstring(text.encode(), etree.XMLParser(remove_blank_text=True, remove_comments=True))
+        root = etree.fromstring(text.encode(), etree.XMLParser(remove_blank_text=True, remove_comments=True,
+                                                              resolve_entities=False, no_network=True))
     except etree.XMLSyntaxError as exc:
         return [f"(unparsable XML: {exc})"]
     for xp in ignore:
@@ -746,12 +747,13 @@ def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None =
                 inspect_a: dict[str, Any] | None = None, inspect_b: dict[str, Any] | None = None) -> ImageDiff:
     """Compare two save images (header, XML, cookie, stream configuration, sections, RAM sizes).
 
-    Partial images are compared too (the magic then differs or is reported); corrupt ones raise.
+    Partial (``LibvirtQemudPart``) and corrupt images raise :class:`~virtsave.errors.ImageError`.
     """
     from .saveimage import inspect_image
 
-    ia = inspect_a or inspect_image(a, allow_partial=True)
-    ib = inspect_b or inspect_image(b, allow_partial=True)
+    # A partial image is not a save image yet: refused with the offset, like everywhere else.
+    ia = inspect_a or inspect_image(a)
+    ib = inspect_b or inspect_image(b)
     conf = image_rules(rules_path)
     layout = set(conf.get("header_layout_fields", []))
     diffs: list[ImageDifference] = []

@@ -73,7 +73,12 @@ for _area in AREAS:
 def main() -> None:
     """Console-script entry point."""
     with handle_errors():
-        app(prog_name="virtsave")
+        try:
+            app(prog_name="virtsave")
+        except SystemExit as exc:
+            if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130: say it, once
+                sys.stderr.write("virtsave: interrupted\n")
+            raise
 
 
 if __name__ == "__main__":

@@ -81,6 +81,10 @@ def replay_cmd(
     # Refuse before saying (or starting) anything; with --allow-unsafe still say what was found.
     for finding in replay.check_safety(trace, allow_unsafe):
         info(f"warning: unsafe trace item allowed by --allow-unsafe: {finding}")
+    if image is not None and "save" not in wanted:
+        from .. import saveimage
+
+        saveimage.read_header_path(image, allow_partial=False)  # a bad image: one line, nothing started
     info(f"replaying {'+'.join(wanted)} of {trace['domain'].get('name')} ({mode}, {transport})")
     with _progress("replay") as cb:
         try:
