@@ -123,11 +123,13 @@ def assert_one_error_line(proc_or_err: subprocess.CompletedProcess[str] | str, c
 
 
 def assert_interrupted(res: subprocess.CompletedProcess[str]) -> None:
-    """Ctrl-C: exit 130 (128 + SIGINT), no traceback, at most one line (typer exits silently)."""
+    """Ctrl-C: exit 130 (128 + SIGINT), no traceback, and exactly one ``virtsave:`` line, last, saying
+    it was interrupted (progress lines before it are fine; the ref path also names the guest's state)."""
     assert res.returncode == 130, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
-    assert len([ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(REPAIR_NOTE)]) <= 1, \
-        res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(REPAIR_NOTE)]
+    assert lines and lines[-1].startswith("virtsave:") and "interrupted" in lines[-1], res.stderr
+    assert sum(ln.startswith("virtsave:") for ln in lines) == 1, res.stderr
 
 
 def list_entry(cli: Callable[..., subprocess.CompletedProcess[str]], name: str) -> dict:
