@@ -86,3 +86,19 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     d.mkdir(mode=0o755, parents=True, exist_ok=True)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _qemu_version() -> tuple[int, int, int]:
+    from virtsave import qemu_launch
+
+    try:
+        return qemu_launch.binary_version("qemu-system-x86_64")
+    except Exception:  # no QEMU at all: integration tests fail loudly elsewhere
+        return (0, 0, 0)
+
+
+QEMU_VERSION = _qemu_version()
+#: Sparse images are QEMU's mapped-ram (QEMU >= 9.0); the debian12 stack's QEMU 7.2 has none.
+needs_mapped_ram = pytest.mark.skipif(
+    QEMU_VERSION < (9, 0, 0),
+    reason=f"needs QEMU >= 9.0 for mapped-ram (sparse images); this QEMU is {'.'.join(map(str, QEMU_VERSION))}")

@@ -234,6 +234,11 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], *, xml: str | Non
         if image_format not in ("raw", "sparse"):
             raise UnsupportedError(f"direct save writes raw or sparse images, not {image_format}")
         sparse = image_format == "sparse"
+        if sparse:
+            have = qemu_version(s)
+            if have < (9, 0, 0):
+                raise UnsupportedError(f"image format sparse (mapped-ram) needs QEMU >= 9.0 "
+                                       f"(this QEMU is {'.'.join(map(str, have))})")
         if bypass_cache and not (sparse and unix):
             raise UnsupportedError("direct save --bypass-cache needs --image-format sparse over a unix: QMP socket")
         caps = [{"capability": "events", "state": True}]

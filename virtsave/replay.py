@@ -187,6 +187,14 @@ def _send(ph: _Phase, idx: int, execute: str, args: dict[str, Any] | None,
         if execute in ("migrate-set-capabilities", "migrate-set-parameters"):
             return _retry_known(ph, idx, execute, args or {}, rep)
         err = rep["error"]
+        # A newer QEMU's optional argument (e.g. migrate-incoming's exit-on-error, QEMU >= 9.1) that
+        # this QEMU rejects: drop it, resend, and record the substitution.
+        m = re.fullmatch(r"Parameter '([\w-]+)' is unexpected", str(err.get("desc", "")))
+        if m and args and m.group(1) in args and execute in ("migrate", "migrate-incoming"):
+            new = {k: v for k, v in args.items() if k != m.group(1)}
+            ph.substitute(idx, f"arguments.{m.group(1)}", args[m.group(1)], None,
+                          f"argument unknown to this QEMU ({err.get('desc')}) dropped")
+            return _send(ph, idx, execute, new, fds)
         raise OperationFailed(f"{ph.out['name']}: {execute} failed: {err.get('desc', err)}")
     return rep
 

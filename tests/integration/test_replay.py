@@ -18,6 +18,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from conftest import needs_mapped_ram
 
 from virtsave import guest, logparse, qemu_launch, saveimage, trace
 
@@ -131,6 +132,7 @@ def test_replay_essential_tcp(cli, conn, make_guest, workdir):
     _libvirt_restores(conn, name, img)
 
 
+@needs_mapped_ram
 def test_replay_sparse_parallel2(cli, conn, make_guest, workdir):
     name = make_guest(256, 32)
     t, r, img = workdir / "t.json", workdir / "r.json", workdir / "r.save"
@@ -170,8 +172,10 @@ def test_direct_restore_of_libvirt_managed_save(cli, conn, make_guest, _kill_our
     assert restarts == 0 and first > 1
 
 
-@pytest.mark.parametrize("transport, fmt, extra", [("unix", "raw", ()), ("tcp", "raw", ()), ("unix", "sparse", ()),
-                                                   ("unix", "sparse", ("--bypass-cache",))])
+@pytest.mark.parametrize("transport, fmt, extra", [
+    ("unix", "raw", ()), ("tcp", "raw", ()),
+    pytest.param("unix", "sparse", (), marks=needs_mapped_ram),
+    pytest.param("unix", "sparse", ("--bypass-cache",), marks=needs_mapped_ram)])
 def test_direct_save_of_hand_started_qemu(cli, conn, workdir, _kill_our_qemus, transport, fmt, extra):
     name = guest.unique_name()
     uid = str(_uuid.uuid4())
@@ -266,6 +270,7 @@ def test_direct_restore_of_libvirt_zstd_save(cli, conn, make_guest, workdir, _ki
     assert restarts == 0 and first > 1
 
 
+@needs_mapped_ram
 def test_direct_save_bypass_cache_to_tmpfs_completes_or_refuses_cleanly(cli, conn, workdir, _kill_our_qemus):
     """tmpfs takes O_DIRECT only on kernels >= 6.6: either the save completes with a complete image,
     or it is one line, exit 2, the guest resumed and no image left — never a half-written image."""
