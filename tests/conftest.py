@@ -61,7 +61,7 @@ def conn():  # type: ignore[no-untyped-def]
 def make_guest(conn) -> Iterator[Callable[..., str]]:  # type: ignore[no-untyped-def]
     """Factory: ``name = make_guest(memory_mib=256, fill_mib=32)`` boots a test guest and
     waits for its first tick. Every guest made is removed at teardown, pass or fail."""
-    from virtsave import guest
+    from virtsave.harness import guest
 
     made: list[str] = []
 
@@ -89,7 +89,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 
 def _qemu_version() -> tuple[int, int, int]:
-    from virtsave import qemu_launch
+    from virtsave.qemu import launch as qemu_launch
 
     try:
         return qemu_launch.binary_version("qemu-system-x86_64")

@@ -2,7 +2,7 @@
 
 Layers (transport / encoding / policy, as in libvirt):
 
-- ``errors``        one exception root, :class:`~virtsave.errors.VirtsaveError`
+- ``errors``        one exception root, :class:`~virtsave.core.errors.VirtsaveError`
 - ``trace``         the trace model (JSON), schema, load/dump/validate
 - ``logparse``      libvirtd debug log -> monitor messages (encoding)
 - ``logcapture``    switch libvirtd's log filters on and off (policy)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import diff, saveimage
+from virtsave.image import diff as imagediff
+from virtsave.image import saveimage
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +116,7 @@ def test_managed_save_zstd_sparse_images(conn, make_guest, workdir, cli):
     assert r_zst["stream"]["compression"] == "zstd"
     key = [(x["name"], x["instance_id"], x["version_id"]) for x in r_raw["stream"]["sections"]]
     assert [(x["name"], x["instance_id"], x["version_id"]) for x in r_zst["stream"]["sections"]] == key
-    d = diff.diff_images(managed, zst, inspect_a=r_raw, inspect_b=r_zst)
+    d = imagediff.diff_images(managed, zst, inspect_a=r_raw, inspect_b=r_zst)
     assert [(x.area, x.name) for x in d.differences] == [("header", "format")], d.render()
     proc = cli("diff", str(managed), str(zst))
     assert proc.returncode == 1 and "format" in proc.stdout
@@ -140,7 +141,7 @@ def test_managed_save_zstd_sparse_images(conn, make_guest, workdir, cli):
         assert b["pages_present"] + b["zero_pages"] == b["length"] // ram["page_size"]
     assert [(x["name"], x["instance_id"], x["version_id"]) for x in r_sp["stream"]["sections"]] == key
     _check_against_vmdesc(sparse, r_sp)
-    d = diff.diff_images(zst, sparse, inspect_a=r_zst, inspect_b=r_sp)
+    d = imagediff.diff_images(zst, sparse, inspect_a=r_zst, inspect_b=r_sp)
     assert sorted((x.area, x.name) for x in d.differences) == [
         ("header", "format"), ("stream", "configuration.capabilities")], d.render()
 

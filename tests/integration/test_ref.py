@@ -19,9 +19,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtsave import guest, host
-from virtsave import libvirt_path as lp
-from virtsave.saveimage import read_header_path
+from virtsave.harness import guest
+from virtsave.image.saveimage import read_header_path
+from virtsave.libvirtd import host
+from virtsave.libvirtd import reference as lp
 
 pytestmark = pytest.mark.integration
 

@@ -32,9 +32,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtsave import guest, qemu_launch, saveimage
-from virtsave import trace as tr
-from virtsave.qmp import QMPSession
+from virtsave.harness import guest
+from virtsave.image import saveimage
+from virtsave.qemu import launch as qemu_launch
+from virtsave.qemu.qmp import QMPSession
+from virtsave.trace import model as tr
 
 pytestmark = pytest.mark.integration
 
@@ -384,7 +386,7 @@ def test_disk_full_replay_save(cli, big_trace, full_fs, workdir):
 def test_own_trace_passes_safety_check(big_trace):
     """A trace ``virtsave trace`` just recorded of the standard test guest is not refused by the
     untrusted-trace check (else every replay needs --allow-unsafe and the check means nothing)."""
-    from virtsave import replay
+    from virtsave.qemu import replay
 
     t = tr.load(big_trace)
     assert replay.check_safety(t, allow_unsafe=True) == []
@@ -597,7 +599,7 @@ def test_sigint_during_replay(cli, big_trace, workdir):
 def test_sigkill_during_trace_repaired_by_next_command(cli, conn, make_guest, daemon_log_settings_unchanged):
     """``virtsave trace`` killed with SIGKILL while logging is on: the next virtsave command
     (``virtsave list``) notices and puts libvirtd's log settings back."""
-    from virtsave import logcapture
+    from virtsave.libvirtd import logcapture
 
     name = make_guest(**BIG)
     dom = conn.lookupByName(name)

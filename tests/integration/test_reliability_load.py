@@ -22,8 +22,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtsave import guest, saveimage
-from virtsave import trace as tr
+from virtsave.harness import guest
+from virtsave.image import saveimage
+from virtsave.trace import model as tr
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

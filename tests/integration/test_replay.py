@@ -20,7 +20,11 @@ import libvirt
 import pytest
 from conftest import needs_mapped_ram
 
-from virtsave import guest, logparse, qemu_launch, saveimage, trace
+from virtsave.harness import guest
+from virtsave.image import saveimage
+from virtsave.libvirtd import logparse
+from virtsave.qemu import launch as qemu_launch
+from virtsave.trace import model as trace
 
 pytestmark = pytest.mark.integration
 

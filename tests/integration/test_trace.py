@@ -24,7 +24,9 @@ import libvirt
 import pytest
 
 from tests.conftest import REPO, VIRTSAVE
-from virtsave import config, guest, logcapture
+from virtsave.core import paths as config
+from virtsave.harness import guest
+from virtsave.libvirtd import logcapture
 
 pytestmark = pytest.mark.integration
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import saveimage
-from virtsave import trace as tr
+from virtsave.image import saveimage
+from virtsave.trace import model as tr
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FIX = REPO / "tests" / "fixtures"
@@ -575,7 +575,7 @@ def test_hostile_trace_refused_before_anything_runs(cli, tmp_path, qemu_wrapper,
     assert not any(str(wrapper) in _cmdline(p) for p in new), "a QEMU from this trace is running"
     assert not image.exists() and not out.exists() and not (tmp_path / "victim").exists()
     # the same trace checked by the library says the same (and names the item)
-    from virtsave import replay
+    from virtsave.qemu import replay
 
     findings = replay.check_safety(t, allow_unsafe=True)
     assert any(item in f for f in findings), findings
@@ -590,7 +590,7 @@ def _cmdline(pid: int) -> str:
 
 def test_allow_unsafe_lets_a_flagged_trace_through_the_check(tmp_path, qemu_wrapper):
     """--allow-unsafe turns the refusal into warnings (findings returned, nothing raised)."""
-    from virtsave import replay
+    from virtsave.qemu import replay
 
     wrapper, _ = qemu_wrapper
     t, item = _hostile("hmp", wrapper, tmp_path)
@@ -602,7 +602,7 @@ def test_allow_unsafe_lets_a_flagged_trace_through_the_check(tmp_path, qemu_wrap
 
 def test_clean_trace_has_no_findings(tmp_path):
     """Control for the hostile cases: libvirt's own sequence and the master-key secret are fine."""
-    from virtsave import replay
+    from virtsave.qemu import replay
 
     t = _synthetic_trace()
     t["domain"]["argv"] += ["-object", json.dumps({"qom-type": "secret", "id": "masterKey0", "format": "raw",
@@ -666,9 +666,9 @@ SECRETS = ["VNCPW123", "SPICEPW1", "ARGVSECRETDATA", "JSONSECRETDATA", "SPICEOPT
 
 
 def test_redaction_covers_what_security_md_lists(cli, tmp_path):
-    """Every secret kind SECURITY.md names is redacted by ``virtsave.redact`` and never reaches a
+    """Every secret kind SECURITY.md names is redacted by ``virtsave.trace.redact`` and never reaches a
     ``virtsave export --format replies`` output (export works from the redacted trace)."""
-    from virtsave import redact
+    from virtsave.trace import redact
 
     t = _synthetic_trace()
     t["domain"]["xml"] = ("<domain type='qemu'><name>s</name><devices>"

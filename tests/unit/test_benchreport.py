@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from virtsave.benchreport import Figure, Samples, dd_write_rate, render_table, write_results
+from virtsave.harness.benchreport import Figure, Samples, dd_write_rate, render_table, write_results
 
 
 def test_figure_goals():

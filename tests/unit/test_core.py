@@ -9,8 +9,9 @@ import stat
 
 import pytest
 
-from virtsave import saveimage, trace
-from virtsave.errors import ImageError, TraceError
+from virtsave.core.errors import ImageError, TraceError
+from virtsave.image import saveimage
+from virtsave.trace import model as trace
 
 
 def _sample() -> trace.Trace:

@@ -1,4 +1,4 @@
-"""Unit tests of virtsave.diff: trace normalization and alignment, image comparison, the diff CLI."""
+"""Unit tests of virtsave.trace.diff: trace normalization and alignment, image comparison, the diff CLI."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import json
 import pytest
 
 from tests.unit.test_saveimage import make_image
-from virtsave import diff, trace
+from virtsave.image import diff as imagediff
+from virtsave.trace import diff
+from virtsave.trace import model as trace
 
 
 def _save_trace(ids: str = "libvirt") -> trace.Trace:
@@ -179,7 +181,7 @@ def test_phase_outcome_and_missing_phase():
 
 
 def test_real_logs_9_0_vs_11_3(fixtures_dir):
-    logparse = pytest.importorskip("virtsave.logparse")
+    logparse = pytest.importorskip("virtsave.libvirtd.logparse")
     for scen in ("managedsave-running.log", "managedsave-restore.log"):
         a = logparse.trace_from_log(fixtures_dir / "libvirt-9.0-attributed" / scen)
         b = logparse.trace_from_log(fixtures_dir / "libvirt-11.3-attributed" / scen)
@@ -200,9 +202,9 @@ def test_real_logs_9_0_vs_11_3(fixtures_dir):
 def test_image_diff(tmp_path):
     make_image(tmp_path / "a.img")
     make_image(tmp_path / "b.img")
-    assert diff.diff_images(tmp_path / "a.img", tmp_path / "b.img").equivalent
+    assert imagediff.diff_images(tmp_path / "a.img", tmp_path / "b.img").equivalent
     make_image(tmp_path / "c.img", capabilities=("x-extra",))
-    d = diff.diff_images(tmp_path / "a.img", tmp_path / "c.img")
+    d = imagediff.diff_images(tmp_path / "a.img", tmp_path / "c.img")
     assert [(x.area, x.name) for x in d.differences] == [("stream", "configuration.capabilities")]
 
 
@@ -210,7 +212,7 @@ def test_canonical_xml_ignores_regenerated():
     x1 = "<domain id='3' type='qemu'><name>g</name><seclabel><label>a:b:c0,c1</label></seclabel></domain>"
     x2 = "<domain type='qemu' id='9'><name>g</name><seclabel><label>a:b:c5,c7</label></seclabel></domain>"
     ign = diff.image_rules()["xml_ignore"]
-    assert diff.canonical_xml(x1, ign) == diff.canonical_xml(x2, ign)
+    assert imagediff.canonical_xml(x1, ign) == imagediff.canonical_xml(x2, ign)
 
 
 def test_cli_diff_exit_codes(tmp_path, cli):

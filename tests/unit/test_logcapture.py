@@ -1,4 +1,4 @@
-"""Pure logic of virtsave.logcapture: settings parsing/merging, the state file, refcounting and
+"""Pure logic of virtsave.libvirtd.logcapture: settings parsing/merging, the state file, refcounting and
 stale-owner repair. The daemon is replaced by a small in-memory stand-in that stores the two
 strings the way libvirt does (``1:monitor`` read back as ``1:*monitor*``); the real daemon is
 exercised in tests/integration/test_trace.py."""
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import logcapture as lc
-from virtsave.errors import LogError, UnsupportedError
+from virtsave.core.errors import LogError, UnsupportedError
+from virtsave.libvirtd import logcapture as lc
 
 
 class FakeDaemon:

@@ -1,4 +1,4 @@
-"""virtsave.logparse on the recorded libvirtd logs of both stacks and on logs derived from them."""
+"""virtsave.libvirtd.logparse on the recorded libvirtd logs of both stacks and on logs derived from them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import errors, logparse, trace
+from virtsave.core import errors
+from virtsave.libvirtd import logparse
+from virtsave.trace import model as trace
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 

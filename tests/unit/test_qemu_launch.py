@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import qemu_launch as ql
-from virtsave import replay, trace
-from virtsave.errors import LaunchError, UnsafeTraceError
+from virtsave.core.errors import LaunchError, UnsafeTraceError
+from virtsave.qemu import launch as ql
+from virtsave.qemu import replay
+from virtsave.trace import model as trace
 
 FXA = Path(__file__).resolve().parent.parent / "fixtures" / "qemu-domain-logs" / "fxa.log"
 QEMU = shutil.which("qemu-system-x86_64")

@@ -1,4 +1,4 @@
-"""virtsave.qemulog on the recorded domain log (both stacks) and cut/odd variants."""
+"""virtsave.libvirtd.domainlog on the recorded domain log (both stacks) and cut/odd variants."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import errors, qemulog
+from virtsave.core import errors
+from virtsave.libvirtd import domainlog as qemulog
 
 FXA = Path(__file__).resolve().parent.parent / "fixtures" / "qemu-domain-logs" / "fxa.log"
 

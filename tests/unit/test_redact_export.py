@@ -1,4 +1,4 @@
-"""virtsave.redact and virtsave.export: no secret survives; .replies matches libvirt's format."""
+"""virtsave.trace.redact and virtsave.trace.export: no secret survives; .replies matches libvirt's format."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import errors, export, logparse, qemulog, redact, trace
+from virtsave.core import errors
+from virtsave.libvirtd import domainlog as qemulog
+from virtsave.libvirtd import logparse
+from virtsave.trace import export, redact
+from virtsave.trace import model as trace
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 SECRETS = ["hunter2", "c2VjcmV0LWRhdGE=", "spicepw", "qmp-pw", "vncpw2", "hmp-pw", "luks-pass", "rbd-key-xyz"]

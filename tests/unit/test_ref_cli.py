@@ -13,10 +13,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtsave import host
-from virtsave import libvirt_path as lp
-from virtsave.errors import DomainNotFound, DomainStateError, ImageError, UnsupportedError, VirtsaveError
-from virtsave.saveimage import encode_header
+from virtsave.core.errors import DomainNotFound, DomainStateError, ImageError, UnsupportedError, VirtsaveError
+from virtsave.image.saveimage import encode_header
+from virtsave.libvirtd import host
+from virtsave.libvirtd import reference as lp
 
 NO_DAEMON = "qemu+unix:///system?socket=/nonexistent/virtsave-no-daemon.sock"
 
@@ -195,7 +195,7 @@ def test_map_error_kinds() -> None:
 
 
 def test_progress_callback_ignores_disabled() -> None:
-    from virtsave.progress import _done_total, job_progress
+    from virtsave.cli.progress import _done_total, job_progress
 
     assert _done_total({"data_total": 10, "data_processed": 4}) == (4, 10)
     assert _done_total({"memory_total": 10, "data_remaining": 3}) == (7, 10)

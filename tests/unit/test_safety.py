@@ -1,4 +1,4 @@
-"""virtsave.safety: hostile traces are refused and each item is named; real traces pass."""
+"""virtsave.qemu.safety: hostile traces are refused and each item is named; real traces pass."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import errors, logparse, qemulog, safety, trace
+from virtsave.core import errors
+from virtsave.libvirtd import domainlog as qemulog
+from virtsave.libvirtd import logparse
+from virtsave.qemu import safety
+from virtsave.trace import model as trace
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 

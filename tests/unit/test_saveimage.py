@@ -1,4 +1,4 @@
-"""Unit tests of the QEMU stream reader (virtsave.saveimage.inspect_image / iter_sections).
+"""Unit tests of the QEMU stream reader (virtsave.image.saveimage.inspect_image / iter_sections).
 
 The images are synthetic: a libvirt header from the codec plus a QEMU stream built byte by byte
 here following QEMU's format (QEVM v3, configuration, ram START/PART/END with MEM_SIZE / PAGE /
@@ -17,8 +17,8 @@ import subprocess
 
 import pytest
 
-from virtsave import saveimage
-from virtsave.errors import ImageError
+from virtsave.core.errors import ImageError
+from virtsave.image import saveimage
 
 XML = "<domain type='qemu'><name>synth</name><uuid>6c2e4d0e-1a7b-4e7e-9a55-3f0c2a9c1d11</uuid></domain>"
 COOKIE = "<qemu-migration><name>synth</name></qemu-migration>"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from virtsave import export
-from virtsave import trace as tr
+from virtsave.trace import export
+from virtsave.trace import model as tr
 
 ATTR11 = "libvirt-11.3-attributed"
 MONONLY = "libvirt-9.0"

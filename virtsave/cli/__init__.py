@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
+from virtsave import __version__
+
 from .common import OPTIONS, handle_errors, info
 
 app = typer.Typer(
@@ -48,8 +49,8 @@ def _global(
 def _repair_log_settings() -> None:
     """A ``virtsave trace`` killed with SIGKILL leaves libvirtd logging into our capture file;
     every command puts the operator's settings back (one ``stat`` when nothing is stale)."""
-    from ..errors import VirtsaveError
-    from ..logcapture import repair_if_stale
+    from virtsave.core.errors import VirtsaveError
+    from virtsave.libvirtd.logcapture import repair_if_stale
 
     try:
         msg = repair_if_stale(OPTIONS.uri)

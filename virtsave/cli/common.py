@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 
-from ..errors import VirtsaveError
+from virtsave.core.errors import VirtsaveError
 
 DEFAULT_URI = "qemu:///system"
 

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         fill: Annotated[int, typer.Option(help="MiB of guest RAM filled with data")] = 64,
     ) -> None:
         """Boot a throwaway guest, trace libvirt's managed-save cycle, replay it directly, diff, clean up."""
-        from .. import demo
+        from virtsave.harness import demo
 
         result = demo.run(OPTIONS.uri, memory_mib=memory, fill_mib=fill, log=info, color=sys.stdout.isatty())
         if OPTIONS.json:

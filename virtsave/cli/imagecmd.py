@@ -20,9 +20,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import diff as diffmod
-from .. import saveimage, trace
-from ..errors import VirtsaveError
+from virtsave.core.errors import VirtsaveError
+from virtsave.image import diff as imagediff
+from virtsave.image import saveimage
+from virtsave.trace import diff as diffmod
+from virtsave.trace import model as trace
+
 from .common import OPTIONS, emit_json, info
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable result on stdout")]
@@ -138,12 +141,12 @@ def register(app: typer.Typer) -> None:
         ka, kb = _kind(a), _kind(b)
         if ka != kb:
             raise InputKindError(f"cannot compare a {ka} ({a}) with a {kb} ({b})")
-        result: diffmod.TraceDiff | diffmod.ImageDiff
+        result: diffmod.TraceDiff | imagediff.ImageDiff
         if ka == "trace":
             result = diffmod.diff_traces(trace.load(a), trace.load(b), strict=strict,
                                          a_label=str(a), b_label=str(b))
         else:
-            result = diffmod.diff_images(a, b)
+            result = imagediff.diff_images(a, b)
         if json_out or OPTIONS.json:
             emit_json(result.to_json())
         else:

@@ -20,11 +20,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import host
-from .. import libvirt_path as lp
-from ..errors import OperationFailed, VirtsaveError
-from ..progress import job_progress
-from ..saveimage import read_header_path
+from virtsave.core.errors import OperationFailed, VirtsaveError
+from virtsave.image.saveimage import read_header_path
+from virtsave.libvirtd import host
+from virtsave.libvirtd import reference as lp
+from virtsave.cli.progress import job_progress
+
 from .common import OPTIONS, emit_json, info
 
 

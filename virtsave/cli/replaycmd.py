@@ -21,8 +21,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import trace as tr
-from ..errors import VirtsaveError
+from virtsave.core.errors import VirtsaveError
+from virtsave.trace import model as tr
+
 from .common import OPTIONS, emit_json, info
 
 
@@ -36,7 +37,7 @@ def _progress(label: str) -> Iterator[Any]:
     if not OPTIONS.progress:
         yield None
         return
-    from ..progress import job_progress
+    from virtsave.cli.progress import job_progress
 
     with job_progress(label) as cb:
         def relabel(stats: dict[str, Any]) -> None:
@@ -69,7 +70,7 @@ def replay_cmd(
                          help="let the restored guest run S seconds before quitting it")] = 0.0,
 ) -> None:
     """Replay a traced save/restore through the direct QMP backend (no libvirt)."""
-    from .. import replay
+    from virtsave.qemu import replay
 
     trace = tr.load(path)
     if phases is None:
@@ -82,7 +83,7 @@ def replay_cmd(
     for finding in replay.check_safety(trace, allow_unsafe):
         info(f"warning: unsafe trace item allowed by --allow-unsafe: {finding}")
     if image is not None and "save" not in wanted:
-        from .. import saveimage
+        from virtsave.image import saveimage
 
         saveimage.read_header_path(image, allow_partial=False)  # a bad image: one line, nothing started
     info(f"replaying {'+'.join(wanted)} of {trace['domain'].get('name')} ({mode}, {transport})")
@@ -101,7 +102,7 @@ def replay_cmd(
     info("  ".join(f"{p}: {t['seconds']:.3f} s" for p, t in timings.items())
          + f"  image: {result['replay']['image']}")
     if diff:
-        from .. import diff as _diff  # type: ignore[attr-defined]
+        from virtsave.trace import diff as _diff  # type: ignore[attr-defined]
 
         text = _diff.diff_traces(trace, result).render()
         if out is None or str(out) == "-":
@@ -129,7 +130,7 @@ def direct_save_cmd(
                             help="sparse: QEMU writes pages with O_DIRECT (fastest; not on tmpfs)")] = False,
 ) -> None:
     """Save a running QEMU through its QMP socket (stop, migrate into the image, quit)."""
-    from .. import direct
+    from virtsave.qemu import direct
 
     xml_text = None
     if xml is not None:
@@ -159,7 +160,7 @@ def direct_restore_cmd(
 
     QEMU keeps running after this command returns; its pid and QMP address are printed.
     """
-    from .. import direct
+    from virtsave.qemu import direct
 
     argv = list(ctx.args)
     if argv and argv[0] == "--":

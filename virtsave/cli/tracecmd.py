@@ -23,10 +23,11 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import capture
-from .. import trace as tr
-from ..errors import AmbiguousMonitor, VirtsaveError
-from ..fileio import private_writer
+from virtsave.core.errors import AmbiguousMonitor, VirtsaveError
+from virtsave.core.files import private_writer
+from virtsave.libvirtd import capture
+from virtsave.trace import model as tr
+
 from .common import OPTIONS, emit_json, fail, info
 
 
@@ -132,7 +133,7 @@ def trace_cmd(
         raise ArgumentError("--monitor and --domain-log go with --from-log")
     if parallel_channels is not None and parallel_channels < 1:
         raise ArgumentError(f"--parallel-channels must be ≥ 1, not {parallel_channels}")
-    from .. import libvirt_path as lp
+    from virtsave.libvirtd import reference as lp
 
     state = "running" if running else "paused" if paused else None
     conn = lp.connect(OPTIONS.uri)
@@ -180,7 +181,7 @@ def export_cmd(
     """Export a trace for other tools (``--format replies``: libvirt's monitor test harness)."""
     if fmt != "replies":
         raise ArgumentError(f"--format must be 'replies', not {fmt!r}")
-    from .. import export
+    from virtsave.trace import export
 
     trace = tr.load(path)
     _write_text(export.to_replies(trace), out)

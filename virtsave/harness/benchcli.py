@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench
-from .errors import VirtsaveError
+from virtsave.core.errors import VirtsaveError
+from virtsave.harness import bench
 
 
 def main(argv: list[str] | None = None) -> int:

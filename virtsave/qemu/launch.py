@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LaunchError
-from .fileio import open_private
-from .qmp import QMPSession
+from virtsave.core.errors import LaunchError
+from virtsave.core.files import open_private
+from virtsave.qemu.qmp import QMPSession
 
 #: QEMU options that take no value (the others in libvirt's argv all take exactly one).
 FLAG_OPTIONS = frozenset({
@@ -444,11 +444,11 @@ def stop_all() -> None:
 def argv_from_domain_log(path: str | os.PathLike[str], index: int = -1) -> list[str]:
     """The QEMU argv of the *index*-th start recorded in a libvirt domain log.
 
-    Uses :func:`virtsave.qemulog.parse_domain_log` when available; else a small reader of
+    Uses :func:`virtsave.libvirtd.domainlog.parse_domain_log` when available; else a small reader of
     the ``VAR=… \\`` / ``/usr/bin/qemu… \\`` block libvirt writes after "starting up".
     """
     try:
-        from . import qemulog  # type: ignore[attr-defined]
+        from virtsave.libvirtd import domainlog as qemulog  # type: ignore[attr-defined]
     except ImportError:
         qemulog = None
     if qemulog is not None:

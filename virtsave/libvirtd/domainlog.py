@@ -34,7 +34,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import LogError
+from virtsave.core.errors import LogError
 
 _START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): starting up (.*)$")
 _END = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): shutting down(?:, reason=(\S+))?")

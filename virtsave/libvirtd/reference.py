@@ -1,7 +1,7 @@
 """The reference path: save, restore and managed save done by libvirt itself.
 
 Everything goes through libvirt-python (never ``virsh``). Each operation returns an
-:class:`OpResult`; a failure raises a :class:`~virtsave.errors.VirtsaveError` subclass
+:class:`OpResult`; a failure raises a :class:`~virtsave.core.errors.VirtsaveError` subclass
 with one clear line (pass ``raise_on_error=False`` to get ``OpResult(ok=False)``
 instead; the exception also carries it as ``.result``). While the blocking libvirt
 call runs, a side thread polls ``virDomainGetJobStats`` and feeds a *progress*
@@ -14,7 +14,7 @@ connection per worker, and never raise for a single domain's failure.
 
 Example (needs a running libvirtd)::
 
-    from virtsave import libvirt_path as lp
+    from virtsave.libvirtd import reference as lp
     conn = lp.connect()                       # $LIBVIRT_DEFAULT_URI or qemu:///system
     r = lp.managed_save(conn, "vm1", bypass_cache=True)
     print(r.ok, r.seconds, r.image, r.image_size)
@@ -38,8 +38,7 @@ from typing import Any
 
 import libvirt
 
-from . import host
-from .errors import (
+from virtsave.core.errors import (
     ConnectionFailed,
     DomainNotFound,
     DomainStateError,
@@ -48,8 +47,9 @@ from .errors import (
     UnsupportedError,
     VirtsaveError,
 )
-from .saveimage import read_header_path
-from .signals import deferred_signals
+from virtsave.core.signals import deferred_signals
+from virtsave.image.saveimage import read_header_path
+from virtsave.libvirtd import host
 
 DEFAULT_URI = "qemu:///system"
 #: Where the system QEMU driver keeps managed-save images (``<save_dir>/<name>.save``).
@@ -490,7 +490,7 @@ def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_ca
             progress: Progress | None = None, raise_on_error: bool = True) -> OpResult:
     """``virDomainRestoreFlags`` / ``virDomainRestoreParams``: start the domain saved in *path*.
 
-    The image header is checked first (:func:`virtsave.saveimage.read_header_path`), so a
+    The image header is checked first (:func:`virtsave.image.saveimage.read_header_path`), so a
     missing, truncated, partial or foreign file gives one line naming the offset.
     """
     path = os.path.abspath(os.fspath(path))

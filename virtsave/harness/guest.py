@@ -7,7 +7,7 @@ so a restored guest shows its counter continuing instead of starting again at 1.
 Example (needs a running libvirtd)::
 
     import libvirt
-    from virtsave import guest
+    from virtsave.harness import guest
     conn = libvirt.open("qemu:///system")
     dom = guest.create(conn, "vs-demo-1", memory_mib=256, fill_mib=64)
     guest.wait_tick("vs-demo-1", 3)
@@ -21,12 +21,13 @@ import os
 import re
 import time
 import uuid as _uuid
+from importlib import resources
 from pathlib import Path
 
 import libvirt
 
-from .config import GUEST_DIR, conf_path
-from .errors import LaunchError, VirtsaveError
+from virtsave.core.errors import LaunchError, VirtsaveError
+from virtsave.core.paths import GUEST_DIR
 
 SERIAL_LOG_DIR = Path("/var/log/libvirt/qemu")
 _TICK = re.compile(rb"^tick (\d+)\r?$", re.M)
@@ -51,7 +52,7 @@ def guest_xml(name: str, memory_mib: int = 256, fill_mib: int = 64, vcpus: int =
     for f in ("vmlinuz", "initrd.gz"):
         if not (GUEST_DIR / f).is_file():
             raise LaunchError(f"test guest not built ({GUEST_DIR / f} missing): run scripts/setup")
-    template = conf_path("guest.xml").read_text()
+    template = (resources.files("virtsave.harness") / "guest.xml").read_text()
     template = re.sub(r"<!--.*?-->\s*", "", template, flags=re.S)
     return template.format(
         name=name,

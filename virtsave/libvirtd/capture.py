@@ -1,9 +1,9 @@
 """Trace what libvirt says to QEMU while it saves and restores a domain.
 
-:func:`trace_domain` runs the operation through :mod:`virtsave.libvirt_path` while
-:mod:`virtsave.logcapture` has libvirtd's monitor logging switched on, cuts this run's
+:func:`trace_domain` runs the operation through :mod:`virtsave.libvirtd.reference` while
+:mod:`virtsave.libvirtd.logcapture` has libvirtd's monitor logging switched on, cuts this run's
 window out of the log, parses the domain's monitor conversation with
-:func:`virtsave.logparse.trace_from_log` (one phase per operation, by time window) and
+:func:`virtsave.libvirtd.logparse.trace_from_log` (one phase per operation, by time window) and
 fills in the host, the domain (XML, the QEMU command line libvirt used) and each phase's
 image. Secrets are redacted before the trace is returned.
 
@@ -14,7 +14,7 @@ Operations (``op``):
   (or to a private temporary image, removed afterwards) + restore from it.
 - ``managed-save``, ``save`` (needs *file*), ``restore`` (needs *file*): one phase.
 
-*progress* is passed to :mod:`virtsave.libvirt_path`, which then polls libvirt's job stats — and
+*progress* is passed to :mod:`virtsave.libvirtd.reference`, which then polls libvirt's job stats — and
 libvirt answers those with ``query-migrate`` on the monitor being traced, so the trace then holds
 commands libvirt sent only because we asked. The CLI passes None.
 
@@ -27,7 +27,9 @@ image; then :class:`KeyboardInterrupt` propagates after logging is restored.
 
 Example (needs a running libvirtd, as root)::
 
-    from virtsave import capture, libvirt_path as lp, trace
+    from virtsave.libvirtd import capture
+    from virtsave.libvirtd import reference as lp
+    from virtsave.trace import model as trace
     conn = lp.connect()
     tr = capture.trace_domain(conn, "vm1")            # managed save + start
     trace.dump(tr, "vm1.trace.json")
@@ -51,10 +53,12 @@ from typing import Any
 
 import libvirt
 
-from . import config, logcapture, saveimage
-from . import libvirt_path as lp
-from . import trace as tr
-from .errors import DomainStateError, ImageError, LogError, UnsupportedError, VirtsaveError
+from virtsave.core import paths as config
+from virtsave.core.errors import DomainStateError, ImageError, LogError, UnsupportedError, VirtsaveError
+from virtsave.image import saveimage
+from virtsave.libvirtd import logcapture
+from virtsave.libvirtd import reference as lp
+from virtsave.trace import model as tr
 
 OPS = ("cycle", "managed-save", "save", "restore")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -71,7 +75,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 def host_info(conn: libvirt.virConnect) -> dict[str, Any]:
     """libvirt and QEMU versions of the daemon behind *conn*, and this host's name."""
-    from . import host
+    from virtsave.libvirtd import host
 
     v = host.versions(conn)
     return {"libvirt": v.libvirt, "qemu": v.qemu, "hostname": socket.gethostname()}
@@ -84,7 +88,7 @@ def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
     path = Path(domain_log) if domain_log else QEMU_LOG_DIR / f"{name}.log"
     if path.is_file():
         with contextlib.suppress(ImportError, VirtsaveError, OSError):
-            from . import qemulog
+            from virtsave.libvirtd import domainlog as qemulog
 
             starts = qemulog.parse_domain_log(path)
             if starts and getattr(starts[-1], "argv", None):
@@ -116,7 +120,7 @@ def image_info(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
 
 
 def _redact(trace: tr.Trace) -> tr.Trace:
-    from . import redact
+    from virtsave.trace import redact
 
     return redact.redact_trace(trace)
 
@@ -125,7 +129,7 @@ def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetim
                   want: str) -> tuple[list[tr.Message], str | None, list[str]]:
     """Messages (and monitor) of *name*'s monitors between *since* and *until* in the window, and
     the names of messages in that window the parser could not place in a phase."""
-    from . import logparse
+    from virtsave.libvirtd import logparse
 
     parsed = logparse.trace_from_log(path, domain=name, since=since - _SLACK, until=until + _SLACK)
     log = parsed.get("log") or {}
@@ -242,7 +246,7 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
             window = cap.window_path()
             keep = os.environ.get("VIRTSAVE_KEEP_WINDOW")
             if keep:  # debugging aid: keep this run's raw log slice (0600)
-                from .fileio import private_writer
+                from virtsave.core.files import private_writer
 
                 with private_writer(keep) as f:
                     f.write(window.read_bytes())
@@ -379,9 +383,9 @@ def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monito
                domain_log: str | os.PathLike[str] | None = None, since: Any = None,
                until: Any = None) -> tr.Trace:
     """A trace from an existing libvirtd debug log (the seed's ``LIBVIRT_LOG_FILTERS=1:monitor``
-    or richer). Raises :class:`~virtsave.errors.AmbiguousMonitor` (``.monitors``) when the log
+    or richer). Raises :class:`~virtsave.core.errors.AmbiguousMonitor` (``.monitors``) when the log
     cannot tell which monitor is *domain*'s and no *monitor* was given."""
-    from . import logparse
+    from virtsave.libvirtd import logparse
 
     if not os.path.isfile(log):
         why = "not a regular file" if os.path.exists(log) else "No such file or directory"
@@ -390,7 +394,7 @@ def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monito
     if domain and not trace.get("domain", {}).get("name"):
         trace.setdefault("domain", {})["name"] = domain
     if domain_log:
-        from . import qemulog
+        from virtsave.libvirtd import domainlog as qemulog
 
         starts = qemulog.parse_domain_log(domain_log)
         if starts:

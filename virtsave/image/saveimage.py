@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO
 
-from .errors import ImageError
+from virtsave.core.errors import ImageError
 
 MAGIC = b"LibvirtQemudSave"
 MAGIC_PARTIAL = b"LibvirtQemudPart"

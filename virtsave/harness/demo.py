@@ -7,7 +7,7 @@ the end, also on Ctrl-C.
 
 Example::
 
-    from virtsave import demo
+    from virtsave.harness import demo
     result = demo.run(log=print)
     print(result.diff_text)
 """
@@ -22,9 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import capture, guest, libvirt_path, qemu_launch, replay
-from . import trace as tr
-from .errors import OperationFailed
+from virtsave.core.errors import OperationFailed
+from virtsave.harness import guest
+from virtsave.libvirtd import capture
+from virtsave.libvirtd import reference as libvirt_path
+from virtsave.qemu import launch as qemu_launch
+from virtsave.qemu import replay
+from virtsave.trace import model as tr
 
 
 @dataclass
@@ -50,8 +54,8 @@ def _phase_seconds(trace: tr.Trace, name: str) -> float | None:
 
 def run(uri: str | None = None, memory_mib: int = 256, fill_mib: int = 64,
         log: Callable[[str], None] = print, color: bool = False) -> DemoResult:
-    """Run the demo; raise :class:`~virtsave.errors.VirtsaveError` on failure (after cleaning up)."""
-    from . import diff as _diff
+    """Run the demo; raise :class:`~virtsave.core.errors.VirtsaveError` on failure (after cleaning up)."""
+    from virtsave.trace import diff as _diff
 
     conn = libvirt_path.connect(uri)
     name = guest.unique_name("vs-demo")

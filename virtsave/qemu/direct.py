@@ -16,7 +16,7 @@ restore but not for libvirt's.
 
 Example::
 
-    from virtsave import direct
+    from virtsave.qemu import direct
     r = direct.save("unix:/tmp/q/qmp.sock", "/var/tmp/g.save", xml=open("g.xml").read())
     print(r.seconds, r.image_size)
     proc, r2 = direct.restore("/var/tmp/g.save", argv)   # QEMU keeps running: proc.stop() ends it
@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
 
-from . import qemu_launch, saveimage
-from . import trace as _trace
-from .errors import ImageError, OperationFailed, QMPError, UnsupportedError
-from .fileio import open_private
-from .qmp import QMPSession
+from virtsave.core.errors import ImageError, OperationFailed, QMPError, UnsupportedError
+from virtsave.core.files import open_private
+from virtsave.image import saveimage
+from virtsave.qemu import launch as qemu_launch
+from virtsave.qemu.qmp import QMPSession
+from virtsave.trace import model as _trace
 
 #: libvirt's "unlimited" migration bandwidth (QEMU's default of 128 MiB/s would throttle us).
 UNLIMITED_BANDWIDTH = 9223372036853727232
@@ -343,7 +344,7 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], *, transport: s
             ) -> tuple[qemu_launch.QemuProcess, DirectResult]:
     """Launch QEMU from *argv* and load *image_path* into it; the guest runs unless *paused*.
 
-    Returns the running :class:`~virtsave.qemu_launch.QemuProcess` (call ``.stop()`` to end
+    Returns the running :class:`~virtsave.qemu.launch.QemuProcess` (call ``.stop()`` to end
     it) and the result. QEMU is killed again if anything fails.
     """
     image = os.fspath(image_path)

@@ -14,7 +14,7 @@ Per repetition (guest RAM ``ram_mib``, ``fill_mib`` of it filled with non-zero d
 
 Example::
 
-    from virtsave import bench
+    from virtsave.harness import bench
     result = bench.run(bench.Config(ram_mib=512, fill_mib=384, repeats=2))
     print(result.table)
 """
@@ -33,8 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import capture, direct, guest, host, libvirt_path, logparse, qemu_launch, saveimage
-from .benchreport import Figure, Samples, dd_write_rate, render_table, write_results
+from virtsave.harness import guest
+from virtsave.harness.benchreport import Figure, Samples, dd_write_rate, render_table, write_results
+from virtsave.image import saveimage
+from virtsave.libvirtd import capture, host, logparse
+from virtsave.libvirtd import reference as libvirt_path
+from virtsave.qemu import direct
+from virtsave.qemu import launch as qemu_launch
 
 GOALS = {  # key: (title, op, goal)
     "P1": ("direct save ÷ libvirt managedsave (wall)", "<=", 0.66),

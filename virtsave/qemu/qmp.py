@@ -5,14 +5,15 @@ synchronous API: the asyncio loop runs in a private thread, so events are read a
 recorded the moment QEMU sends them, even while the caller sleeps or blocks. Every
 command (with the number of fds passed along by SCM_RIGHTS), reply and event is
 appended to the phase given to :meth:`QMPSession.record_into` in the trace format of
-:mod:`virtsave.trace` (source ``direct``); ids are qemu.qmp's own (``__qmp#00001``).
+:mod:`virtsave.trace.model` (source ``direct``); ids are qemu.qmp's own (``__qmp#00001``).
 
 Addresses: ``unix:PATH`` (or a bare path) and ``tcp:HOST:PORT``. Only Unix sockets
 can pass fds.
 
 Example::
 
-    from virtsave import qmp, trace
+    from virtsave.qemu import qmp
+    from virtsave.trace import model as trace
     tr = trace.new_trace("direct", domain={"name": "g"})
     ph = trace.add_phase(tr, "save", "save")
     with qmp.QMPSession("unix:/run/virtsave/x/qmp.sock") as s:
@@ -40,8 +41,8 @@ from qemu.qmp import ConnectError, ExecInterruptedError, QMPClient, Runstate
 from qemu.qmp import QMPError as _LibQMPError
 from qemu.qmp.message import Message
 
-from . import trace as _trace
-from .errors import ConnectionFailed, QMPError
+from virtsave.core.errors import ConnectionFailed, QMPError
+from virtsave.trace import model as _trace
 
 T = TypeVar("T")
 # qemu.qmp logs connection retries at ERROR level; virtsave reports errors itself.

@@ -21,7 +21,7 @@ the settings meanwhile (or libvirtd restarted), they are left alone and a warnin
 
 Example (needs a running libvirtd, as root)::
 
-    from virtsave import logcapture
+    from virtsave.libvirtd import logcapture
     with logcapture.capture("qemu:///system") as cap:
         dom.managedSave()
         text = cap.window_text()      # only this session's slice of the log
@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import config
-from .errors import ConnectionFailed, LogError, UnsupportedError
-from .signals import Terminated, deferred_signals
+from virtsave.core import paths as config
+from virtsave.core.errors import ConnectionFailed, LogError, UnsupportedError
+from virtsave.core.signals import Terminated, deferred_signals
 
 # Filters that make the log name the domain (DESIGN.md §3): monitor I/O, the job lines
 # ("Starting job: API=… vm=0x… name=NAME") and qemuProcessStart ("vm=0x… name=NAME").

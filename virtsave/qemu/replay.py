@@ -1,8 +1,8 @@
 """Replay a traced libvirt save/restore through the direct backend (no libvirt involved).
 
 For each traced phase a QEMU is launched from the traced command line
-(:mod:`virtsave.qemu_launch`) and the traced QMP commands are sent in order over a
-recorded session (:mod:`virtsave.qmp`); the result is a new trace (``source: "direct"``)
+(:mod:`virtsave.qemu.launch`) and the traced QMP commands are sent in order over a
+recorded session (:mod:`virtsave.qemu.qmp`); the result is a new trace (``source: "direct"``)
 of what actually went over the wire, so it can be diffed against the input.
 
 * **save**: boot the guest (``cont``, run for *run_for* seconds), create the image with a
@@ -23,12 +23,13 @@ argv rewrites and timings in ``trace["replay"]`` (``timings.save.seconds``: firs
 command to QEMU gone, image finalized and synced; ``timings.restore.seconds``: QEMU launch to
 the traced commands done, i.e. running after ``cont``; ``migration_seconds``: the stream alone).
 The image (default ``/var/lib/virtsave/replay/<name>-<pid>.save``) is left for the caller.
-Untrusted traces are checked first (:func:`virtsave.safety.check_trace`): findings raise
+Untrusted traces are checked first (:func:`virtsave.qemu.safety.check_trace`): findings raise
 :class:`UnsafeTraceError` before any process is started, unless *allow_unsafe*.
 
 Example::
 
-    from virtsave import replay, trace
+    from virtsave.qemu import replay
+    from virtsave.trace import model as trace
     out = replay.replay(trace.load("t.json"), image="/var/tmp/g.save", mode="essential")
     trace.dump(out, "r.json")
 """
@@ -46,9 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config, direct, qemu_launch, saveimage
-from . import trace as _trace
-from .errors import (
+from virtsave.core import paths as config
+from virtsave.core.errors import (
     OperationFailed,
     QMPError,
     TraceError,
@@ -56,7 +56,11 @@ from .errors import (
     UnsupportedError,
     VirtsaveError,
 )
-from .qmp import QMPSession
+from virtsave.image import saveimage
+from virtsave.qemu import direct
+from virtsave.qemu import launch as qemu_launch
+from virtsave.qemu.qmp import QMPSession
+from virtsave.trace import model as _trace
 
 MODES = ("faithful", "essential")
 TRANSPORTS = ("unix", "tcp")
@@ -76,7 +80,7 @@ def is_probe(execute: str) -> bool:
 
 # -- safety ------------------------------------------------------------------------------------
 def _builtin_findings(trace: _trace.Trace) -> list[tuple[str, str, str]]:
-    """Minimal check used only while :mod:`virtsave.safety` is absent."""
+    """Minimal check used only while :mod:`virtsave.qemu.safety` is absent."""
     found = []
     for p in trace.get("phases", []):
         for i, m in enumerate(p.get("messages", [])):
@@ -106,7 +110,7 @@ def _strings(v: Any) -> list[str]:
 def check_safety(trace: _trace.Trace, allow_unsafe: bool = False) -> list[str]:
     """Run the safety checks; raise :class:`UnsafeTraceError` naming each finding unless allowed."""
     try:
-        from . import safety  # type: ignore[attr-defined]
+        from virtsave.qemu import safety  # type: ignore[attr-defined]
     except ImportError:
         items = [f"{item} at {where}: {why}" for item, where, why in _builtin_findings(trace)]
     else:
@@ -504,7 +508,7 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
         raise ReplayFailed(msg, out) from None
     if diff:
         with contextlib.suppress(ImportError):
-            from . import diff as _diff  # type: ignore[attr-defined]
+            from virtsave.trace import diff as _diff  # type: ignore[attr-defined]
 
             out["replay"]["diff"] = _diff.diff_traces(trace, out).to_json()
     return out

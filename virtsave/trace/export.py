@@ -14,7 +14,7 @@ counts are returned by :func:`replies_stats`.
 
 Example::
 
-    >>> from virtsave import trace as t
+    >>> from virtsave.trace import model as t
     >>> tr = t.new_trace("libvirt")
     >>> ph = t.add_phase(tr, "save", "save")
     >>> ph["messages"] += [t.command("stop", id="libvirt-1"), t.reply("libvirt-1")]
@@ -35,8 +35,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import TraceError
-from .redact import redact_trace
+from virtsave.core.errors import TraceError
+from virtsave.trace.redact import redact_trace
 
 INDENT = 2
 
@@ -109,7 +109,7 @@ def _dump(obj: Any) -> str:
 def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact: bool = True) -> str:
     """The ``.replies`` text of *trace* (all phases in order, or one: ``"save"``, ``"restore"`` or an index).
 
-    The trace is redacted first (:func:`virtsave.redact.redact_trace`) unless ``redact=False``, so an
+    The trace is redacted first (:func:`virtsave.trace.redact.redact_trace`) unless ``redact=False``, so an
     exported file never carries a secret even from an unredacted trace. Raises :class:`TraceError`
     when the requested phase does not exist.
     """

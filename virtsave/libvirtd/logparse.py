@@ -69,8 +69,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import trace as _trace
-from .errors import AmbiguousMonitor, LogError
+from virtsave.core.errors import AmbiguousMonitor, LogError
+from virtsave.trace import model as _trace
 
 # Job API (remote dispatcher name) → virtsave operation name.
 OPERATIONS = {
@@ -1314,7 +1314,7 @@ def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
       are used.
 
     Phases: see the module docstring. ``host`` holds ``libvirt``/``qemu``/``hostname`` when the log has
-    libvirtd's version banner (else None; :mod:`virtsave.qemulog` gives them from the domain log).
+    libvirtd's version banner (else None; :mod:`virtsave.libvirtd.domainlog` gives them from the domain log).
     ``trace["log"]`` = {path, lines, skipped, malformed, monitors, attribution, unphased,
     unphased_messages}. Raises :class:`LogError` (unreadable file, nothing found) or
     :class:`AmbiguousMonitor`.
@@ -1378,7 +1378,8 @@ def generate_log(path: str | os.PathLike[str], size_mb: float, sources: Iterable
     """
     srcs = [os.fspath(s) for s in sources]
     if not srcs:
-        base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures")
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        base = os.path.join(repo, "tests", "fixtures")
         for sub in ("libvirt-9.0", "libvirt-9.0-attributed", "libvirt-11.3-attributed"):
             d = os.path.join(base, sub)
             if os.path.isdir(d):

@@ -48,8 +48,8 @@ from collections.abc import Iterator
 from importlib import resources
 from typing import IO, Any
 
-from .errors import TraceError
-from .fileio import private_writer
+from virtsave.core.errors import TraceError
+from virtsave.core.files import private_writer
 
 FORMAT = "virtsave-trace"
 VERSION = 1
@@ -141,7 +141,7 @@ def find_phase(trace: Trace, name: str) -> Phase | None:
 @functools.cache
 def schema() -> dict[str, Any]:
     """The JSON Schema of the current trace version."""
-    text = resources.files("virtsave").joinpath(f"schema/trace-v{VERSION}.json").read_text()
+    text = resources.files("virtsave.trace").joinpath(f"schema/trace-v{VERSION}.json").read_text()
     return json.loads(text)
 
 

@@ -15,7 +15,7 @@ Facts used (libvirt sources/NEWS, checked on this machine):
 Example (needs a running libvirtd)::
 
     import libvirt
-    from virtsave import host
+    from virtsave.libvirtd import host
     conn = libvirt.open("qemu:///system")
     print(host.versions(conn))          # HostVersions(libvirt='11.3.0', qemu='10.0.2', ...)
     host.require_format(conn, "sparse")  # raises UnsupportedError on libvirt 9.0
@@ -31,7 +31,7 @@ from typing import Any
 
 import libvirt
 
-from .errors import LaunchError, UnsupportedError
+from virtsave.core.errors import LaunchError, UnsupportedError
 
 #: Formats libvirt knows for save images (``--image-format``).
 IMAGE_FORMATS = ("raw", "gzip", "bzip2", "xz", "lzop", "zstd", "sparse")

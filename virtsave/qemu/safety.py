@@ -3,7 +3,7 @@
 A trace carries a QEMU command line (``domain.argv``) and QMP commands; replaying a hostile one could
 run host commands, read or write host files, open sockets or hand QEMU file descriptors it should not
 have. :func:`check_trace` lists every such item as a :class:`Finding` (item, where, reason);
-:func:`require_safe` raises :class:`~virtsave.errors.UnsafeTraceError` naming each unless allowed.
+:func:`require_safe` raises :class:`~virtsave.core.errors.UnsafeTraceError` naming each unless allowed.
 
 Refused (each a finding):
 
@@ -32,7 +32,7 @@ Refused (each a finding):
   ``image.path``; guest files outside :data:`EXPECTED_PREFIXES`; image paths under
   :data:`DENY_PREFIXES` (``/etc``, ``/dev``, ``/proc`` …).
 
-Rewritable (not findings), exactly what :mod:`virtsave.qemu_launch` replaces: the monitor chardev
+Rewritable (not findings), exactly what :mod:`virtsave.qemu.launch` replaces: the monitor chardev
 ``-chardev socket,id=charmonitor,fd=N`` (the chardev a ``-mon …,mode=control`` names), libvirt's
 ``-add-fd set=S,fd=F,opaque=…`` whose set only feeds ``pty``/``file``/``vc``/``stdio`` chardevs (the
 serial log: ``-chardev file,…,path=/dev/fdset/S`` on 9.0, ``-chardev pty,…,logfile=/dev/fdset/S`` on
@@ -41,7 +41,7 @@ serial log: ``-chardev file,…,path=/dev/fdset/S`` on 9.0, ``-chardev pty,…,l
 
 Example::
 
-    >>> from virtsave import trace as t
+    >>> from virtsave.trace import model as t
     >>> tr = t.new_trace("libvirt", domain={"argv": ["/usr/bin/qemu-system-x86_64", "-incoming", "exec:cat x"]})
     >>> [f.item for f in check_trace(tr)]
     ['-incoming exec:cat x']
@@ -57,7 +57,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UnsafeTraceError
+from virtsave.core.errors import UnsafeTraceError
 
 #: Where guest files (images, kernels, firmware, disks) are expected. Anything else is a finding.
 EXPECTED_PREFIXES: tuple[str, ...] = (
@@ -480,7 +480,7 @@ def check_command(msg: dict[str, Any], where: str, prefixes: tuple[str, ...] = E
 def check_trace(trace: dict[str, Any], prefixes: tuple[str, ...] = EXPECTED_PREFIXES) -> list[Finding]:
     """Every unsafe item of *trace* (argv, QMP commands, image paths); empty when it is safe to replay.
 
-    Never raises on odd content: a malformed trace should be rejected by :func:`virtsave.trace.validate`.
+    Never raises on odd content: a malformed trace should be rejected by :func:`virtsave.trace.model.validate`.
     """
     out: list[Finding] = []
     phases = [p for p in (trace.get("phases") or []) if isinstance(p, dict)]

@@ -14,7 +14,7 @@ regenerates), stream configuration, section list and versions, RAM block sizes.
 
 Example::
 
-    >>> from virtsave import trace
+    >>> from virtsave.trace import model as trace
     >>> a = trace.new_trace("libvirt")
     >>> ph = trace.add_phase(a, "save", "managed-save", ok=True)
     >>> ph["messages"] += [trace.command("stop", id="libvirt-1"), trace.reply("libvirt-1")]
@@ -39,15 +39,19 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import conf_path
-from .errors import VirtsaveError
+from virtsave.core.errors import VirtsaveError
 
 # ---------------------------------------------------------------------------------------------
 # The normalization table
 # ---------------------------------------------------------------------------------------------
+
+
+#: The one normalization table, shipped inside the package.
+NORMALIZE_TABLE = Path(str(resources.files("virtsave.trace") / "normalize.json"))
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ def _load_table(path: str) -> dict[str, Any]:
 
 def load_rules(path: str | Path | None = None) -> list[Rule]:
     """The trace rules of the table (default ``conf/normalize.json``)."""
-    p = str(path or conf_path("normalize.json"))
+    p = str(path or NORMALIZE_TABLE)
     rules = []
     for i, r in enumerate(_load_table(p).get("rules", [])):
         if r.get("action") not in _ACTIONS:
@@ -98,7 +102,7 @@ def load_rules(path: str | Path | None = None) -> list[Rule]:
 
 def image_rules(path: str | Path | None = None) -> dict[str, Any]:
     """The ``image`` part of the table (XML/cookie XPaths to ignore)."""
-    return _load_table(str(path or conf_path("normalize.json"))).get("image", {})
+    return _load_table(str(path or NORMALIZE_TABLE)).get("image", {})
 
 
 def _type_of(v: Any) -> Any:
@@ -307,7 +311,7 @@ def _list_identity(a: list[Any], b: list[Any]) -> str | None:
     return None
 
 
-def _short(v: Any, width: int = 100) -> str:
+def short(v: Any, width: int = 100) -> str:
     if v is _ABSENT:
         return "(absent)"
     s = json.dumps(v, ensure_ascii=False, separators=(",", ":"))
@@ -342,12 +346,12 @@ def value_diff(a: Any, b: Any, path: str = "") -> list[str]:
                 for k in range(i2 - i1):
                     out += value_diff(a[i1 + k], b[j1 + k], f"{path}[{i1 + k}]")
                 continue
-            out += [f"{path}[{i}]: {_short(a[i])} → (absent)" for i in range(i1, i2)]
-            out += [f"{path}[{j}]: (absent) → {_short(b[j])}" for j in range(j1, j2)]
+            out += [f"{path}[{i}]: {short(a[i])} → (absent)" for i in range(i1, i2)]
+            out += [f"{path}[{j}]: (absent) → {short(b[j])}" for j in range(j1, j2)]
         return out
     if a == b and type(a) is type(b):
         return []
-    return [f"{path or '(value)'}: {_short(a)} → {_short(b)}"]
+    return [f"{path or '(value)'}: {short(a)} → {short(b)}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,29 +377,29 @@ class Difference:
 
 
 @dataclass
-class _Row:
+class Row:
     mark: str        # ' ' same, '-' only in A, '+' only in B, '~' changed, '>' moved here
     text: str
     details: list[str] = field(default_factory=list)
 
 
 @dataclass
-class _Hunk:
+class Hunk:
     title: str
-    rows: list[_Row]
+    rows: list[Row]
 
 
 def _label(cmd: dict[str, Any]) -> str:
     args = cmd.get("arguments")
     fds = f" [fds={cmd['fds']}]" if cmd.get("fds") else ""
-    return f"{cmd['execute']}{' ' + _short(args, 90) if args is not None else ''}{fds}"
+    return f"{cmd['execute']}{' ' + short(args, 90) if args is not None else ''}{fds}"
 
 
 def _evt_label(e: dict[str, Any]) -> str:
-    return f"{e['event']}{' ' + _short(e['data'], 90) if e.get('data') is not None else ''}"
+    return f"{e['event']}{' ' + short(e['data'], 90) if e.get('data') is not None else ''}"
 
 
-def _align(a: list[Any], b: list[Any]) -> list[tuple[str, int | None, int | None]]:
+def align(a: list[Any], b: list[Any]) -> list[tuple[str, int | None, int | None]]:
     """Rows (op, i, j), op in equal/change/delete/insert/moved, in B's order.
 
     ``moved``: an item missing at one place and extra at another (same key) — one row, where B has it.
@@ -453,7 +457,7 @@ class TraceDiff:
     b_label: str
     strict: bool
     differences: list[Difference]
-    hunks: list[_Hunk]
+    hunks: list[Hunk]
     rules: list[str]
     a_info: dict[str, Any] = field(default_factory=dict)
     b_info: dict[str, Any] = field(default_factory=dict)
@@ -470,10 +474,10 @@ class TraceDiff:
                 "strict": self.strict, "a": {"label": self.a_label, **self.a_info},
                 "b": {"label": self.b_label, **self.b_info}, "summary": self.summary(),
                 "differences": [d.to_json() for d in self.differences],
-                "normalization": {"table": str(conf_path("normalize.json")), "rules": self.rules}}
+                "normalization": {"table": str(NORMALIZE_TABLE), "rules": self.rules}}
 
     def render(self, color: bool = False, context: int = 2) -> str:
-        return _render(f"--- {self.a_label}{_info(self.a_info)}", f"+++ {self.b_label}{_info(self.b_info)}",
+        return render_hunks(f"--- {self.a_label}{_info(self.a_info)}", f"+++ {self.b_label}{_info(self.b_info)}",
                        self.hunks, self.differences, color, context)
 
 
@@ -489,7 +493,7 @@ _COLORS = {"-": "\x1b[31m", "+": "\x1b[32m", "~": "\x1b[33m", ">": "\x1b[36m", "
 _RESET = "\x1b[0m"
 
 
-def _render(head_a: str, head_b: str, hunks: list[_Hunk], diffs: list[Any], color: bool, context: int,
+def render_hunks(head_a: str, head_b: str, hunks: list[Hunk], diffs: list[Any], color: bool, context: int,
             notes: list[str] | None = None) -> str:
     def paint(mark: str, text: str) -> str:
         return f"{_COLORS[mark]}{text}{_RESET}" if color and mark in _COLORS else text
@@ -545,21 +549,21 @@ def _image_paths(*phases: dict[str, Any] | None) -> list[str]:
 
 
 def _diff_phase(label: str, pa: dict[str, Any], pb: dict[str, Any], rules: list[Rule],
-                strict: bool) -> tuple[list[Difference], list[_Hunk]]:
+                strict: bool) -> tuple[list[Difference], list[Hunk]]:
     diffs: list[Difference] = []
     ca, ea = _normalize_phase(pa, rules, strict, _image_paths(pa) if strict else _image_paths(pa, pb))
     cb, eb = _normalize_phase(pb, rules, strict, _image_paths(pb) if strict else _image_paths(pa, pb))
-    rows: list[_Row] = []
-    for op, i, j in _align(ca, cb):
+    rows: list[Row] = []
+    for op, i, j in align(ca, cb):
         a = ca[i] if i is not None else None
         b = cb[j] if j is not None else None
         if op == "delete" and a is not None:
             diffs.append(Difference(label, "missing", a.name, i, None))
-            rows.append(_Row("-", _label(a.body)))
+            rows.append(Row("-", _label(a.body)))
             continue
         if op == "insert" and b is not None:
             diffs.append(Difference(label, "extra", b.name, None, j))
-            rows.append(_Row("+", _label(b.body)))
+            rows.append(Row("+", _label(b.body)))
             continue
         assert a is not None and b is not None
         details: list[str] = []
@@ -581,30 +585,30 @@ def _diff_phase(label: str, pa: dict[str, Any], pb: dict[str, Any], rules: list[
             diffs.append(Difference(label, "reply", b.name, i, j, lines))
             details += lines
             mark = "~" if mark == " " else mark
-        rows.append(_Row(mark, _label(b.body), details))
-    hunks = [_Hunk(f"{label}: commands (A {len(ca)}, B {len(cb)})", rows)]
-    erows: list[_Row] = []
-    for op, i, j in _align(ea, eb):
+        rows.append(Row(mark, _label(b.body), details))
+    hunks = [Hunk(f"{label}: commands (A {len(ca)}, B {len(cb)})", rows)]
+    erows: list[Row] = []
+    for op, i, j in align(ea, eb):
         a = ea[i] if i is not None else None
         b = eb[j] if j is not None else None
         if op == "delete" and a is not None:
             diffs.append(Difference(label, "event-missing", a.name, i, None))
-            erows.append(_Row("-", _evt_label(a.body)))
+            erows.append(Row("-", _evt_label(a.body)))
         elif op == "insert" and b is not None:
             diffs.append(Difference(label, "event-extra", b.name, None, j))
-            erows.append(_Row("+", _evt_label(b.body)))
+            erows.append(Row("+", _evt_label(b.body)))
         elif op == "moved" and b is not None:
             d = Difference(label, "event-reordered", b.name, i, j, [f"event #{i} in A is #{j} in B"])
             diffs.append(d)
-            erows.append(_Row(">", _evt_label(b.body), d.details))
+            erows.append(Row(">", _evt_label(b.body), d.details))
         elif op == "change" and a is not None and b is not None:
             lines = value_diff(a.body.get("data"), b.body.get("data"), "data")
             diffs.append(Difference(label, "event-changed", b.name, i, j, lines))
-            erows.append(_Row("~", _evt_label(b.body), lines))
+            erows.append(Row("~", _evt_label(b.body), lines))
         elif b is not None:
-            erows.append(_Row(" ", _evt_label(b.body)))
-    hunks.append(_Hunk(f"{label}: events (A {len(ea)}, B {len(eb)})", erows))
-    orows: list[_Row] = []
+            erows.append(Row(" ", _evt_label(b.body)))
+    hunks.append(Hunk(f"{label}: events (A {len(ea)}, B {len(eb)})", erows))
+    orows: list[Row] = []
     images = _image_paths(pa, pb)
     for key in ("operation", "ok", "error"):
         va, vb = pa.get(key), pb.get(key)
@@ -612,12 +616,12 @@ def _diff_phase(label: str, pa: dict[str, Any], pb: dict[str, Any], rules: list[
             va, vb = (_map_strings(v, lambda s: functools.reduce(lambda x, p: x.replace(p, "<image>"), images, s))
                       for v in (va, vb))
         if va != vb:
-            diffs.append(Difference(label, "outcome", key, details=[f"{key}: {_short(va)} → {_short(vb)}"]))
-            orows.append(_Row("-", f"{key}: {_short(va)}"))
-            orows.append(_Row("+", f"{key}: {_short(vb)}"))
+            diffs.append(Difference(label, "outcome", key, details=[f"{key}: {short(va)} → {short(vb)}"]))
+            orows.append(Row("-", f"{key}: {short(va)}"))
+            orows.append(Row("+", f"{key}: {short(vb)}"))
         else:
-            orows.append(_Row(" ", f"{key}: {_short(va)}"))
-    hunks.append(_Hunk(f"{label}: outcome", orows))
+            orows.append(Row(" ", f"{key}: {short(va)}"))
+    hunks.append(Hunk(f"{label}: outcome", orows))
     return diffs, hunks
 
 
@@ -628,12 +632,12 @@ def diff_traces(a: dict[str, Any], b: dict[str, Any], *, strict: bool = False, a
     pa, pb = _phase_keys(a), _phase_keys(b)
     bmap = dict(pb)
     diffs: list[Difference] = []
-    hunks: list[_Hunk] = []
+    hunks: list[Hunk] = []
     for label, ph in pa:
         other = bmap.get(label)
         if other is None:
             diffs.append(Difference(label, "phase-missing", label, details=[f"phase {label} only in A"]))
-            hunks.append(_Hunk(f"{label}: only in A", [_Row("-", f"phase {label} ({ph.get('operation')})")]))
+            hunks.append(Hunk(f"{label}: only in A", [Row("-", f"phase {label} ({ph.get('operation')})")]))
             continue
         d, h = _diff_phase(label, ph, other, rules, strict)
         diffs += d
@@ -642,210 +646,8 @@ def diff_traces(a: dict[str, Any], b: dict[str, Any], *, strict: bool = False, a
     for label, ph in pb:
         if label not in amap:
             diffs.append(Difference(label, "phase-extra", label, details=[f"phase {label} only in B"]))
-            hunks.append(_Hunk(f"{label}: only in B", [_Row("+", f"phase {label} ({ph.get('operation')})")]))
+            hunks.append(Hunk(f"{label}: only in B", [Row("+", f"phase {label} ({ph.get('operation')})")]))
     used = [r.id for r in rules if r.strict or not strict]
     info = ({"source": t.get("source"), "host": {k: t.get("host", {}).get(k) for k in ("libvirt", "qemu")}}
             for t in (a, b))
     return TraceDiff(a_label, b_label, strict, diffs, hunks, used, *info)
-
-
-# ---------------------------------------------------------------------------------------------
-# Image diff
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ImageDifference:
-    """One difference between two images (``area``: header, xml, cookie, stream, sections, ram)."""
-
-    area: str
-    name: str
-    details: list[str] = field(default_factory=list)
-
-    @property
-    def kind(self) -> str:
-        return self.area
-
-    def to_json(self) -> dict[str, Any]:
-        return {"area": self.area, "name": self.name, "details": self.details}
-
-
-@dataclass
-class ImageDiff:
-    """Result of :func:`diff_images`; ``info`` lists differences expected between any two saves."""
-
-    a_label: str
-    b_label: str
-    differences: list[ImageDifference]
-    hunks: list[_Hunk]
-    info: list[str]
-
-    @property
-    def equivalent(self) -> bool:
-        return not self.differences
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": "virtsave-diff", "kind": "image", "equivalent": self.equivalent,
-                "a": {"label": self.a_label}, "b": {"label": self.b_label},
-                "summary": dict(Counter(d.area for d in self.differences)),
-                "differences": [d.to_json() for d in self.differences], "info": self.info}
-
-    def render(self, color: bool = False, context: int = 2) -> str:
-        return _render(f"--- {self.a_label}", f"+++ {self.b_label}", self.hunks, self.differences, color, context,
-                       self.info)
-
-
-def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
-    """Pretty, canonical lines of *text* without the nodes the XPaths in *ignore* select."""
-    if not text:
-        return []
-    from lxml import etree
-
-    try:
-        root = etree.fromstring(text.encode(), etree.XMLParser(remove_blank_text=True, remove_comments=True,
-                                                              resolve_entities=False, no_network=True))
-    except etree.XMLSyntaxError as exc:
-        return [f"(unparsable XML: {exc})"]
-    for xp in ignore:
-        try:
-            hits = root.xpath(xp)
-        except etree.XPathError:
-            continue
-        for node in hits if isinstance(hits, list) else []:
-            if isinstance(node, str):   # attribute or text result (lxml "smart strings")
-                parent = getattr(node, "getparent", lambda: None)()
-                if getattr(node, "is_attribute", False) and parent is not None:
-                    del parent.attrib[node.attrname]
-            elif isinstance(node, etree._Element) and node.getparent() is not None:
-                node.getparent().remove(node)
-    for el in root.iter():
-        if isinstance(el.tag, str) and len(el.attrib) > 1:
-            items = sorted(el.attrib.items())
-            el.attrib.clear()
-            el.attrib.update(items)
-    return etree.tostring(root, pretty_print=True, encoding="unicode").splitlines()
-
-
-def _xml_hunk(title: str, area: str, a: str | None, b: str | None, ignore: list[str],
-              diffs: list[ImageDifference]) -> _Hunk:
-    la, lb = canonical_xml(a, ignore), canonical_xml(b, ignore)
-    rows: list[_Row] = []
-    changed: list[str] = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, la, lb, autojunk=False).get_opcodes():
-        if op == "equal":
-            rows += [_Row(" ", x.rstrip()) for x in la[i1:i2]]
-            continue
-        rows += [_Row("-", x.rstrip()) for x in la[i1:i2]]
-        rows += [_Row("+", x.rstrip()) for x in lb[j1:j2]]
-        changed += [f"- {x.strip()}" for x in la[i1:i2]] + [f"+ {x.strip()}" for x in lb[j1:j2]]
-    if changed:
-        diffs.append(ImageDifference(area, title, changed))
-    return _Hunk(title, rows)
-
-
-def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None = None,
-                inspect_a: dict[str, Any] | None = None, inspect_b: dict[str, Any] | None = None) -> ImageDiff:
-    """Compare two save images (header, XML, cookie, stream configuration, sections, RAM sizes).
-
-    Partial (``LibvirtQemudPart``) and corrupt images raise :class:`~virtsave.errors.ImageError`.
-    """
-    from .saveimage import inspect_image
-
-    # A partial image is not a save image yet: refused with the offset, like everywhere else.
-    ia = inspect_a or inspect_image(a)
-    ib = inspect_b or inspect_image(b)
-    conf = image_rules(rules_path)
-    layout = set(conf.get("header_layout_fields", []))
-    diffs: list[ImageDifference] = []
-    info: list[str] = []
-    hunks: list[_Hunk] = []
-    rows = []
-    ha, hb = ia["header"], ib["header"]
-    for k in ("magic", "version", "format", "was_running", "data_len", "cookie_offset", "stream_offset"):
-        if ha.get(k) == hb.get(k):
-            rows.append(_Row(" ", f"{k}: {ha.get(k)}"))
-        elif k in layout:
-            info.append(f"header {k}: {ha.get(k)} → {hb.get(k)} (follows the XML length)")
-            rows.append(_Row(" ", f"{k}: {ha.get(k)} → {hb.get(k)} (layout, follows the XML length)"))
-        else:
-            diffs.append(ImageDifference("header", k, [f"{k}: {ha.get(k)} → {hb.get(k)}"]))
-            rows += [_Row("-", f"{k}: {ha.get(k)}"), _Row("+", f"{k}: {hb.get(k)}")]
-    hunks.append(_Hunk("header", rows))
-    hunks.append(_xml_hunk("domain XML", "xml", ia["xml"], ib["xml"], conf.get("xml_ignore", []), diffs))
-    hunks.append(_xml_hunk("cookie", "cookie", ia["cookie"], ib["cookie"], conf.get("cookie_ignore", []), diffs))
-
-    sa, sb = ia["stream"], ib["stream"]
-    rows = []
-    ca, cb = sa.get("configuration") or {}, sb.get("configuration") or {}
-    for k in ("machine", "capabilities", "target_page_bits"):
-        if ca.get(k) != cb.get(k):
-            diffs.append(ImageDifference("stream", f"configuration.{k}", [f"{k}: {_short(ca.get(k))} → "
-                                                                          f"{_short(cb.get(k))}"]))
-            rows += [_Row("-", f"{k}: {_short(ca.get(k))}"), _Row("+", f"{k}: {_short(cb.get(k))}")]
-        else:
-            rows.append(_Row(" ", f"{k}: {_short(ca.get(k))}"))
-    for k in ("present",):
-        va, vb = sa["vmdesc"].get(k), sb["vmdesc"].get(k)
-        if va != vb:
-            diffs.append(ImageDifference("stream", "vmdesc", [f"vmstate description present: {va} → {vb}"]))
-            rows += [_Row("-", f"vmstate description: {va}"), _Row("+", f"vmstate description: {vb}")]
-    hunks.append(_Hunk("stream configuration", rows))
-
-    def sec_key(s: dict[str, Any]) -> str:
-        return f"{s['name']} (instance {s['instance_id']})"
-
-    @dataclass
-    class _S:
-        key: str
-        name: str
-        sec: dict[str, Any]
-
-    la = [_S(sec_key(s) + f" v{s['version_id']}", sec_key(s), s) for s in sa["sections"]]
-    lb = [_S(sec_key(s) + f" v{s['version_id']}", sec_key(s), s) for s in sb["sections"]]
-    rows = []
-    for op, i, j in _align(la, lb):
-        x = la[i] if i is not None else None
-        y = lb[j] if j is not None else None
-        if op == "delete" and x is not None:
-            diffs.append(ImageDifference("sections", x.name, [f"section {x.key} only in A"]))
-            rows.append(_Row("-", x.key))
-        elif op == "insert" and y is not None:
-            diffs.append(ImageDifference("sections", y.name, [f"section {y.key} only in B"]))
-            rows.append(_Row("+", y.key))
-        elif op == "change" and x is not None and y is not None:
-            d = [f"version_id: {x.sec['version_id']} → {y.sec['version_id']}"]
-            diffs.append(ImageDifference("sections", y.name, d))
-            rows.append(_Row("~", y.name, d))
-        elif op == "moved" and y is not None:
-            d = [f"section order: #{i} in A, #{j} in B"]
-            diffs.append(ImageDifference("sections", y.name, d))
-            rows.append(_Row(">", y.key, d))
-        elif y is not None:
-            rows.append(_Row(" ", y.key))
-    hunks.append(_Hunk(f"sections (A {len(la)}, B {len(lb)})", rows))
-
-    ra, rb = sa["ram"], sb["ram"]
-    rows = []
-    # mapped_ram follows the stream capabilities (reported there), so it is context only here.
-    rows.append(_Row(" ", f"mapped_ram: {ra.get('mapped_ram')} / {rb.get('mapped_ram')}"))
-    for k in ("page_size", "total_bytes"):
-        if ra.get(k) != rb.get(k):
-            diffs.append(ImageDifference("ram", k, [f"{k}: {ra.get(k)} → {rb.get(k)}"]))
-            rows += [_Row("-", f"{k}: {ra.get(k)}"), _Row("+", f"{k}: {rb.get(k)}")]
-        else:
-            rows.append(_Row(" ", f"{k}: {ra.get(k)}"))
-    ba = {x["name"]: x for x in ra["blocks"]}
-    bb = {x["name"]: x for x in rb["blocks"]}
-    for name in list(ba) + [n for n in bb if n not in ba]:
-        x, y = ba.get(name), bb.get(name)
-        if x is None or y is None or x.get("length") != y.get("length"):
-            la_, lb_ = (x or {}).get("length"), (y or {}).get("length")
-            diffs.append(ImageDifference("ram", f"block {name}", [f"length: {la_} → {lb_}"]))
-            rows += [_Row("-", f"block {name}: {la_}"), _Row("+", f"block {name}: {lb_}")]
-        else:
-            rows.append(_Row(" ", f"block {name}: {x['length']}"))
-    for k in ("pages", "zero_pages", "bytes"):
-        if ra.get(k) != rb.get(k):
-            info.append(f"ram {k}: {ra.get(k)} → {rb.get(k)} (depends on guest memory contents)")
-    hunks.append(_Hunk("ram", rows))
-    return ImageDiff(str(a), str(b), diffs, hunks, info)

@@ -1,7 +1,7 @@
 """A live progress bar on stderr, fed by libvirt job stats.
 
 :func:`job_progress` returns a context manager yielding a callable for the
-``progress=`` argument of :mod:`virtsave.libvirt_path`; it draws one bar per domain
+``progress=`` argument of :mod:`virtsave.libvirtd.reference`; it draws one bar per domain
 (bytes done/total, rate, ETA). It is a no-op when stderr is not a terminal or with
 ``--json`` (``OPTIONS.progress``), so scripted use never sees control characters.
 
@@ -49,13 +49,13 @@ def job_progress(label: str, enabled: bool | None = None) -> Iterator[Callback]:
     *enabled* defaults to ``OPTIONS.progress`` (terminal and not ``--json``).
     """
     if enabled is None:
-        from .cli.common import OPTIONS
+        from .common import OPTIONS
 
         enabled = OPTIONS.progress
     if not enabled:
         yield lambda _stats: None
         return
-    from .cli.common import err_console
+    from .common import err_console
 
     bar = Progress(
         TextColumn("{task.description}"),
