@@ -109,15 +109,17 @@ def test_replies_format_matches_libvirt():
     text = export.to_replies(tr)
     objs = export.parse_replies(text)
     cmds = [m for m in tr["phases"][0]["messages"] if m["kind"] == "command"]
-    assert len(objs) == 2 * len(cmds)
-    assert [o["execute"] for o in objs[0::2]] == [c["execute"] for c in cmds]
-    assert [o["id"] for o in objs[1::2]] == [c["id"] for c in cmds]
+    # a save phase starts mid-conversation: one qmp_capabilities pair is put first, ids renumbered from 1
+    assert len(objs) == 2 * (len(cmds) + 1)
+    assert [o["execute"] for o in objs[0::2]] == ["qmp_capabilities"] + [c["execute"] for c in cmds]
+    assert [o["id"] for o in objs[0::2]] == [f"libvirt-{i}" for i in range(1, len(cmds) + 2)]
+    assert [o["id"] for o in objs[1::2]] == [o["id"] for o in objs[0::2]]
     assert all("event" not in o for o in objs)
-    assert text.startswith('{\n  "execute": "query-migrate",\n  "id": "libvirt-413"\n}\n\n{\n  "return": {},\n'
-                           '  "id": "libvirt-413"\n}\n\n')
+    assert text.startswith('{\n  "execute": "qmp_capabilities",\n  "id": "libvirt-1"\n}\n\n{\n  "return": {},\n'
+                           '  "id": "libvirt-1"\n}\n\n{\n  "execute": "query-migrate",\n  "id": "libvirt-2"\n}')
     assert text.endswith("}\n") and "\n\n\n" not in text
-    assert list(objs[10]) == ["execute", "arguments", "id"] and objs[10]["execute"] == "migrate"
-    assert objs[8] == {"execute": "getfd", "arguments": {"fdname": "migrate"}, "id": "libvirt-417"}
+    assert list(objs[12]) == ["execute", "arguments", "id"] and objs[12]["execute"] == "migrate"
+    assert objs[10] == {"execute": "getfd", "arguments": {"fdname": "migrate"}, "id": "libvirt-6"}
     assert export.replies_stats(tr) == {"pairs": 9, "events_omitted": 6, "unanswered_omitted": 0}
 
 
@@ -126,6 +128,7 @@ def test_replies_restore_phase_select_and_errors():
     objs = export.parse_replies(export.to_replies(tr, "restore"))
     assert len(objs) == 2 * 479
     assert objs[0]["execute"] == "qmp_capabilities"
+    assert objs[0]["id"] == "libvirt-1" and objs[2]["id"] == "libvirt-2"      # no extra pair: it starts there
     assert export.to_replies(tr, 0) == export.to_replies(tr)
     with pytest.raises(errors.TraceError, match="no save phase"):
         export.to_replies(tr, "save")
@@ -145,11 +148,27 @@ def test_replies_error_reply_and_unanswered_and_redaction():
     text = export.to_replies(tr)
     assert "hunter2" not in text
     objs = export.parse_replies(text)
-    assert objs == [{"execute": "set_password", "arguments": {"protocol": "vnc", "password": "<redacted>"},
-                     "id": "libvirt-1"},
-                    {"error": {"class": "GenericError", "desc": "no vnc"}, "id": "libvirt-1"}]
+    assert objs == [{"execute": "qmp_capabilities", "id": "libvirt-1"}, {"return": {}, "id": "libvirt-1"},
+                    {"execute": "set_password", "arguments": {"protocol": "vnc", "password": "<redacted>"},
+                     "id": "libvirt-2"},
+                    {"error": {"class": "GenericError", "desc": "no vnc"}, "id": "libvirt-2"}]
     assert export.replies_stats(tr) == {"pairs": 1, "events_omitted": 1, "unanswered_omitted": 1}
     empty = trace.new_trace("libvirt")
     assert export.to_replies(empty) == ""
     with pytest.raises(errors.TraceError):
         export.parse_replies("{not json")
+
+
+def test_replies_ids_restart_at_each_qmp_capabilities_and_ascii():
+    tr = trace.new_trace("direct")
+    for name in ("save", "restore"):
+        ph = trace.add_phase(tr, name, name)
+        ph["messages"] += [trace.command("qmp_capabilities", id="__qmp#00001"), trace.reply("__qmp#00001"),
+                           trace.command("qom-get", {"path": "/machine", "property": "été"},
+                                         id="__qmp#00002"),
+                           trace.reply("__qmp#00002", ret="déjà")]
+    text = export.to_replies(tr)
+    assert "\\u00e9t\\u00e9" in text and "é" not in text     # ASCII escapes, like json.dumps' default
+    objs = export.parse_replies(text)
+    assert [o["id"] for o in objs] == ["libvirt-1", "libvirt-1", "libvirt-2", "libvirt-2"] * 2
+    assert export.parse_replies(export.to_replies(tr, "restore")) == objs[4:]

@@ -177,6 +177,8 @@ def export_cmd(
     path: Annotated[Path, typer.Argument(metavar="TRACE", help="trace JSON file")],
     fmt: Annotated[str, typer.Option("--format", help="replies: libvirt's qemumonitorjson .replies")] = "replies",
     out: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="write here (0600)")] = None,
+    phase: Annotated[str | None, typer.Option("--phase", metavar="PHASE",
+                                              help="only this phase: save or restore")] = None,
 ) -> None:
     """Export a trace for other tools (``--format replies``: libvirt's monitor test harness)."""
     if fmt != "replies":
@@ -184,7 +186,7 @@ def export_cmd(
     from virtsave.trace import export
 
     trace = tr.load(path)
-    _write_text(export.to_replies(trace), out)
+    _write_text(export.to_replies(trace, phase), out)
     if out is not None and os.fspath(out) != "-":
         info(f"wrote {out}")
 

@@ -1,11 +1,16 @@
 """Export a trace as libvirt's ``.replies`` file, the input of libvirt's QEMU monitor test harness.
 
 Format (as in libvirt's ``tests/qemucapabilitiesdata/*.replies``, read by
-``qemuMonitorTestProcessFileEntries`` in ``tests/qemumonitortestutils.c``): JSON objects separated by one
-empty line, strictly alternating command, reply, command, reply … Each object is pretty-printed with a
-2-space indent (libvirt's own pretty printer; the files in libvirt's tree use 2 spaces), keys in wire
-order: a command is ``{"execute", "arguments"?, "id"}`` — the ``id`` is kept (``"libvirt-N"``) since
-libvirt's files carry it — and a reply ``{"return" | "error", "id"}``. The file ends with a newline.
+``qemuMonitorTestProcessFileEntries`` in ``tests/qemumonitortestutils.c`` and checked by libvirt's
+``scripts/qemu-replies-tool.py``): JSON objects separated by one empty line, strictly alternating command,
+reply, command, reply … Each object is pretty-printed with a 2-space indent and ASCII escapes (Python's
+``json.dumps(obj, indent=2)``, as the tool writes them), keys in wire order: a command is
+``{"execute", "arguments"?, "id"}`` and a reply ``{"return" | "error", "id"}``. The file ends with a newline.
+
+Ids are renumbered the way libvirt's test monitor numbers them: ``libvirt-1``, ``libvirt-2`` … restarting
+at every ``qmp_capabilities``. A phase that starts mid-conversation (a save phase: libvirt's monitor was
+opened when the guest started) gets a leading ``qmp_capabilities`` pair, so that numbering starts where the
+tool expects it; a direct trace's qemu.qmp ids (``__qmp#00002``) are renumbered the same way.
 
 Events are omitted: the format has no place for them (every object after a command is taken as its
 reply) and libvirt's test monitor emits events itself. A command without a reply in the trace (cut
@@ -17,16 +22,26 @@ Example::
     >>> from virtsave.trace import model as t
     >>> tr = t.new_trace("libvirt")
     >>> ph = t.add_phase(tr, "save", "save")
-    >>> ph["messages"] += [t.command("stop", id="libvirt-1"), t.reply("libvirt-1")]
+    >>> ph["messages"] += [t.command("stop", id="libvirt-477"), t.reply("libvirt-477")]
     >>> print(to_replies(tr), end="")
     {
-      "execute": "stop",
+      "execute": "qmp_capabilities",
       "id": "libvirt-1"
     }
     <BLANKLINE>
     {
       "return": {},
       "id": "libvirt-1"
+    }
+    <BLANKLINE>
+    {
+      "execute": "stop",
+      "id": "libvirt-2"
+    }
+    <BLANKLINE>
+    {
+      "return": {},
+      "id": "libvirt-2"
     }
 """
 
@@ -55,12 +70,22 @@ def _phases(trace: dict[str, Any], phase: str | int | None) -> list[dict[str, An
     return picked
 
 
-def pairs(trace: dict[str, Any], phase: str | int | None = None
-          ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int]:
+Pair = tuple[dict[str, Any], dict[str, Any]]
+
+
+def pairs(trace: dict[str, Any], phase: str | int | None = None) -> tuple[list[Pair], int, int]:
     """(command, reply) pairs in wire order, plus the number of events and unanswered commands skipped."""
-    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    per_phase, events, unanswered = phase_pairs(trace, phase)
+    return [p for items in per_phase for p in items], events, unanswered
+
+
+def phase_pairs(trace: dict[str, Any], phase: str | int | None = None) -> tuple[list[list[Pair]], int, int]:
+    """Like :func:`pairs`, one list per phase."""
+    per_phase: list[list[Pair]] = []
     events = unanswered = 0
     for ph in _phases(trace, phase):
+        out: list[Pair] = []
+        per_phase.append(out)
         pending: dict[Any, dict[str, Any]] = {}
         order: list[Any] = []
         waiting: dict[str, list[Any]] = {}      # id (as JSON text) → commands still without a reply
@@ -83,7 +108,7 @@ def pairs(trace: dict[str, Any], phase: str | int | None = None
                 out.append((pending[key], replies[key]))
             else:
                 unanswered += 1
-    return out, events, unanswered
+    return per_phase, events, unanswered
 
 
 def _command_obj(m: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +128,31 @@ def _reply_obj(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dump(obj: Any) -> str:
-    return json.dumps(obj, indent=INDENT, ensure_ascii=False)
+    return json.dumps(obj, indent=INDENT)
+
+
+CAPABILITIES: Pair = ({"execute": "qmp_capabilities"}, {"return": {}})
+
+
+def renumbered(items: list[Pair]) -> list[Pair]:
+    """*items* as libvirt's test monitor numbers them: a leading ``qmp_capabilities`` pair when the
+    conversation does not start with one, then ids ``libvirt-1`` … restarting at each ``qmp_capabilities``.
+
+    >>> [c["id"] for c, _ in renumbered([({"execute": "stop", "id": 9}, {"return": {}, "id": 9})])]
+    ['libvirt-1', 'libvirt-2']
+    """
+    if not items or items[0][0].get("execute") != "qmp_capabilities":
+        items = [CAPABILITIES, *items]
+    out: list[Pair] = []
+    seq = 1
+    for cmd, rep in items:
+        if cmd.get("execute") == "qmp_capabilities":
+            seq = 1
+        cmd, rep = _command_obj(cmd), _reply_obj(rep)
+        cmd["id"] = rep["id"] = f"libvirt-{seq}"
+        out.append((cmd, rep))
+        seq += 1
+    return out
 
 
 def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact: bool = True) -> str:
@@ -114,11 +163,14 @@ def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact:
     when the requested phase does not exist.
     """
     tr = redact_trace(trace) if redact else trace
-    items, _, _ = pairs(tr, phase)
+    per_phase, _, _ = phase_pairs(tr, phase)
     blocks = []
-    for cmd, rep in items:
-        blocks.append(_dump(_command_obj(cmd)))
-        blocks.append(_dump(_reply_obj(rep)))
+    for items in per_phase:
+        if not items:
+            continue
+        for cmd, rep in renumbered(items):
+            blocks.append(_dump(cmd))
+            blocks.append(_dump(rep))
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
