@@ -103,12 +103,12 @@ def job_active(dom: libvirt.virDomain) -> bool:
         return False
 
 
-def assert_running_and_ticking(conn: libvirt.virConnect, name: str) -> None:
-    dom = conn.lookupByName(name)
-    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, f"{name} is not running: {dom.state()}"
-    before = guest.last_tick(name)
-    first_new, restarts = guest.wait_ticks_continue(name, before, timeout=60)
-    assert first_new > before and restarts == 0, f"tick counter restarted: {before} -> {first_new}"
+def assert_running_and_ticking(conn: libvirt.virConnect, mark: guest.TickMark) -> None:
+    """Running, and its counter went on past *mark* (taken before the save) without a restart."""
+    dom = conn.lookupByName(mark.name)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, f"{mark.name} is not running: {dom.state()}"
+    c = guest.wait_ticks_continue(mark, timeout=60)
+    assert c.survived, f"{mark.name}: {c}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +117,7 @@ def assert_running_and_ticking(conn: libvirt.virConnect, name: str) -> None:
 def test_trace_cycle_to_stdout(conn, make_guest, cli, workdir) -> None:  # type: ignore[no-untyped-def]
     name = make_guest(memory_mib=256, fill_mib=32)
     before = settings()
+    mark = guest.tick_mark(name)
     proc = cli("trace", name)
     assert proc.returncode == 0, proc.stderr
     t = workdir / "t.json"
@@ -150,13 +151,14 @@ def test_trace_cycle_to_stdout(conn, make_guest, cli, workdir) -> None:  # type:
     names = [m["execute"] for m in save["messages"] if m["kind"] == "command"]
     assert names.count("query-migrate") == 2 and names[-1] == "migrate-set-parameters", names
 
-    assert_running_and_ticking(conn, name)
+    assert_running_and_ticking(conn, mark)
     assert settings() == before
 
 
 def test_trace_sparse_parallel_channels(conn, make_guest, cli, workdir) -> None:  # type: ignore[no-untyped-def]
     name = make_guest(memory_mib=256, fill_mib=32)
     out = workdir / "sparse.json"
+    mark = guest.tick_mark(name)
     proc = cli("trace", name, "--image-format", "sparse", "--parallel-channels", "2", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
@@ -174,7 +176,7 @@ def test_trace_sparse_parallel_channels(conn, make_guest, cli, workdir) -> None:
     assert {"mapped-ram", "multifd"} <= {c["capability"] for c in caps}
     inc = [m["arguments"]["uri"] for m in commands(restore, "migrate-incoming")]
     assert len(inc) == 1 and inc[0].startswith("file:/dev/fdset/"), inc
-    assert_running_and_ticking(conn, name)
+    assert_running_and_ticking(conn, mark)
     # The scratch image of the cycle is gone.
     assert not any((Path(config.STATE_DIR) / "trace-images").glob("*/*"))
 
@@ -214,6 +216,7 @@ def test_ctrl_c_mid_save_restores_everything(conn, make_guest, sig) -> None:  # 
     dom = conn.lookupByName(name)
     before = settings()
     qemu_id = dom.ID()
+    mark = guest.tick_mark(name)
     proc = popen_trace(name)
     wait_job_started(dom, proc)
     proc.send_signal(sig)
@@ -221,7 +224,7 @@ def test_ctrl_c_mid_save_restores_everything(conn, make_guest, sig) -> None:  # 
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not STATE.exists() or str(proc.pid) not in STATE.read_text()
-    assert_running_and_ticking(conn, name)
+    assert_running_and_ticking(conn, mark)
     assert dom.ID() == qemu_id  # the save was cancelled: same QEMU, resumed (not saved and restarted)
     assert not dom.hasManagedSaveImage(0)
     assert settings() == before
@@ -263,6 +266,7 @@ def test_failed_save_fs_full_is_traced(conn, make_guest, cli, workdir) -> None: 
     try:
         before = settings()
         out = workdir / "failed.json"
+        mark = guest.tick_mark(name)
         proc = cli("trace", name, "--op", "save", "--file", str(mnt / "g.save"), "-o", str(out))
         assert proc.returncode == 2, proc.stderr
         assert "failed" in proc.stderr and "Traceback" not in proc.stderr
@@ -273,7 +277,7 @@ def test_failed_save_fs_full_is_traced(conn, make_guest, cli, workdir) -> None: 
         names = [m["execute"] for m in save["messages"] if m["kind"] == "command"]
         assert "migrate" in names and "cont" in names[names.index("migrate"):]
         assert conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        assert_running_and_ticking(conn, name)
+        assert_running_and_ticking(conn, mark)
         assert settings() == before
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
@@ -285,6 +289,7 @@ def test_single_operations(conn, make_guest, cli, workdir) -> None:  # type: ign
     name = make_guest(memory_mib=256, fill_mib=32)
     dom = conn.lookupByName(name)
     img = workdir / "g.save"
+    mark = guest.tick_mark(name)
     proc = cli("trace", name, "--op", "save", "--file", str(img), "--bypass-cache", "-o", str(workdir / "s.json"))
     assert proc.returncode == 0, proc.stderr
     assert not dom.isActive() and img.exists()
@@ -309,7 +314,7 @@ def test_single_operations(conn, make_guest, cli, workdir) -> None:  # type: ign
     assert [p["operation"] for p in t["phases"]] == ["managed-save"]
     assert dom.hasManagedSaveImage(0) and not dom.isActive()
     dom.create()
-    assert_running_and_ticking(conn, name)
+    assert_running_and_ticking(conn, mark)
 
 
 def test_secrets_are_redacted(conn, cli, workdir) -> None:  # type: ignore[no-untyped-def]

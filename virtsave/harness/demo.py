@@ -65,14 +65,13 @@ def run(uri: str | None = None, memory_mib: int = 256, fill_mib: int = 64,
         log(f"1/4 booting throwaway guest {name} ({memory_mib} MiB, {fill_mib} MiB filled, {guest.accel()})")
         guest.create(conn, name, memory_mib=memory_mib, fill_mib=fill_mib)
         guest.wait_tick(name, 2, timeout=120)
-        before = guest.last_tick(name)
+        before = guest.tick_mark(name)
         log("2/4 tracing a managed-save cycle through libvirt (managed save, then start)")
         libvirt_trace = capture.trace_domain(conn, name, op="cycle")
-        first_new, restarts = guest.wait_ticks_continue(name, before)
-        result.ticks = {"libvirt_before_save": before, "libvirt_after_restore": first_new}
-        if restarts or first_new <= before:
-            raise OperationFailed(f"guest tick counter did not continue after libvirt's restore "
-                                  f"({before} -> {first_new})")
+        c = guest.wait_ticks_continue(before)
+        result.ticks = {"libvirt_before_save": c.last_before, "libvirt_after_restore": c.first_after}
+        if not c.survived:
+            raise OperationFailed(f"guest memory did not survive libvirt's restore ({c})")
         log("3/4 replaying the trace through the direct QMP backend (own QEMU, own QMP socket)")
         serial = work / "direct-serial.log"
         direct_trace = replay.replay(libvirt_trace, image=work / "direct.save", serial_log=str(serial),

@@ -21,6 +21,7 @@ import os
 import re
 import time
 import uuid as _uuid
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -128,21 +129,65 @@ def wait_tick(name: str, at_least: int = 1, timeout: float = 90.0) -> int:
                         f"(last {last_tick(name)}; see {serial_log(name)})")
 
 
-def wait_ticks_continue(name: str, before: int, timeout: float = 30.0) -> tuple[int, int]:
-    """After a restore: wait for a new tick and check the counter went on (not restarted).
+@dataclass(frozen=True)
+class TickMark:
+    """Where a guest's tick counter stood at a save point: how many ticks its serial log held then
+    (``count``) and the counter's value then (``last``: every tick printed after a faithful restore
+    must be greater)."""
 
-    Returns ``(first_new_tick, restarts_seen)`` where ``restarts_seen`` counts ticks
-    of value 1 printed after *before* ticks (a reboot shows up as one).
+    name: str
+    count: int
+    last: int
+
+
+def tick_mark(name: str, *, floor: int | None = None) -> TickMark:
+    """Mark the save point now. *floor* overrides the value to beat (for an image made elsewhere, e.g.
+    by a replay: the counter it holds is at least the traced guest's value at the libvirt save).
+
+    >>> tick_mark("vs-doctest-no-such-guest")
+    TickMark(name='vs-doctest-no-such-guest', count=0, last=0)
+    """
+    t = ticks(name)
+    return TickMark(name, len(t), (t[-1] if t else 0) if floor is None else floor)
+
+
+@dataclass(frozen=True)
+class Continuity:
+    """The tick counter across a save point: the last value before it, the first printed after it, and
+    how many restarts (a tick of value 1) came after it."""
+
+    last_before: int
+    first_after: int
+    restarts: int
+
+    @property
+    def survived(self) -> bool:
+        """The guest's memory came back: the counter went on past the save point and never restarted.
+
+        >>> Continuity(5, 6, 0).survived, Continuity(5, 3, 0).survived, Continuity(2, 3, 1).survived
+        (True, False, False)
+        """
+        return self.last_before > 0 and self.first_after > self.last_before and self.restarts == 0
+
+    def __str__(self) -> str:
+        return (f"tick counter {self.last_before} → {self.first_after}"
+                + (f", {self.restarts} restart(s)" if self.restarts else ""))
+
+
+def wait_ticks_continue(mark: TickMark, timeout: float = 30.0, *, settle: int = 2) -> Continuity:
+    """After a restore: wait for *settle* ticks printed after *mark* and compare them with it.
+
+    Every tick after the mark counts (also those printed before this call), so a guest that rebooted
+    before the call shows as a restart and a first value not above the mark.
     """
     deadline = time.monotonic() + timeout
-    seen = len(ticks(name))
-    while time.monotonic() < deadline:
-        t = ticks(name)
-        if len(t) > seen:
-            new = t[seen:]
-            return new[0], sum(1 for x in new if x == 1)
+    while True:
+        new = ticks(mark.name)[mark.count:]
+        if len(new) >= settle or (new and time.monotonic() >= deadline):
+            return Continuity(mark.last, new[0], sum(1 for x in new if x == 1))
+        if time.monotonic() >= deadline:
+            raise VirtsaveError(f"guest {mark.name} printed no tick within {timeout:.0f} s after restore")
         time.sleep(0.2)
-    raise VirtsaveError(f"guest {name} printed no tick within {timeout:.0f} s after restore")
 
 
 def unique_name(prefix: str = "vs-test") -> str:
