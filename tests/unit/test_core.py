@@ -42,6 +42,10 @@ def test_trace_roundtrip_and_validate(tmp_path):
     (lambda t: t["phases"][0]["messages"].append({"kind": "command", "t": 0}), "messages/3"),
     (lambda t: t["phases"][0].update(name="bogus"), "phases/0/name"),
     (lambda t: t.pop("phases"), "phases"),
+    (lambda t: t.update(comment="hand-edited"), r"\(top\): Additional properties .*'comment'"),
+    (lambda t: t["phases"][0]["messages"][0].update(note=1), "phases/0/messages/0: Additional properties"),
+    (lambda t: t["phases"][0]["messages"][0].pop("execute"), "phases/0/messages/0: 'execute' is a required"),
+    (lambda t: t["domain"].update(_t=1.5), "domain: Additional properties"),
 ])
 def test_trace_rejects_bad(mutate, needle):
     tr = _sample()

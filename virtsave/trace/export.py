@@ -36,12 +36,15 @@ import json
 from typing import Any
 
 from virtsave.core.errors import TraceError
+from virtsave.trace import model as tr
 from virtsave.trace.redact import redact_trace
+
+__all__ = ["INDENT", "pairs", "parse_replies", "replies_stats", "to_replies"]
 
 INDENT = 2
 
 
-def _phases(trace: dict[str, Any], phase: str | int | None) -> list[dict[str, Any]]:
+def _phases(trace: tr.Trace, phase: str | int | None) -> list[tr.Phase]:
     phases = list(trace.get("phases") or [])
     if phase is None:
         return phases
@@ -55,24 +58,23 @@ def _phases(trace: dict[str, Any], phase: str | int | None) -> list[dict[str, An
     return picked
 
 
-def pairs(trace: dict[str, Any], phase: str | int | None = None
-          ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], int, int]:
+def pairs(trace: tr.Trace, phase: str | int | None = None
+          ) -> tuple[list[tuple[tr.CommandMessage, tr.ReplyMessage]], int, int]:
     """(command, reply) pairs in wire order, plus the number of events and unanswered commands skipped."""
-    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    out: list[tuple[tr.CommandMessage, tr.ReplyMessage]] = []
     events = unanswered = 0
     for ph in _phases(trace, phase):
-        pending: dict[Any, dict[str, Any]] = {}
-        order: list[Any] = []
-        waiting: dict[str, list[Any]] = {}      # id (as JSON text) → commands still without a reply
-        replies: dict[Any, dict[str, Any]] = {}
+        pending: dict[int, tr.CommandMessage] = {}
+        order: list[int] = []
+        waiting: dict[str, list[int]] = {}      # id (as JSON text) → commands still without a reply
+        replies: dict[int, tr.ReplyMessage] = {}
         for m in ph.get("messages") or []:
-            kind = m.get("kind")
-            if kind == "command":
+            if m["kind"] == "command":
                 key = len(order)
                 pending[key] = m
                 order.append(key)
                 waiting.setdefault(json.dumps(m.get("id")), []).append(key)
-            elif kind == "reply":
+            elif m["kind"] == "reply":
                 queue = waiting.get(json.dumps(m.get("id")))
                 if queue:
                     replies[queue.pop(0)] = m
@@ -86,7 +88,7 @@ def pairs(trace: dict[str, Any], phase: str | int | None = None
     return out, events, unanswered
 
 
-def _command_obj(m: dict[str, Any]) -> dict[str, Any]:
+def _command_obj(m: tr.CommandMessage) -> dict[str, Any]:
     obj: dict[str, Any] = {"execute": m["execute"]}
     if "arguments" in m and m["arguments"] is not None:
         obj["arguments"] = m["arguments"]
@@ -95,7 +97,7 @@ def _command_obj(m: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def _reply_obj(m: dict[str, Any]) -> dict[str, Any]:
+def _reply_obj(m: tr.ReplyMessage) -> dict[str, Any]:
     obj: dict[str, Any] = {"error": m["error"]} if "error" in m else {"return": m.get("return", {})}
     if m.get("id") is not None:
         obj["id"] = m["id"]
@@ -106,7 +108,7 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=INDENT, ensure_ascii=False)
 
 
-def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact: bool = True) -> str:
+def to_replies(trace: tr.Trace, phase: str | int | None = None, *, redact: bool = True) -> str:
     """The ``.replies`` text of *trace* (all phases in order, or one: ``"save"``, ``"restore"`` or an index).
 
     The trace is redacted first (:func:`virtsave.trace.redact.redact_trace`) unless ``redact=False``, so an
@@ -122,7 +124,7 @@ def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact:
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
-def replies_stats(trace: dict[str, Any], phase: str | int | None = None) -> dict[str, int]:
+def replies_stats(trace: tr.Trace, phase: str | int | None = None) -> dict[str, int]:
     """What :func:`to_replies` writes and leaves out: ``pairs``, ``events_omitted``, ``unanswered_omitted``."""
     items, events, unanswered = pairs(trace, phase)
     return {"pairs": len(items), "events_omitted": events, "unanswered_omitted": unanswered}

@@ -270,11 +270,6 @@ class ArgvRewrite(TypedDict):
     reason: str
 
 
-class ArgvRewrites(TypedDict, total=False):
-    """Command-line rewrites per replayed phase."""
-
-    save: list[ArgvRewrite]
-    restore: list[ArgvRewrite]
 
 
 class PhaseTimings(TypedDict, total=False):
@@ -284,11 +279,10 @@ class PhaseTimings(TypedDict, total=False):
     migration_seconds: float
 
 
-class ReplayTimings(TypedDict, total=False):
-    """Timings per replayed phase."""
-
-    save: PhaseTimings
-    restore: PhaseTimings
+#: Command-line rewrites per replayed phase.
+ArgvRewrites = dict[PhaseName, list[ArgvRewrite]]
+#: Timings per replayed phase.
+ReplayTimings = dict[PhaseName, PhaseTimings]
 
 
 class ReplayProcess(TypedDict):
