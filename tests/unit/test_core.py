@@ -6,6 +6,9 @@ import io
 import json
 import os
 import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +27,7 @@ def _sample() -> trace.Trace:
     return tr
 
 
-def test_trace_roundtrip_and_validate(tmp_path):
+def test_trace_roundtrip_and_validate(tmp_path: Path) -> None:
     tr = _sample()
     assert trace.validate(tr) == []
     path = tmp_path / "t.json"
@@ -42,22 +45,26 @@ def test_trace_roundtrip_and_validate(tmp_path):
     (lambda t: t["phases"][0]["messages"].append({"kind": "command", "t": 0}), "messages/3"),
     (lambda t: t["phases"][0].update(name="bogus"), "phases/0/name"),
     (lambda t: t.pop("phases"), "phases"),
+    (lambda t: t.update(comment="hand-edited"), r"\(top\): Additional properties .*'comment'"),
+    (lambda t: t["phases"][0]["messages"][0].update(note=1), "phases/0/messages/0: Additional properties"),
+    (lambda t: t["phases"][0]["messages"][0].pop("execute"), "phases/0/messages/0: 'execute' is a required"),
+    (lambda t: t["domain"].update(_t=1.5), "domain: Additional properties"),
 ])
-def test_trace_rejects_bad(mutate, needle):
+def test_trace_rejects_bad(mutate: Callable[[Any], object], needle: str) -> None:
     tr = _sample()
     mutate(tr)
     with pytest.raises(TraceError, match=needle):
         trace.loads(json.dumps(tr))
 
 
-def test_trace_rejects_non_json():
+def test_trace_rejects_non_json() -> None:
     with pytest.raises(TraceError, match="not valid JSON"):
         trace.loads("{nope")
     with pytest.raises(TraceError, match="not a virtsave trace"):
         trace.loads("[]")
 
 
-def test_header_roundtrip():
+def test_header_roundtrip() -> None:
     buf = io.BytesIO()
     hdr = saveimage.write_header(buf, "<domain type='qemu'/>", "<qemu-migration/>", was_running=False,
                                  image_format="zstd")
@@ -73,12 +80,12 @@ def test_header_roundtrip():
     (b"LibvirtQemud", "offset 12"),
     (b"x" * 200, "offset 0"),
 ])
-def test_header_rejects(data, where):
+def test_header_rejects(data: bytes, where: str) -> None:
     with pytest.raises(ImageError, match=where):
         saveimage.read_header(io.BytesIO(data))
 
 
-def test_finalize_flips_magic(tmp_path):
+def test_finalize_flips_magic(tmp_path: Path) -> None:
     p = tmp_path / "img"
     with open(p, "w+b") as f:
         saveimage.write_header(f, "<domain/>")

@@ -78,7 +78,7 @@ def render_monitors(monitors: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _failed_phase(trace: tr.Trace) -> dict[str, Any] | None:
+def _failed_phase(trace: tr.Trace) -> tr.Phase | None:
     return next((p for p in trace["phases"] if p["ok"] is False), None)
 
 

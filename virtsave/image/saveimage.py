@@ -41,9 +41,10 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from virtsave.core.errors import ImageError
+from virtsave.trace import model as tr
 
 MAGIC = b"LibvirtQemudSave"
 MAGIC_PARTIAL = b"LibvirtQemudPart"
@@ -88,13 +89,13 @@ class Header:
         """Where the QEMU migration stream starts."""
         return HEADER_SIZE + self.data_len
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> tr.ImageHeader:
         """JSON-friendly fields (as recorded in traces' ``image.header``)."""
         d = asdict(self)
         d.pop("xml")
         d.pop("cookie")
         d.update(format=self.format, partial=self.partial, stream_offset=self.stream_offset)
-        return d
+        return cast(tr.ImageHeader, d)
 
 
 def read_header(f: BinaryIO, *, allow_partial: bool = True) -> Header:

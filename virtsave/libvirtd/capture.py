@@ -49,7 +49,7 @@ import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import libvirt
 
@@ -73,7 +73,7 @@ Progress = Callable[[dict[str, Any]], None]
 # --------------------------------------------------------------------------- small helpers
 
 
-def host_info(conn: libvirt.virConnect) -> dict[str, Any]:
+def host_info(conn: libvirt.virConnect) -> tr.Host:
     """libvirt and QEMU versions of the daemon behind *conn*, and this host's name."""
     from virtsave.libvirtd import host
 
@@ -104,7 +104,7 @@ def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
     return []
 
 
-def image_info(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+def image_info(path: str | os.PathLike[str] | None) -> tr.ImageInfo | None:
     """Path, size and header fields of a save image (header None when unreadable)."""
     if not path:
         return None
@@ -132,8 +132,8 @@ def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetim
     from virtsave.libvirtd import logparse
 
     parsed = logparse.trace_from_log(path, domain=name, since=since - _SLACK, until=until + _SLACK)
-    log = parsed.get("log") or {}
-    unphased = list(log.get("unphased_messages") or [])[: int(log.get("unphased") or 0)]
+    log = parsed.get("log")
+    unphased = list(log["unphased_messages"])[: log["unphased"]] if log else []
     phases = parsed.get("phases", [])
     picked = [p for p in phases if p.get("name") == want] or phases
     messages: list[tr.Message] = []
@@ -218,7 +218,7 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
     xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
     options = {"bypass_cache": bypass_cache, "image_format": image_format,
                "parallel_channels": parallel_channels, "state": state}
-    use_file = op in ("save", "restore") or (op == "cycle" and (file or image_format or parallel_channels))
+    use_file = op in ("save", "restore") or (op == "cycle" and bool(file or image_format or parallel_channels))
     tmpdir: Path | None = None
     if op == "cycle" and use_file and not file:
         # A private scratch image for the cycle (libvirt/iohelper run as root; QEMU gets an fd).
@@ -265,8 +265,8 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
                 if unphased and on_warning:
                     on_warning(f"{s['phase']} phase: {len(unphased)} message(s) of {name}'s monitor in the "
                                f"operation's window were not placed in the phase ({', '.join(unphased[:6])}…)")
-                phase = tr.add_phase(trace, s["phase"], s["operation"], monitor=monitor,
-                                     options={k: v for k, v in s["options"].items() if v not in (None, False)})
+                phase = tr.add_phase(trace, s["phase"], s["operation"], monitor=monitor, options=cast(
+                    tr.PhaseOptions, {k: v for k, v in s["options"].items() if v not in (None, False)}))
                 phase["ok"] = bool(res.ok)
                 phase["error"] = res.error
                 phase["image"] = s["image"]
@@ -391,18 +391,17 @@ def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monito
         why = "not a regular file" if os.path.exists(log) else "No such file or directory"
         raise LogError(f"cannot read log {log}: {why}")
     trace = logparse.trace_from_log(log, domain=domain, monitor=monitor, since=since, until=until)
-    if domain and not trace.get("domain", {}).get("name"):
-        trace.setdefault("domain", {})["name"] = domain
+    if domain and not trace["domain"].get("name"):
+        trace["domain"]["name"] = domain
     if domain_log:
         from virtsave.libvirtd import domainlog as qemulog
 
         starts = qemulog.parse_domain_log(domain_log)
         if starts:
             last = starts[-1]
-            trace.setdefault("domain", {})["argv"] = list(last.argv)
-            host = trace.setdefault("host", {})
-            for key, val in (("libvirt", last.libvirt_version), ("qemu", last.qemu_version),
-                             ("hostname", last.hostname)):
-                if not host.get(key):
-                    host[key] = val
+            trace["domain"]["argv"] = list(last.argv)
+            host = trace["host"]  # what the daemon log did not say, the domain log may
+            host["libvirt"] = host.get("libvirt") or last.libvirt_version
+            host["qemu"] = host.get("qemu") or last.qemu_version
+            host["hostname"] = host.get("hostname") or last.hostname
     return _redact(trace)

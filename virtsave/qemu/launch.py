@@ -44,6 +44,7 @@ from typing import Any
 from virtsave.core.errors import LaunchError
 from virtsave.core.files import open_private
 from virtsave.qemu.qmp import QMPSession
+from virtsave.trace import model as tr
 
 #: QEMU options that take no value (the others in libvirt's argv all take exactly one).
 FLAG_OPTIONS = frozenset({
@@ -373,7 +374,7 @@ class QemuProcess:
         if rc is not None:
             raise LaunchError(f"QEMU exited with status {rc}: {self.last_stderr() or '(no output)'}")
 
-    def connect(self, timeout: float = 30.0, phase: dict[str, Any] | None = None) -> QMPSession:
+    def connect(self, timeout: float = 30.0, phase: tr.Phase | None = None) -> QMPSession:
         """Connect a QMP session to this QEMU (fails fast if QEMU dies); record into *phase*
         from the very first message (the negotiation) when given."""
         s = QMPSession(self.qmp_address, connect_timeout=timeout, alive=self.alive)

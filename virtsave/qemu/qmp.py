@@ -194,7 +194,7 @@ class QMPSession:
                                                           t=self._t()))
 
     def _record_in(self, msg: Message) -> None:
-        data = dict(msg)
+        data: dict[str, Any] = dict(msg)
         with self._lock:
             if "QMP" in data:
                 self.greeting = data

@@ -53,7 +53,7 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -477,7 +477,7 @@ def check_command(msg: dict[str, Any], where: str, prefixes: tuple[str, ...] = E
     return out
 
 
-def check_trace(trace: dict[str, Any], prefixes: tuple[str, ...] = EXPECTED_PREFIXES) -> list[Finding]:
+def check_trace(trace: Mapping[str, Any], prefixes: tuple[str, ...] = EXPECTED_PREFIXES) -> list[Finding]:
     """Every unsafe item of *trace* (argv, QMP commands, image paths); empty when it is safe to replay.
 
     Never raises on odd content: a malformed trace should be rejected by :func:`virtsave.trace.model.validate`.

@@ -41,9 +41,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from virtsave.core.errors import VirtsaveError
+from virtsave.trace import model as tr
 
 # ---------------------------------------------------------------------------------------------
 # The normalization table
@@ -102,7 +103,8 @@ def load_rules(path: str | Path | None = None) -> list[Rule]:
 
 def image_rules(path: str | Path | None = None) -> dict[str, Any]:
     """The ``image`` part of the table (XML/cookie XPaths to ignore)."""
-    return _load_table(str(path or NORMALIZE_TABLE)).get("image", {})
+    image: dict[str, Any] = _load_table(str(path or NORMALIZE_TABLE)).get("image", {})
+    return image
 
 
 def _type_of(v: Any) -> Any:
@@ -189,7 +191,7 @@ def _apply(rule: Rule, msg: dict[str, Any], images: list[str]) -> None:
         del msg["arguments"]
 
 
-def _undo_substitutions(phase: dict[str, Any], msgs: list[dict[str, Any]]) -> None:
+def _undo_substitutions(phase: tr.Phase, msgs: list[dict[str, Any]]) -> None:
     """Put back what a replay replaced (e.g. an ``exec:`` URI for ``fd:``) so the meaning is compared."""
     commands = [m for m in msgs if m.get("kind") == "command"]
     for sub in phase.get("substitutions") or []:
@@ -235,9 +237,10 @@ def _dumps(v: Any) -> str:
     return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _normalize_phase(phase: dict[str, Any], rules: list[Rule], strict: bool,
+def _normalize_phase(phase: tr.Phase, rules: list[Rule], strict: bool,
                      images: list[str]) -> tuple[list[_Cmd], list[_Evt]]:
-    msgs = copy.deepcopy(phase.get("messages") or [])
+    # Normalization rewrites the copies freely: from here on they are plain JSON objects.
+    msgs = cast(list[dict[str, Any]], copy.deepcopy(phase.get("messages") or []))
     if not strict:
         _undo_substitutions(phase, msgs)
     active = [r for r in rules if r.strict or not strict]
@@ -371,7 +374,7 @@ class Difference:
     b: int | None = None
     details: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> tr.DiffDifference:
         return {"phase": self.phase, "kind": self.kind, "name": self.name, "a_index": self.a,
                 "b_index": self.b, "details": self.details}
 
@@ -449,6 +452,13 @@ def align(a: list[Any], b: list[Any]) -> list[tuple[str, int | None, int | None]
     return rows
 
 
+class _SideInfo(TypedDict, total=False):
+    """What a diff says about each trace besides its label (see :class:`virtsave.trace.model.DiffSide`)."""
+
+    source: str | None
+    host: tr.Host
+
+
 @dataclass
 class TraceDiff:
     """Result of :func:`diff_traces`."""
@@ -459,8 +469,8 @@ class TraceDiff:
     differences: list[Difference]
     hunks: list[Hunk]
     rules: list[str]
-    a_info: dict[str, Any] = field(default_factory=dict)
-    b_info: dict[str, Any] = field(default_factory=dict)
+    a_info: _SideInfo = field(default_factory=lambda: _SideInfo())
+    b_info: _SideInfo = field(default_factory=lambda: _SideInfo())
 
     @property
     def equivalent(self) -> bool:
@@ -469,7 +479,7 @@ class TraceDiff:
     def summary(self) -> dict[str, int]:
         return dict(Counter(d.kind for d in self.differences))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> tr.DiffReport:
         return {"format": "virtsave-diff", "kind": "trace", "equivalent": self.equivalent,
                 "strict": self.strict, "a": {"label": self.a_label, **self.a_info},
                 "b": {"label": self.b_label, **self.b_info}, "summary": self.summary(),
@@ -481,12 +491,12 @@ class TraceDiff:
                        self.hunks, self.differences, color, context)
 
 
-def _info(info: dict[str, Any]) -> str:
+def _info(info: _SideInfo) -> str:
     host = info.get("host") or {}
     parts = [info.get("source"), host.get("libvirt") and f"libvirt {host['libvirt']}",
              host.get("qemu") and f"QEMU {host['qemu']}"]
-    parts = [p for p in parts if p]
-    return f"  ({', '.join(parts)})" if parts else ""
+    shown = [p for p in parts if p]
+    return f"  ({', '.join(shown)})" if shown else ""
 
 
 _COLORS = {"-": "\x1b[31m", "+": "\x1b[32m", "~": "\x1b[33m", ">": "\x1b[36m", "@": "\x1b[1;35m", "h": "\x1b[1m"}
@@ -503,7 +513,7 @@ def render_hunks(head_a: str, head_b: str, hunks: list[Hunk], diffs: list[Any], 
         if all(r.mark == " " for r in h.rows):
             continue    # like a unified diff: only hunks that hold a difference
         out.append(paint("@", f"@@ {h.title} @@"))
-        keep = set()
+        keep: set[int] = set()
         for n, r in enumerate(h.rows):
             if r.mark != " ":
                 keep.update(range(n - context, n + context + 1))
@@ -529,26 +539,27 @@ def render_hunks(head_a: str, head_b: str, hunks: list[Hunk], diffs: list[Any], 
     return "\n".join(out) + "\n"
 
 
-def _phase_keys(tr: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _phase_keys(trace: tr.Trace) -> list[tuple[str, tr.Phase]]:
     seen: Counter[str] = Counter()
     out = []
-    for ph in tr.get("phases") or []:
+    for ph in trace.get("phases") or []:
         seen[ph.get("name", "?")] += 1
         n = seen[ph.get("name", "?")]
         out.append((ph.get("name", "?") + (f"#{n}" if n > 1 else ""), ph))
     return out
 
 
-def _image_paths(*phases: dict[str, Any] | None) -> list[str]:
+def _image_paths(*phases: tr.Phase | None) -> list[str]:
     out = []
     for ph in phases:
-        img = (ph or {}).get("image") or {}
-        if isinstance(img, dict) and isinstance(img.get("path"), str):
-            out.append(img["path"])
+        img = ph.get("image") if ph else None
+        path = img.get("path") if isinstance(img, dict) else None
+        if isinstance(path, str):
+            out.append(path)
     return out
 
 
-def _diff_phase(label: str, pa: dict[str, Any], pb: dict[str, Any], rules: list[Rule],
+def _diff_phase(label: str, pa: tr.Phase, pb: tr.Phase, rules: list[Rule],
                 strict: bool) -> tuple[list[Difference], list[Hunk]]:
     diffs: list[Difference] = []
     ca, ea = _normalize_phase(pa, rules, strict, _image_paths(pa) if strict else _image_paths(pa, pb))
@@ -589,24 +600,24 @@ def _diff_phase(label: str, pa: dict[str, Any], pb: dict[str, Any], rules: list[
     hunks = [Hunk(f"{label}: commands (A {len(ca)}, B {len(cb)})", rows)]
     erows: list[Row] = []
     for op, i, j in align(ea, eb):
-        a = ea[i] if i is not None else None
-        b = eb[j] if j is not None else None
-        if op == "delete" and a is not None:
-            diffs.append(Difference(label, "event-missing", a.name, i, None))
-            erows.append(Row("-", _evt_label(a.body)))
-        elif op == "insert" and b is not None:
-            diffs.append(Difference(label, "event-extra", b.name, None, j))
-            erows.append(Row("+", _evt_label(b.body)))
-        elif op == "moved" and b is not None:
-            d = Difference(label, "event-reordered", b.name, i, j, [f"event #{i} in A is #{j} in B"])
+        ev_a = ea[i] if i is not None else None
+        ev_b = eb[j] if j is not None else None
+        if op == "delete" and ev_a is not None:
+            diffs.append(Difference(label, "event-missing", ev_a.name, i, None))
+            erows.append(Row("-", _evt_label(ev_a.body)))
+        elif op == "insert" and ev_b is not None:
+            diffs.append(Difference(label, "event-extra", ev_b.name, None, j))
+            erows.append(Row("+", _evt_label(ev_b.body)))
+        elif op == "moved" and ev_b is not None:
+            d = Difference(label, "event-reordered", ev_b.name, i, j, [f"event #{i} in A is #{j} in B"])
             diffs.append(d)
-            erows.append(Row(">", _evt_label(b.body), d.details))
-        elif op == "change" and a is not None and b is not None:
-            lines = value_diff(a.body.get("data"), b.body.get("data"), "data")
-            diffs.append(Difference(label, "event-changed", b.name, i, j, lines))
-            erows.append(Row("~", _evt_label(b.body), lines))
-        elif b is not None:
-            erows.append(Row(" ", _evt_label(b.body)))
+            erows.append(Row(">", _evt_label(ev_b.body), d.details))
+        elif op == "change" and ev_a is not None and ev_b is not None:
+            lines = value_diff(ev_a.body.get("data"), ev_b.body.get("data"), "data")
+            diffs.append(Difference(label, "event-changed", ev_b.name, i, j, lines))
+            erows.append(Row("~", _evt_label(ev_b.body), lines))
+        elif ev_b is not None:
+            erows.append(Row(" ", _evt_label(ev_b.body)))
     hunks.append(Hunk(f"{label}: events (A {len(ea)}, B {len(eb)})", erows))
     orows: list[Row] = []
     images = _image_paths(pa, pb)
@@ -625,7 +636,7 @@ def _diff_phase(label: str, pa: dict[str, Any], pb: dict[str, Any], rules: list[
     return diffs, hunks
 
 
-def diff_traces(a: dict[str, Any], b: dict[str, Any], *, strict: bool = False, a_label: str = "A",
+def diff_traces(a: tr.Trace, b: tr.Trace, *, strict: bool = False, a_label: str = "A",
                 b_label: str = "B", rules_path: str | Path | None = None) -> TraceDiff:
     """Compare two traces phase by phase after normalization (see the module docstring)."""
     rules = load_rules(rules_path)
@@ -648,6 +659,6 @@ def diff_traces(a: dict[str, Any], b: dict[str, Any], *, strict: bool = False, a
             diffs.append(Difference(label, "phase-extra", label, details=[f"phase {label} only in B"]))
             hunks.append(Hunk(f"{label}: only in B", [Row("+", f"phase {label} ({ph.get('operation')})")]))
     used = [r.id for r in rules if r.strict or not strict]
-    info = ({"source": t.get("source"), "host": {k: t.get("host", {}).get(k) for k in ("libvirt", "qemu")}}
+    info = (_SideInfo(source=t.get("source"), host={"libvirt": t["host"].get("libvirt"), "qemu": t["host"].get("qemu")})
             for t in (a, b))
     return TraceDiff(a_label, b_label, strict, diffs, hunks, used, *info)

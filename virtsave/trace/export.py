@@ -51,12 +51,15 @@ import json
 from typing import Any
 
 from virtsave.core.errors import TraceError
+from virtsave.trace import model as tr
 from virtsave.trace.redact import redact_trace
+
+__all__ = ["INDENT", "pairs", "parse_replies", "replies_stats", "to_replies"]
 
 INDENT = 2
 
 
-def _phases(trace: dict[str, Any], phase: str | int | None) -> list[dict[str, Any]]:
+def _phases(trace: tr.Trace, phase: str | int | None) -> list[tr.Phase]:
     phases = list(trace.get("phases") or [])
     if phase is None:
         return phases
@@ -70,34 +73,34 @@ def _phases(trace: dict[str, Any], phase: str | int | None) -> list[dict[str, An
     return picked
 
 
-Pair = tuple[dict[str, Any], dict[str, Any]]
+Pair = tuple[tr.CommandMessage, tr.ReplyMessage]
+ObjPair = tuple[dict[str, Any], dict[str, Any]]
 
 
-def pairs(trace: dict[str, Any], phase: str | int | None = None) -> tuple[list[Pair], int, int]:
+def pairs(trace: tr.Trace, phase: str | int | None = None) -> tuple[list[Pair], int, int]:
     """(command, reply) pairs in wire order, plus the number of events and unanswered commands skipped."""
     per_phase, events, unanswered = phase_pairs(trace, phase)
     return [p for items in per_phase for p in items], events, unanswered
 
 
-def phase_pairs(trace: dict[str, Any], phase: str | int | None = None) -> tuple[list[list[Pair]], int, int]:
+def phase_pairs(trace: tr.Trace, phase: str | int | None = None) -> tuple[list[list[Pair]], int, int]:
     """Like :func:`pairs`, one list per phase."""
     per_phase: list[list[Pair]] = []
     events = unanswered = 0
     for ph in _phases(trace, phase):
         out: list[Pair] = []
         per_phase.append(out)
-        pending: dict[Any, dict[str, Any]] = {}
-        order: list[Any] = []
-        waiting: dict[str, list[Any]] = {}      # id (as JSON text) → commands still without a reply
-        replies: dict[Any, dict[str, Any]] = {}
+        pending: dict[int, tr.CommandMessage] = {}
+        order: list[int] = []
+        waiting: dict[str, list[int]] = {}      # id (as JSON text) → commands still without a reply
+        replies: dict[int, tr.ReplyMessage] = {}
         for m in ph.get("messages") or []:
-            kind = m.get("kind")
-            if kind == "command":
+            if m["kind"] == "command":
                 key = len(order)
                 pending[key] = m
                 order.append(key)
                 waiting.setdefault(json.dumps(m.get("id")), []).append(key)
-            elif kind == "reply":
+            elif m["kind"] == "reply":
                 queue = waiting.get(json.dumps(m.get("id")))
                 if queue:
                     replies[queue.pop(0)] = m
@@ -111,7 +114,7 @@ def phase_pairs(trace: dict[str, Any], phase: str | int | None = None) -> tuple[
     return per_phase, events, unanswered
 
 
-def _command_obj(m: dict[str, Any]) -> dict[str, Any]:
+def _command_obj(m: tr.CommandMessage) -> dict[str, Any]:
     obj: dict[str, Any] = {"execute": m["execute"]}
     if "arguments" in m and m["arguments"] is not None:
         obj["arguments"] = m["arguments"]
@@ -120,7 +123,7 @@ def _command_obj(m: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def _reply_obj(m: dict[str, Any]) -> dict[str, Any]:
+def _reply_obj(m: tr.ReplyMessage) -> dict[str, Any]:
     obj: dict[str, Any] = {"error": m["error"]} if "error" in m else {"return": m.get("return", {})}
     if m.get("id") is not None:
         obj["id"] = m["id"]
@@ -131,31 +134,26 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=INDENT)
 
 
-CAPABILITIES: Pair = ({"execute": "qmp_capabilities"}, {"return": {}})
-
-
-def renumbered(items: list[Pair]) -> list[Pair]:
+def renumbered(items: list[Pair]) -> list[ObjPair]:
     """*items* as libvirt's test monitor numbers them: a leading ``qmp_capabilities`` pair when the
     conversation does not start with one, then ids ``libvirt-1`` … restarting at each ``qmp_capabilities``.
 
-    >>> [c["id"] for c, _ in renumbered([({"execute": "stop", "id": 9}, {"return": {}, "id": 9})])]
+    >>> [c["id"] for c, _ in renumbered([(tr.command("stop", id=9), tr.reply(9))])]
     ['libvirt-1', 'libvirt-2']
     """
-    if not items or items[0][0].get("execute") != "qmp_capabilities":
-        items = [CAPABILITIES, *items]
-    out: list[Pair] = []
+    objs = [(_command_obj(cmd), _reply_obj(rep)) for cmd, rep in items]
+    if not objs or objs[0][0]["execute"] != "qmp_capabilities":
+        objs.insert(0, ({"execute": "qmp_capabilities"}, {"return": {}}))
     seq = 1
-    for cmd, rep in items:
-        if cmd.get("execute") == "qmp_capabilities":
+    for cmd, rep in objs:
+        if cmd["execute"] == "qmp_capabilities":
             seq = 1
-        cmd, rep = _command_obj(cmd), _reply_obj(rep)
         cmd["id"] = rep["id"] = f"libvirt-{seq}"
-        out.append((cmd, rep))
         seq += 1
-    return out
+    return objs
 
 
-def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact: bool = True) -> str:
+def to_replies(trace: tr.Trace, phase: str | int | None = None, *, redact: bool = True) -> str:
     """The ``.replies`` text of *trace* (all phases in order, or one: ``"save"``, ``"restore"`` or an index).
 
     The trace is redacted first (:func:`virtsave.trace.redact.redact_trace`) unless ``redact=False``, so an
@@ -174,7 +172,7 @@ def to_replies(trace: dict[str, Any], phase: str | int | None = None, *, redact:
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
-def replies_stats(trace: dict[str, Any], phase: str | int | None = None) -> dict[str, int]:
+def replies_stats(trace: tr.Trace, phase: str | int | None = None) -> dict[str, int]:
     """What :func:`to_replies` writes and leaves out: ``pairs``, ``events_omitted``, ``unanswered_omitted``."""
     items, events, unanswered = pairs(trace, phase)
     return {"pairs": len(items), "events_omitted": events, "unanswered_omitted": unanswered}

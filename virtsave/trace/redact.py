@@ -27,7 +27,11 @@ from __future__ import annotations
 import copy
 import json
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+#: A trace (:class:`virtsave.trace.model.Trace`) or any JSON object shaped like one.
+_T = TypeVar("_T", bound=Mapping[str, Any])
 
 REDACTED = "<redacted>"
 _XML_REDACTED = "&lt;redacted&gt;"
@@ -145,7 +149,7 @@ def redact_message(msg: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def redact_trace(trace: dict[str, Any]) -> dict[str, Any]:
+def redact_trace(trace: _T) -> _T:
     """A deep copy of *trace* with every secret value replaced; the input is not modified.
 
     Covers ``domain.xml``, ``domain.argv``, every phase's messages, ``image.header`` XML fields
