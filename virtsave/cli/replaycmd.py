@@ -102,7 +102,7 @@ def replay_cmd(
     info("  ".join(f"{p}: {t['seconds']:.3f} s" for p, t in timings.items())
          + f"  image: {result['replay']['image']}")
     if diff:
-        from virtsave.trace import diff as _diff  # type: ignore[attr-defined]
+        from virtsave.trace import diff as _diff
 
         text = _diff.diff_traces(trace, result).render()
         if out is None or str(out) == "-":

@@ -15,7 +15,7 @@ import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from virtsave.trace.diff import Hunk, Row, align, image_rules, render_hunks, short
 
@@ -88,7 +88,7 @@ def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
             if isinstance(node, str):   # attribute or text result (lxml "smart strings")
                 parent = getattr(node, "getparent", lambda: None)()
                 if getattr(node, "is_attribute", False) and parent is not None:
-                    del parent.attrib[node.attrname]
+                    del parent.attrib[cast(Any, node).attrname]  # lxml "smart string": knows its attribute
             elif isinstance(node, etree._Element) and node.getparent() is not None:
                 node.getparent().remove(node)
     for el in root.iter():
@@ -96,7 +96,8 @@ def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
             items = sorted(el.attrib.items())
             el.attrib.clear()
             el.attrib.update(items)
-    return etree.tostring(root, pretty_print=True, encoding="unicode").splitlines()
+    text_out: str = etree.tostring(root, pretty_print=True, encoding="unicode")
+    return text_out.splitlines()
 
 
 def _xml_hunk(title: str, area: str, a: str | None, b: str | None, ignore: list[str],

@@ -41,7 +41,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from virtsave.core.errors import ImageError
 
@@ -267,7 +267,7 @@ class _Stream:
     Keeps at most one chunk buffered; ``skip`` seeks when the source allows it.
     """
 
-    def __init__(self, src: BinaryIO, *, start: int = 0, size: int | None = None, seekable: bool = False,
+    def __init__(self, src: IO[bytes], *, start: int = 0, size: int | None = None, seekable: bool = False,
                  file_base: int | None = None, where: str = "") -> None:
         self._src = src
         self._buf = b""
@@ -513,7 +513,7 @@ class _Walker:
 
     # -- RAM -------------------------------------------------------------------------------
     def _block(self, name: str) -> dict[str, Any]:
-        blocks = self.ram["blocks"]
+        blocks: dict[str, dict[str, Any]] = self.ram["blocks"]
         if name not in blocks:
             blocks[name] = {"name": name, "length": None, "pages": 0, "zero_pages": 0, "bytes": 0}
         return blocks[name]
@@ -899,6 +899,7 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
         src.close()
         raise
     sections: dict[int, dict[str, Any]] = {}
+    stopped: str | None
     try:
         try:
             for sec in walker.walk():
