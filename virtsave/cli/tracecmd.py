@@ -91,7 +91,7 @@ DomainLogOpt = Annotated[Path | None, typer.Option("--domain-log", metavar="QEMU
 
 
 def trace_cmd(
-    domain: Annotated[str, typer.Argument(help="domain name or UUID")],
+    domain: Annotated[str, typer.Argument(metavar="DOMAIN", help="domain name or UUID")],
     op: OpOpt = "cycle",
     file: FileOpt = None,
     out: OutOpt = None,
@@ -178,7 +178,7 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", help="replies: libvirt's qemumonitorjson .replies")] = "replies",
     out: Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="write here (0600)")] = None,
 ) -> None:
-    """Export a trace for other tools (``--format replies``: libvirt's monitor test harness)."""
+    """Export a trace for other tools (--format replies: libvirt's monitor test harness)."""
     if fmt != "replies":
         raise ArgumentError(f"--format must be 'replies', not {fmt!r}")
     from virtsave.trace import export
