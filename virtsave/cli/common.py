@@ -93,35 +93,42 @@ def handle_errors() -> Iterator[None]:
 _USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
-def _usage_error_line(exc: Exception) -> str:
-    """``<message> (see 'virtsave COMMAND --help')`` from a click usage error."""
+def _usage_error_line(exc: Exception, where: str) -> str:
+    """``<message> (see 'virtsave COMMAND --help')`` from a click usage error.
+
+    *where* is the command being parsed when the error does not carry its own context."""
     message = str(getattr(exc, "format_message", exc.__str__)()).strip().rstrip(".")
     if message[:1].isupper() and message[1:2].islower():  # "No such option" → "no such option"
         message = message[0].lower() + message[1:]
     ctx = getattr(exc, "ctx", None)
-    where = ctx.command_path if ctx is not None else "virtsave"
-    return f"{message} (see '{where} --help')"
+    return f"{message} (see '{ctx.command_path if ctx is not None else where} --help')"
 
 
 @contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
+def _one_line_errors(where: Callable[[], str]) -> Iterator[None]:
     with handle_errors():
         try:
             yield
         except _USAGE_ERROR as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``virtsave``: show the help
                 raise
-            fail(_usage_error_line(exc), 2)
+            fail(_usage_error_line(exc, where()), 2)
 
 
 class VirtsaveGroup(TyperGroup):
-    """The ``virtsave`` command group: every failure, a usage error included, is one stderr line
-    ``virtsave: error: …`` with its exit code (2), in-process (``CliRunner``) as from the console script."""
+    """A ``virtsave`` command group: every failure, a usage error included, is one stderr line
+    ``virtsave: error: …`` with its exit code (2), in-process (``CliRunner``) as from the console script.
+
+    Sub-apps (``virtsave direct``) use it too, so that an error names the exact command."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
-        with _one_line_errors():
+        def where() -> str:
+            return " ".join(x for x in (parent.command_path if parent else "", info_name or "virtsave") if x)
+        with _one_line_errors(where):
             return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: Any) -> Any:
-        with _one_line_errors():
+        def where() -> str:  # a subcommand's own parse error (e.g. an option without its value)
+            return " ".join(x for x in (ctx.command_path, ctx.invoked_subcommand) if x)
+        with _one_line_errors(where):
             return super().invoke(ctx)

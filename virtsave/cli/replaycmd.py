@@ -24,7 +24,7 @@ import typer
 from virtsave.core.errors import VirtsaveError
 from virtsave.trace import model as tr
 
-from .common import OPTIONS, emit_json, info
+from .common import OPTIONS, VirtsaveGroup, emit_json, info
 
 
 class ArgumentError(VirtsaveError):
@@ -112,7 +112,7 @@ def replay_cmd(
 
 
 direct_app = typer.Typer(help="Save/restore a QEMU not run by libvirt, in libvirt's image format.",
-                         no_args_is_help=True)
+                         no_args_is_help=True, cls=VirtsaveGroup)
 
 
 @direct_app.command("save")
