@@ -5,7 +5,7 @@ A real QEMU migration stream is produced once per session by a tiny QEMU (TCG, 3
 started here and saved with ``virtsave direct save``; the corrupt variants are cut and flipped from
 that real image. Each bad input must give one clear line on stderr (``virtsave: error: …``), exit 2,
 and never a traceback — from ``inspect``, ``diff``, ``restore`` (checked before the daemon is asked)
-and ``replay --phases restore`` (which launches QEMU). No libvirtd is needed; these tests live here
+and ``replay --phases restore`` (which launches QEMU), run in-process. No libvirtd is needed; these tests live here
 because they launch QEMU (moved from tests/unit/test_bad_inputs.py, whose trace, log and hostile-trace
 cases stay unit tests).
 """
@@ -19,7 +19,7 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,11 +34,19 @@ from badinput import (
     synthetic_trace,
     write_trace,
 )
+from inprocess import CliResult, run_cli_inprocess
 
 from virtsave.image import saveimage
 from virtsave.trace import model as tr
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[..., CliResult]:
+    """In-process: these commands need no process of their own (the umask test below runs the
+    real console script; test_cli.py's smoke tests cover the entry point)."""
+    return run_cli_inprocess
 
 
 @pytest.fixture
