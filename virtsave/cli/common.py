@@ -54,7 +54,7 @@ OPTIONS = Options(uri=default_uri())
 
 def info(message: str) -> None:
     """A progress/status line on stderr (never on stdout: stdout is for data)."""
-    err_console.print(message, markup=False)
+    err_console.print(message, markup=False, soft_wrap=True)  # one line, whatever the width
 
 
 def emit_json(data: Any) -> None:
