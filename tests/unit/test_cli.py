@@ -142,6 +142,20 @@ def test_daemon_commands_are_known_commands() -> None:
     assert not DAEMON_COMMANDS & {"diff", "inspect", "validate", "export", "replay", "direct"}
 
 
+def test_unit_tests_cannot_reach_the_daemon(cli) -> None:
+    """The isolation of tests/unit/conftest.py: the default URI is the in-process test driver, and
+    opening the system daemon fails the test instead of touching the shared libvirtd."""
+    import libvirt
+
+    assert os.environ["LIBVIRT_DEFAULT_URI"] == TEST_URI
+    with pytest.raises(pytest.fail.Exception, match="integration test"):
+        libvirt.open("qemu:///system")
+    with pytest.raises(pytest.fail.Exception, match="integration test"):
+        cli("-c", "qemu:///system", "list")
+    res = cli("--json", "list")  # default URI: the test driver's one domain
+    assert res.returncode == 0 and [d["name"] for d in json.loads(res.stdout)] == ["test"], res.stderr
+
+
 # --------------------------------------------------------------------------- help and completion
 
 
