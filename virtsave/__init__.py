@@ -1,15 +1,24 @@
 """virtsave — libvirt/QEMU save and restore, traced, replayed and compared.
 
-Layers (transport / encoding / policy, as in libvirt):
+Layers, top to bottom (imports point down only; ``scripts/test`` checks it):
 
-- ``errors``        one exception root, :class:`~virtsave.core.errors.VirtsaveError`
-- ``trace``         the trace model (JSON), schema, load/dump/validate
-- ``logparse``      libvirtd debug log -> monitor messages (encoding)
-- ``logcapture``    switch libvirtd's log filters on and off (policy)
-- ``libvirt_path``  libvirt's own save/restore through libvirt-python
-- ``qmp``/``qemu_launch``/``replay``  the direct-QMP backend
-- ``saveimage``     libvirt save-image header and QEMU stream reader/writer
-- ``diff``          trace and image comparison
+- ``virtsave.cli``       the ``virtsave`` command: parse, call, render
+- ``virtsave.harness``   the test guest, demo and benchmark
+- ``virtsave.libvirtd``  the libvirt side: reference save/restore, log capture and parsing
+- ``virtsave.qemu``      the QEMU side: QMP session, launcher, safety check, direct backend, replay
+- ``virtsave.image``     libvirt save-image header, QEMU stream reader, image diff
+- ``virtsave.trace``     the trace model, schema, redaction, export, trace diff
+- ``virtsave.core``      errors, private files, signals, paths
+
+The version below is the only place it is written (``pyproject.toml`` reads it).
+
+Example::
+
+    >>> import virtsave
+    >>> virtsave.__version__.count(".")
+    2
 """
+
+__all__ = ["__version__"]
 
 __version__ = "0.1.0"

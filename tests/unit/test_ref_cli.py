@@ -1,6 +1,6 @@
 """Reference-path CLI and library without a daemon.
 
-The CLI checks run the real ``virtsave`` in a subprocess and need no libvirtd: bad
+The CLI checks run ``virtsave`` in-process (the ``cli`` fixture) and need no libvirtd: bad
 arguments, bad images and an unreachable daemon must all end in one stderr line and
 exit 2. The library checks use libvirt's in-process ``test:///default`` driver (real
 libvirt code, no daemon; its state lives and dies with the connection).

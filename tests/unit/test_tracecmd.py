@@ -1,5 +1,5 @@
-"""The real CLI (subprocess) on the recorded logs in tests/fixtures: `trace --from-log`, `validate`,
-`export --format replies`. No daemon needed."""
+"""The CLI (in-process, the ``cli`` fixture) on the recorded logs in tests/fixtures: `trace --from-log`,
+`validate`, `export --format replies`. No daemon needed."""
 
 from __future__ import annotations
 

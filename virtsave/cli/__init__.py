@@ -1,29 +1,47 @@
-"""The ``virtsave`` command. Each area registers its commands from its own module."""
+"""The ``virtsave`` command. Each area registers its commands from its own module.
+
+Commands that talk to libvirtd first put back libvirtd's log settings if a killed ``virtsave
+trace`` left them switched on (:data:`DAEMON_COMMANDS`); the offline ones (``diff``, ``inspect``,
+``validate``, ``export``, ``replay`` …) never touch the daemon.
+
+Example::
+
+    >>> from typer.testing import CliRunner
+    >>> CliRunner().invoke(app, ["--version"]).output.strip() == __version__
+    True
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
-import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from virtsave import __version__
 
-from .common import OPTIONS, handle_errors, info
+from .common import OPTIONS, VirtsaveGroup, default_uri, handle_errors, info
+
+__all__ = ["DAEMON_COMMANDS", "app", "main"]
 
 app = typer.Typer(
     name="virtsave",
+    cls=VirtsaveGroup,
     help="libvirt/QEMU save & restore: reference path, QMP trace, direct replay, diff.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
-# Areas of the CLI; each module has register(app). Missing ones are skipped so that
-# the package stays usable while an area is being built.
+# Areas of the CLI; each module has register(app).
 AREAS = ("ref", "tracecmd", "imagecmd", "replaycmd", "democmd")
+
+#: The commands that connect to libvirtd (and so first repair log settings a killed trace left).
+DAEMON_COMMANDS = frozenset({"managed-save", "save", "restore", "start", "managed-save-remove", "list",
+                             "trace", "demo"})
 
 
 def _print_version(value: bool) -> None:
@@ -40,15 +58,14 @@ def _global(
     version: Annotated[bool, typer.Option("--version", help="print the version and exit",
                        is_eager=True, callback=_print_version)] = False,
 ) -> None:
-    if connect:
-        OPTIONS.uri = connect
+    OPTIONS.uri = connect or default_uri()
     OPTIONS.json = json_out
-    _repair_log_settings()
 
 
 def _repair_log_settings() -> None:
     """A ``virtsave trace`` killed with SIGKILL leaves libvirtd logging into our capture file;
-    every command puts the operator's settings back (one ``stat`` when nothing is stale)."""
+    every command that talks to libvirtd puts the operator's settings back first (one ``stat``
+    when nothing is stale)."""
     from virtsave.core.errors import VirtsaveError
     from virtsave.libvirtd.logcapture import repair_if_stale
 
@@ -61,26 +78,36 @@ def _repair_log_settings() -> None:
         info(f"warning: {msg}")
 
 
-for _area in AREAS:
-    try:
-        _mod = importlib.import_module(f"{__name__}.{_area}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"{__name__}.{_area}":
-            raise
-        continue
-    _mod.register(app)
+def _after_repair(command: Callable[..., Any]) -> Callable[..., Any]:
+    """*command*, running the log-settings repair first (after parsing: ``--help`` never runs it)."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        _repair_log_settings()
+        return command(*args, **kwargs)
+    return run
+
+
+def _register_areas() -> None:
+    for area in AREAS:
+        importlib.import_module(f"{__name__}.{area}").register(app)
+    found = set()
+    for cmd in app.registered_commands:
+        name = cmd.name or (cmd.callback.__name__.replace("_", "-") if cmd.callback else "")
+        if name in DAEMON_COMMANDS and cmd.callback is not None:
+            cmd.callback = _after_repair(cmd.callback)
+            found.add(name)
+    if found != DAEMON_COMMANDS:
+        raise RuntimeError(f"DAEMON_COMMANDS names unknown commands: {sorted(DAEMON_COMMANDS - found)}")
+
+
+_register_areas()
 
 
 def main() -> None:
     """Console-script entry point."""
     with handle_errors():
-        try:
-            app(prog_name="virtsave")
-        except SystemExit as exc:
-            if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130: say it, once
-                sys.stderr.write("virtsave: interrupted\n")
-            raise
+        app(prog_name="virtsave")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

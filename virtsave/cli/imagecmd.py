@@ -117,7 +117,7 @@ def _render_inspect(r: dict[str, Any], seconds: float) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect_cmd(
-        image: Annotated[Path, typer.Argument(help="libvirt save image (raw, compressed or sparse)")],
+        image: Annotated[Path, typer.Argument(metavar="IMAGE", help="libvirt save image (raw, compressed or sparse)")],
         json_out: JsonOpt = False,
         allow_partial: Annotated[bool, typer.Option("--allow-partial",
                                  help="read a LibvirtQemudPart image as far as it goes")] = False,
@@ -132,8 +132,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("diff")
     def diff_cmd(
-        a: Annotated[Path, typer.Argument(help="trace (JSON) or save image")],
-        b: Annotated[Path, typer.Argument(help="trace (JSON) or save image, same kind as A")],
+        a: Annotated[Path, typer.Argument(metavar="A", help="trace (JSON) or save image")],
+        b: Annotated[Path, typer.Argument(metavar="B", help="trace (JSON) or save image, same kind as A")],
         json_out: JsonOpt = False,
         strict: Annotated[bool, typer.Option("--strict", help="normalize only ids and time")] = False,
     ) -> None:

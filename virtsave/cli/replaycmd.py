@@ -24,7 +24,7 @@ import typer
 from virtsave.core.errors import VirtsaveError
 from virtsave.trace import model as tr
 
-from .common import OPTIONS, emit_json, info
+from .common import OPTIONS, VirtsaveGroup, emit_json, info
 
 
 class ArgumentError(VirtsaveError):
@@ -102,7 +102,7 @@ def replay_cmd(
     info("  ".join(f"{p}: {t['seconds']:.3f} s" for p, t in timings.items())
          + f"  image: {result['replay']['image']}")
     if diff:
-        from virtsave.trace import diff as _diff  # type: ignore[attr-defined]
+        from virtsave.trace import diff as _diff
 
         text = _diff.diff_traces(trace, result).render()
         if out is None or str(out) == "-":
@@ -112,7 +112,7 @@ def replay_cmd(
 
 
 direct_app = typer.Typer(help="Save/restore a QEMU not run by libvirt, in libvirt's image format.",
-                         no_args_is_help=True)
+                         no_args_is_help=True, cls=VirtsaveGroup)
 
 
 @direct_app.command("save")

@@ -91,7 +91,7 @@ DomainLogOpt = Annotated[Path | None, typer.Option("--domain-log", metavar="QEMU
 
 
 def trace_cmd(
-    domain: Annotated[str, typer.Argument(help="domain name or UUID")],
+    domain: Annotated[str, typer.Argument(metavar="DOMAIN", help="domain name or UUID")],
     op: OpOpt = "cycle",
     file: FileOpt = None,
     out: OutOpt = None,
@@ -180,7 +180,7 @@ def export_cmd(
     phase: Annotated[str | None, typer.Option("--phase", metavar="PHASE",
                                               help="only this phase: save or restore")] = None,
 ) -> None:
-    """Export a trace for other tools (``--format replies``: libvirt's monitor test harness)."""
+    """Export a trace for other tools (--format replies: libvirt's monitor test harness)."""
     if fmt != "replies":
         raise ArgumentError(f"--format must be 'replies', not {fmt!r}")
     from virtsave.trace import export

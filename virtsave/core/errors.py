@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VirtsaveError(Exception):
     """Root of every error virtsave raises on purpose."""
@@ -65,7 +67,7 @@ class LogError(VirtsaveError):
 class AmbiguousMonitor(LogError):
     """The log holds several monitors and cannot tell which is the domain's."""
 
-    def __init__(self, message: str, monitors: list[dict] | None = None) -> None:
+    def __init__(self, message: str, monitors: list[dict[str, Any]] | None = None) -> None:
         self.monitors = monitors or []
         super().__init__(message)
 

@@ -15,7 +15,7 @@ import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from virtsave.trace.diff import Hunk, Row, align, image_rules, render_hunks, short
 
@@ -88,7 +88,7 @@ def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
             if isinstance(node, str):   # attribute or text result (lxml "smart strings")
                 parent = getattr(node, "getparent", lambda: None)()
                 if getattr(node, "is_attribute", False) and parent is not None:
-                    del parent.attrib[node.attrname]
+                    del parent.attrib[cast(Any, node).attrname]  # lxml "smart string": knows its attribute
             elif isinstance(node, etree._Element) and node.getparent() is not None:
                 node.getparent().remove(node)
     for el in root.iter():
@@ -96,7 +96,8 @@ def canonical_xml(text: str | None, ignore: list[str]) -> list[str]:
             items = sorted(el.attrib.items())
             el.attrib.clear()
             el.attrib.update(items)
-    return etree.tostring(root, pretty_print=True, encoding="unicode").splitlines()
+    text_out: str = etree.tostring(root, pretty_print=True, encoding="unicode")
+    return text_out.splitlines()
 
 
 def _xml_hunk(title: str, area: str, a: str | None, b: str | None, ignore: list[str],
@@ -128,12 +129,24 @@ def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None =
     ia = inspect_a or inspect_image(a)
     ib = inspect_b or inspect_image(b)
     conf = image_rules(rules_path)
-    layout = set(conf.get("header_layout_fields", []))
     diffs: list[ImageDifference] = []
     info: list[str] = []
-    hunks: list[Hunk] = []
+    sa, sb = ia["stream"], ib["stream"]
+    hunks = [
+        _header_hunk(ia["header"], ib["header"], set(conf.get("header_layout_fields", [])), diffs, info),
+        _xml_hunk("domain XML", "xml", ia["xml"], ib["xml"], conf.get("xml_ignore", []), diffs),
+        _xml_hunk("cookie", "cookie", ia["cookie"], ib["cookie"], conf.get("cookie_ignore", []), diffs),
+        _configuration_hunk(sa, sb, diffs),
+        _sections_hunk(sa["sections"], sb["sections"], diffs),
+        _ram_hunk(sa["ram"], sb["ram"], diffs, info),
+    ]
+    return ImageDiff(str(a), str(b), diffs, hunks, info)
+
+
+def _header_hunk(ha: dict[str, Any], hb: dict[str, Any], layout: set[str], diffs: list[ImageDifference],
+                 info: list[str]) -> Hunk:
+    """Header fields; those in *layout* follow the XML length and only inform."""
     rows = []
-    ha, hb = ia["header"], ib["header"]
     for k in ("magic", "version", "format", "was_running", "data_len", "cookie_offset", "stream_offset"):
         if ha.get(k) == hb.get(k):
             rows.append(Row(" ", f"{k}: {ha.get(k)}"))
@@ -143,11 +156,11 @@ def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None =
         else:
             diffs.append(ImageDifference("header", k, [f"{k}: {ha.get(k)} → {hb.get(k)}"]))
             rows += [Row("-", f"{k}: {ha.get(k)}"), Row("+", f"{k}: {hb.get(k)}")]
-    hunks.append(Hunk("header", rows))
-    hunks.append(_xml_hunk("domain XML", "xml", ia["xml"], ib["xml"], conf.get("xml_ignore", []), diffs))
-    hunks.append(_xml_hunk("cookie", "cookie", ia["cookie"], ib["cookie"], conf.get("cookie_ignore", []), diffs))
+    return Hunk("header", rows)
 
-    sa, sb = ia["stream"], ib["stream"]
+
+def _configuration_hunk(sa: dict[str, Any], sb: dict[str, Any], diffs: list[ImageDifference]) -> Hunk:
+    """The stream's configuration section and whether it carries a vmstate description."""
     rows = []
     ca, cb = sa.get("configuration") or {}, sb.get("configuration") or {}
     for k in ("machine", "capabilities", "target_page_bits"):
@@ -157,24 +170,29 @@ def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None =
             rows += [Row("-", f"{k}: {short(ca.get(k))}"), Row("+", f"{k}: {short(cb.get(k))}")]
         else:
             rows.append(Row(" ", f"{k}: {short(ca.get(k))}"))
-    for k in ("present",):
-        va, vb = sa["vmdesc"].get(k), sb["vmdesc"].get(k)
-        if va != vb:
-            diffs.append(ImageDifference("stream", "vmdesc", [f"vmstate description present: {va} → {vb}"]))
-            rows += [Row("-", f"vmstate description: {va}"), Row("+", f"vmstate description: {vb}")]
-    hunks.append(Hunk("stream configuration", rows))
+    va, vb = sa["vmdesc"].get("present"), sb["vmdesc"].get("present")
+    if va != vb:
+        diffs.append(ImageDifference("stream", "vmdesc", [f"vmstate description present: {va} → {vb}"]))
+        rows += [Row("-", f"vmstate description: {va}"), Row("+", f"vmstate description: {vb}")]
+    return Hunk("stream configuration", rows)
 
-    def sec_key(s: dict[str, Any]) -> str:
-        return f"{s['name']} (instance {s['instance_id']})"
 
-    @dataclass
-    class _S:
-        key: str
-        name: str
-        sec: dict[str, Any]
+@dataclass
+class _Section:
+    key: str                # name, instance and version: what is aligned
+    name: str               # name and instance: what a difference is reported under
+    sec: dict[str, Any]
 
-    la = [_S(sec_key(s) + f" v{s['version_id']}", sec_key(s), s) for s in sa["sections"]]
-    lb = [_S(sec_key(s) + f" v{s['version_id']}", sec_key(s), s) for s in sb["sections"]]
+    @classmethod
+    def of(cls, s: dict[str, Any]) -> _Section:
+        name = f"{s['name']} (instance {s['instance_id']})"
+        return cls(f"{name} v{s['version_id']}", name, s)
+
+
+def _sections_hunk(secs_a: list[dict[str, Any]], secs_b: list[dict[str, Any]],
+                   diffs: list[ImageDifference]) -> Hunk:
+    """Device sections aligned by name, instance and version (missing, added, changed, moved)."""
+    la, lb = [_Section.of(s) for s in secs_a], [_Section.of(s) for s in secs_b]
     rows = []
     for op, i, j in align(la, lb):
         x = la[i] if i is not None else None
@@ -195,12 +213,13 @@ def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None =
             rows.append(Row(">", y.key, d))
         elif y is not None:
             rows.append(Row(" ", y.key))
-    hunks.append(Hunk(f"sections (A {len(la)}, B {len(lb)})", rows))
+    return Hunk(f"sections (A {len(la)}, B {len(lb)})", rows)
 
-    ra, rb = sa["ram"], sb["ram"]
-    rows = []
+
+def _ram_hunk(ra: dict[str, Any], rb: dict[str, Any], diffs: list[ImageDifference], info: list[str]) -> Hunk:
+    """RAM sizes and blocks differ; page counts depend on the guest's memory and only inform."""
     # mapped_ram follows the stream capabilities (reported there), so it is context only here.
-    rows.append(Row(" ", f"mapped_ram: {ra.get('mapped_ram')} / {rb.get('mapped_ram')}"))
+    rows = [Row(" ", f"mapped_ram: {ra.get('mapped_ram')} / {rb.get('mapped_ram')}")]
     for k in ("page_size", "total_bytes"):
         if ra.get(k) != rb.get(k):
             diffs.append(ImageDifference("ram", k, [f"{k}: {ra.get(k)} → {rb.get(k)}"]))
@@ -217,8 +236,6 @@ def diff_images(a: str | Path, b: str | Path, *, rules_path: str | Path | None =
             rows += [Row("-", f"block {name}: {la_}"), Row("+", f"block {name}: {lb_}")]
         else:
             rows.append(Row(" ", f"block {name}: {x['length']}"))
-    for k in ("pages", "zero_pages", "bytes"):
-        if ra.get(k) != rb.get(k):
-            info.append(f"ram {k}: {ra.get(k)} → {rb.get(k)} (depends on guest memory contents)")
-    hunks.append(Hunk("ram", rows))
-    return ImageDiff(str(a), str(b), diffs, hunks, info)
+    info += [f"ram {k}: {ra.get(k)} → {rb.get(k)} (depends on guest memory contents)"
+             for k in ("pages", "zero_pages", "bytes") if ra.get(k) != rb.get(k)]
+    return Hunk("ram", rows)

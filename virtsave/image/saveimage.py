@@ -41,7 +41,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 from virtsave.core.errors import ImageError
 from virtsave.trace import model as tr
@@ -107,6 +107,18 @@ def read_header(f: BinaryIO, *, allow_partial: bool = True) -> Header:
     if len(raw) < HEADER_SIZE:
         raise ImageError(f"truncated: header needs {HEADER_SIZE} bytes, file has {len(raw)}", offset=len(raw))
     magic, version, data_len, was_running, compressed, cookie_offset, *_ = _HEADER.unpack(raw)
+    _check_fields(magic, version, data_len, was_running, compressed, cookie_offset, allow_partial)
+    data = f.read(data_len)
+    if len(data) < data_len:
+        raise ImageError(f"truncated: XML area needs {data_len} bytes, file has {len(data)}",
+                         offset=HEADER_SIZE + len(data))
+    xml, cookie = _decode_data(data, cookie_offset)
+    return Header(magic.decode(), version, data_len, bool(was_running), compressed, cookie_offset, xml, cookie)
+
+
+def _check_fields(magic: bytes, version: int, data_len: int, was_running: int, compressed: int,
+                  cookie_offset: int, allow_partial: bool) -> None:
+    """The fixed 92 bytes: each field within what libvirt writes, else the field's offset."""
     if magic not in (MAGIC, MAGIC_PARTIAL):
         raise ImageError(f"not a libvirt save image: magic {magic[:16]!r}", offset=0)
     if magic == MAGIC_PARTIAL and not allow_partial:
@@ -121,10 +133,10 @@ def read_header(f: BinaryIO, *, allow_partial: bool = True) -> Header:
         raise ImageError(f"unknown image format id {compressed}", offset=28)
     if cookie_offset and cookie_offset >= data_len:
         raise ImageError(f"cookie offset {cookie_offset} beyond data_len {data_len}", offset=32)
-    data = f.read(data_len)
-    if len(data) < data_len:
-        raise ImageError(f"truncated: XML area needs {data_len} bytes, file has {len(data)}",
-                         offset=HEADER_SIZE + len(data))
+
+
+def _decode_data(data: bytes, cookie_offset: int) -> tuple[str, str | None]:
+    """The NUL-terminated domain XML and cookie of the data area (offsets are the file's)."""
     xml_end = data.find(b"\0")
     if xml_end <= 0:
         raise ImageError("domain XML is not NUL-terminated", offset=HEADER_SIZE)
@@ -144,7 +156,7 @@ def read_header(f: BinaryIO, *, allow_partial: bool = True) -> Header:
         except UnicodeDecodeError as exc:
             raise ImageError("cookie is not valid UTF-8",
                              offset=HEADER_SIZE + cookie_offset + exc.start) from None
-    return Header(magic.decode(), version, data_len, bool(was_running), compressed, cookie_offset, xml, cookie)
+    return xml, cookie
 
 
 def read_header_path(path: str | os.PathLike[str], **kw: Any) -> Header:
@@ -268,7 +280,7 @@ class _Stream:
     Keeps at most one chunk buffered; ``skip`` seeks when the source allows it.
     """
 
-    def __init__(self, src: BinaryIO, *, start: int = 0, size: int | None = None, seekable: bool = False,
+    def __init__(self, src: IO[bytes], *, start: int = 0, size: int | None = None, seekable: bool = False,
                  file_base: int | None = None, where: str = "") -> None:
         self._src = src
         self._buf = b""
@@ -514,7 +526,7 @@ class _Walker:
 
     # -- RAM -------------------------------------------------------------------------------
     def _block(self, name: str) -> dict[str, Any]:
-        blocks = self.ram["blocks"]
+        blocks: dict[str, dict[str, Any]] = self.ram["blocks"]
         if name not in blocks:
             blocks[name] = {"name": name, "length": None, "pages": 0, "zero_pages": 0, "bytes": 0}
         return blocks[name]
@@ -558,54 +570,17 @@ class _Walker:
         mask = self.page_size - 1
         # QEMU's "last sent block" outlives a section: CONTINUE may refer to the previous one.
         block = self._last_block
-        page = self.page_size
         while True:
-            # Fast path for the common record, a page continuing the current block: read straight from
-            # the buffer (same checks, no per-field calls); anything else takes the general path below.
-            buf, pos = s._buf, s._pos
-            if block is not None and len(buf) - pos >= 8 + page:
-                flags = int.from_bytes(buf[pos:pos + 8], "big") & mask
-                if flags == RAM_PAGE | RAM_CONTINUE:
-                    s._pos = pos + 8 + page
-                    block["pages"] += 1
-                    block["bytes"] += page
-                    continue
-                if flags == RAM_ZERO | RAM_CONTINUE:
-                    s._pos = pos + 9
-                    block["zero_pages"] += 1
-                    continue
+            if block is not None:
+                self._skip_continued_pages(block)
             at = s.offset
             word = s.be64("RAM record")
             flags, addr = word & mask, word & ~mask
             if flags & RAM_MEM_SIZE:
-                self.ram["total_bytes"] = addr
-                remaining = addr
-                while remaining > 0:
-                    blk = self._block(s.string("RAM block name"))
-                    blk["length"] = s.be64(f"RAM block {blk['name']} length")
-                    if blk["length"] == 0 or blk["length"] > remaining:
-                        raise s.error(f"corrupt stream: RAM block {blk['name']} length {blk['length']}", at)
-                    if ignore_shared:
-                        blk["mr_addr"] = s.be64("RAM block address")
-                    if self.ram["mapped_ram"]:
-                        self._mapped_ram_block(blk)
-                    remaining -= blk["length"]
+                self._ram_blocks(addr, at, ignore_shared)
                 flags &= ~RAM_MEM_SIZE
             if flags & (RAM_ZERO | RAM_PAGE):
-                if flags & RAM_CONTINUE:
-                    if block is None:
-                        raise s.error("corrupt stream: RAM page continues no block", at)
-                else:
-                    name = s.string("RAM page block name")
-                    block = self._block(name)
-                if flags & RAM_ZERO:
-                    s.u8("zero page fill byte")
-                    block["zero_pages"] += 1
-                else:
-                    s.skip(self.page_size, f"RAM page of {block['name']}")
-                    block["pages"] += 1
-                    block["bytes"] += self.page_size
-                self._last_block = block
+                block = self._ram_page(flags, block, at)
                 flags &= ~(RAM_ZERO | RAM_PAGE | RAM_CONTINUE)
             elif flags & (RAM_XBZRLE | RAM_HOOK | RAM_COMPRESS_PAGE):
                 raise s.error(f"unsupported RAM encoding (flags {flags:#x})", at)
@@ -616,6 +591,60 @@ class _Walker:
                 return
             if flags:
                 raise s.error(f"corrupt stream: unknown RAM flags {flags:#x}", at)
+
+    def _skip_continued_pages(self, block: dict[str, Any]) -> None:
+        """Fast path for the common records, pages continuing *block*: counted straight from the buffer
+        (same checks, no per-field calls) while whole records are buffered; the rest is left to
+        :meth:`_ram`'s general path."""
+        s = self.s
+        buf, pos = s._buf, s._pos
+        page, mask, end = self.page_size, self.page_size - 1, len(s._buf)
+        while end - pos >= 8 + page:
+            flags = int.from_bytes(buf[pos:pos + 8], "big") & mask
+            if flags == RAM_PAGE | RAM_CONTINUE:
+                pos += 8 + page
+                block["pages"] += 1
+                block["bytes"] += page
+            elif flags == RAM_ZERO | RAM_CONTINUE:
+                pos += 9
+                block["zero_pages"] += 1
+            else:
+                break
+        s._pos = pos
+
+    def _ram_blocks(self, total: int, at: int, ignore_shared: bool) -> None:
+        """The MEM_SIZE record's list of RAM blocks (name, length …) adding up to *total* bytes."""
+        s = self.s
+        self.ram["total_bytes"] = total
+        remaining = total
+        while remaining > 0:
+            blk = self._block(s.string("RAM block name"))
+            blk["length"] = s.be64(f"RAM block {blk['name']} length")
+            if blk["length"] == 0 or blk["length"] > remaining:
+                raise s.error(f"corrupt stream: RAM block {blk['name']} length {blk['length']}", at)
+            if ignore_shared:
+                blk["mr_addr"] = s.be64("RAM block address")
+            if self.ram["mapped_ram"]:
+                self._mapped_ram_block(blk)
+            remaining -= blk["length"]
+
+    def _ram_page(self, flags: int, block: dict[str, Any] | None, at: int) -> dict[str, Any]:
+        """One page record (data or zero) in *block* or the block it names; returns the block."""
+        s = self.s
+        if flags & RAM_CONTINUE:
+            if block is None:
+                raise s.error("corrupt stream: RAM page continues no block", at)
+        else:
+            block = self._block(s.string("RAM page block name"))
+        if flags & RAM_ZERO:
+            s.u8("zero page fill byte")
+            block["zero_pages"] += 1
+        else:
+            s.skip(self.page_size, f"RAM page of {block['name']}")
+            block["pages"] += 1
+            block["bytes"] += self.page_size
+        self._last_block = block
+        return block
 
     # -- device sections -----------------------------------------------------------------
     def _load_tail(self) -> None:
@@ -900,6 +929,7 @@ def inspect_image(path: str | os.PathLike[str], *, allow_partial: bool = False) 
         src.close()
         raise
     sections: dict[int, dict[str, Any]] = {}
+    stopped: str | None
     try:
         try:
             for sec in walker.walk():

@@ -92,7 +92,7 @@ def qemu_binary_version(path: str = "qemu-system-x86_64") -> str:
 
 def client_version() -> int:
     """The libvirt client library this Python binding runs against."""
-    return libvirt.getVersion()
+    return int(libvirt.getVersion())
 
 
 def supports_save_params(conn: libvirt.virConnect) -> bool:

@@ -169,7 +169,7 @@ def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
 
 def _uri(conn: libvirt.virConnect) -> str:
     try:
-        return conn.getURI()
+        return str(conn.getURI())
     except libvirt.libvirtError:
         return "?"
 
@@ -286,7 +286,7 @@ def _params_call(func: str, capsule: Any, capsule_name: bytes, params: dict[str,
         lib.virTypedParamsFree(tparams, n)
     if ret < 0:
         raise libvirt.libvirtError(f"{func}() failed")
-    return ret
+    return int(ret)
 
 
 def _with_typed_fallback(binding_call: Callable[[], Any], direct_call: Callable[[], Any],
@@ -536,7 +536,7 @@ def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_ca
                       parallel_channels=parallel_channels, job=dict(last))
     if res.ok:
         with contextlib.suppress(libvirt.libvirtError):
-            res.detail["state_after"] = state_name(get_dom())  # type: ignore[arg-type]
+            res.detail["state_after"] = state_name(get_dom())
     return res
 
 

@@ -188,9 +188,10 @@ class QMPSession:
             fds, self._pending_fds = self._pending_fds, 0
             if self._phase is None:
                 return
-            name = msg.get("execute") or msg.get("exec-oob")
-            args = copy.deepcopy(msg["arguments"]) if "arguments" in msg else None
-            self._phase["messages"].append(_trace.command(str(name), args, id=msg.get("id"), fds=fds,
+            out: dict[str, Any] = dict(msg)  # QMP messages are JSON objects: untyped values
+            name = out.get("execute") or out.get("exec-oob")
+            args = copy.deepcopy(out["arguments"]) if "arguments" in out else None
+            self._phase["messages"].append(_trace.command(str(name), args, id=out.get("id"), fds=fds,
                                                           t=self._t()))
 
     def _record_in(self, msg: Message) -> None:
