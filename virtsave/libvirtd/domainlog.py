@@ -15,14 +15,17 @@ qemu version: 7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3, kernel: 6.18.44-fc-v669, ho
     2026-11-25 18:58:12.965+0000: shutting down, reason=saved
 
 The command line is shell-quoted by libvirt, one option per line ending in `` \\``; the first line
-without the trailing backslash ends it. It is split with :mod:`shlex`; the leading ``NAME=value``
-words are the environment, the next word is the binary (``argv[0]``).
+without the trailing backslash ends it. It is read with the command-line model
+(:mod:`virtsave.trace.argv`): the leading ``NAME=value`` words are the environment, the next word is
+the binary (``argv[0]``).
 
 Example::
 
     >>> starts = parse_domain_log("tests/fixtures/qemu-domain-logs/fxa.log")
     >>> starts[0].libvirt_version, starts[0].qemu_version, starts[0].argv[0]
     ('9.0.0', '7.2.22', '/usr/bin/qemu-system-x86_64')
+    >>> argv_from_domain_log("tests/fixtures/qemu-domain-logs/fxa.log")[1:3]
+    ['-name', 'guest=fxa,debug-threads=on']
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from __future__ import annotations
 import calendar
 import os
 import re
-import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from virtsave.core.errors import LogError
+from virtsave.trace import argv as qargv
+
+__all__ = ["QemuStart", "argv_from_domain_log", "parse_domain_log", "start_at"]
 
 _START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): starting up (.*)$")
 _END = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): shutting down(?:, reason=(\S+))?")
@@ -42,7 +47,6 @@ _LIBVIRT = re.compile(r"libvirt version: ([0-9][0-9.]*[0-9])(?:, package: ([^,]*
 _QEMU = re.compile(r"qemu version: ([0-9]+(?:\.[0-9]+)*)([^,]*)")
 _KERNEL = re.compile(r"kernel: ([^,]+)")
 _HOST = re.compile(r"hostname: (\S+)")
-_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 @dataclass
@@ -76,22 +80,12 @@ def _epoch(stamp: str, off: str) -> float:
     return calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offs + ms / 1000.0
 
 
-def _split(words_text: str) -> tuple[list[str], bool]:
-    try:
-        return shlex.split(words_text), True
-    except ValueError:            # unbalanced quote (cut log): best effort
-        return words_text.split(), False
-
-
 def _finish(start: QemuStart, lines: list[str], complete: bool) -> None:
-    words, ok = _split(" ".join(lines))
+    words, ok = qargv.shell_words(" ".join(lines))   # not ok: unbalanced quote (cut log), best effort
     start.complete = complete and ok
-    i = 0
-    while i < len(words) and _ENV.match(words[i]):
-        k, _, v = words[i].partition("=")
-        start.env[k] = v
-        i += 1
-    start.argv = words[i:]
+    cl = qargv.parse(words)
+    start.env = dict(cl.env)
+    start.argv = cl.argv()
 
 
 def parse_domain_log(path: str | os.PathLike[str]) -> list[QemuStart]:
@@ -159,3 +153,12 @@ def start_at(starts: list[QemuStart], when: float) -> QemuStart | None:
         if s.time <= when:
             best = s
     return best
+
+
+def argv_from_domain_log(path: str | os.PathLike[str], index: int = -1) -> list[str]:
+    """The QEMU argv of the *index*-th start recorded in the domain log at *path* (the last by
+    default); :class:`LogError` when the log records none."""
+    starts = parse_domain_log(path)
+    if not starts:
+        raise LogError(f"{os.fspath(path)}: no QEMU start recorded")
+    return list(starts[index].argv)
