@@ -33,6 +33,7 @@ from __future__ import annotations
 import calendar
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,6 +89,54 @@ def _finish(start: QemuStart, lines: list[str], complete: bool) -> None:
     start.argv = cl.argv()
 
 
+def _new_start(m: re.Match[str]) -> QemuStart:
+    """The start a "starting up" line (matched by ``_START``) announces, with its versions."""
+    head = m.group(3)
+    st = QemuStart(time=_epoch(m.group(1), m.group(2)), time_iso=m.group(1).replace(" ", "T") + m.group(2))
+    lv, qv, kv, hv = _LIBVIRT.search(head), _QEMU.search(head), _KERNEL.search(head), _HOST.search(head)
+    if lv:
+        st.libvirt_version, st.libvirt_package = lv.group(1), (lv.group(2) or "").strip() or None
+    if qv:
+        st.qemu_version, st.qemu_package = qv.group(1), qv.group(2).strip() or None
+    st.kernel = kv.group(1).strip() if kv else None
+    st.hostname = hv.group(1) if hv else None
+    return st
+
+
+def _after_command_line(st: QemuStart, line: str) -> None:
+    """A line after the command line: the shutdown, or one of QEMU's messages (the first 1000 kept)."""
+    e = _END.match(line)
+    if e:
+        st.shutdown_time = _epoch(e.group(1), e.group(2))
+        st.shutdown_reason = e.group(3)
+    elif line and len(st.messages) < 1000:
+        st.messages.append(line)
+
+
+def _read_starts(lines: Iterable[str]) -> list[QemuStart]:
+    starts: list[QemuStart] = []
+    cur: QemuStart | None = None
+    cmd: list[str] | None = None      # command-line lines of cur while still inside the block
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        m = _START.match(line)
+        if m:
+            if cur is not None and cmd is not None:
+                _finish(cur, cmd, complete=False)
+            cur, cmd = _new_start(m), []
+            starts.append(cur)
+        elif cur is not None and cmd is not None:
+            cmd.append(line[:-1].rstrip() if line.endswith("\\") else line)
+            if not line.endswith("\\"):
+                _finish(cur, cmd, complete=True)
+                cmd = None
+        elif cur is not None:
+            _after_command_line(cur, line)
+    if cur is not None and cmd is not None:
+        _finish(cur, cmd, complete=False)
+    return starts
+
+
 def parse_domain_log(path: str | os.PathLike[str]) -> list[QemuStart]:
     """Every QEMU start in the domain log at *path*, oldest first (streaming over the lines).
 
@@ -95,55 +144,11 @@ def parse_domain_log(path: str | os.PathLike[str]) -> list[QemuStart]:
     the file or by the next "starting up" line gets ``complete=False``. Raises :class:`LogError` when
     the file cannot be read.
     """
-    starts: list[QemuStart] = []
-    cur: QemuStart | None = None
-    cmd: list[str] | None = None      # command-line lines of cur while still inside the block
     try:
-        f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by the with below
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return _read_starts(f)
     except OSError as exc:
         raise LogError(f"cannot read domain log {os.fspath(path)}: {exc.strerror or exc}") from None
-    with f:
-        try:
-            for raw in f:
-                line = raw.rstrip("\r\n")
-                m = _START.match(line)
-                if m:
-                    if cur is not None and cmd is not None:
-                        _finish(cur, cmd, complete=False)
-                    t = _epoch(m.group(1), m.group(2))
-                    head = m.group(3)
-                    cur = QemuStart(time=t, time_iso=m.group(1).replace(" ", "T") + m.group(2))
-                    lv, qv, kv, hv = _LIBVIRT.search(head), _QEMU.search(head), _KERNEL.search(head), _HOST.search(head)
-                    if lv:
-                        cur.libvirt_version, cur.libvirt_package = lv.group(1), (lv.group(2) or "").strip() or None
-                    if qv:
-                        cur.qemu_version, cur.qemu_package = qv.group(1), qv.group(2).strip() or None
-                    cur.kernel = kv.group(1).strip() if kv else None
-                    cur.hostname = hv.group(1) if hv else None
-                    starts.append(cur)
-                    cmd = []
-                    continue
-                if cur is None:
-                    continue
-                if cmd is not None:
-                    if line.endswith("\\"):
-                        cmd.append(line[:-1].rstrip())
-                        continue
-                    cmd.append(line)
-                    _finish(cur, cmd, complete=True)
-                    cmd = None
-                    continue
-                e = _END.match(line)
-                if e:
-                    cur.shutdown_time = _epoch(e.group(1), e.group(2))
-                    cur.shutdown_reason = e.group(3)
-                elif line and len(cur.messages) < 1000:
-                    cur.messages.append(line)
-        except OSError as exc:
-            raise LogError(f"cannot read domain log {os.fspath(path)}: {exc.strerror or exc}") from None
-    if cur is not None and cmd is not None:
-        _finish(cur, cmd, complete=False)
-    return starts
 
 
 def start_at(starts: list[QemuStart], when: float) -> QemuStart | None:

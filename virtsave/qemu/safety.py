@@ -204,6 +204,17 @@ def _fdset_use_problems(o: Option, scan: _Scan) -> list[str]:
     return out
 
 
+def _check_socket_chardev(v: OptionValue) -> list[str]:
+    if qargv.fd_references(v):
+        return ["socket chardev on an inherited fd the launcher cannot rewrite"]
+    if "path" not in v:
+        return ["network socket chardev"]
+    path = str(v.get("path"))
+    if not path.startswith("/var/lib/libvirt/qemu/") or ".." in path:
+        return [f"extra socket {path} outside libvirt's channel directory"]
+    return []
+
+
 def _check_chardev(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
     out: list[str] = []
     kind = v.kind
@@ -211,24 +222,14 @@ def _check_chardev(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
     if lf is not None:
         out.append(f"chardev logfile writes host file {lf}" if not scan.ctx.declared_fdset(lf)
                    else f"chardev logfile on libvirt's fdset, which the launcher cannot rewrite for {kind!r}")
-    fds = qargv.fd_references(v)
     if kind == "socket":
-        path = str(v.get("path", ""))
-        if fds:
-            out.append("socket chardev on an inherited fd the launcher cannot rewrite")
-        elif "path" in v:
-            if not path.startswith("/var/lib/libvirt/qemu/") or ".." in path:
-                out.append(f"extra socket {path} outside libvirt's channel directory")
-        else:
-            out.append("network socket chardev")
-        return out
+        return out + _check_socket_chardev(v)
+    fds = qargv.fd_references(v)
     if fds:
         out.append(f"{fds[0][0]}= passes an inherited fd the launcher cannot rewrite")
     if kind == "file":
         p = str(v.get("path", ""))
-        if not scan.ctx.declared_fdset(p):
-            out.append(f"file chardev writes host file {p}")
-        return out
+        return out if scan.ctx.declared_fdset(p) else [*out, f"file chardev writes host file {p}"]
     if kind in ("pipe", "serial", "tty", "parallel", "parport", "udp"):
         return [*out, f"{kind} chardev reaches a host file, device or network"]
     if kind not in _SAFE_CHARDEVS:
@@ -401,50 +402,69 @@ def check_argv(argv: list[str], incoming_fdsets: Iterable[str] | None = None,
 # ----------------------------------------------------------------------------------------- QMP
 
 
+def _migrate_problems(ex: str, args: dict[str, Any]) -> list[str]:
+    out = []
+    if "uri" in args:
+        why = _uri_problem(args.get("uri"), ex == "migrate-incoming")
+        if why:
+            out.append(why)
+    for ch in args.get("channels") or []:
+        addr = ch.get("addr") if isinstance(ch, dict) else None
+        t = addr.get("transport") if isinstance(addr, dict) else None
+        if t == "exec":
+            out.append("exec migration channel runs a host command")
+        elif t == "file" and isinstance(addr, dict) and not _FDSET.fullmatch(str(addr.get("filename", ""))):
+            out.append(f"file migration channel writes {addr.get('filename')}")
+        elif t in ("socket", "rdma"):
+            out.append(f"{t} migration channel opens a connection")
+    return out
+
+
+def _added_object_problems(ex: str, args: dict[str, Any], prefixes: tuple[str, ...]) -> list[str]:
+    """``object-add``/``blockdev-add``/``device_add``/``netdev_add``/``chardev-add``: files and helpers."""
+    out = []
+    if ex == "object-add" and args.get("qom-type") == "secret":
+        f = args.get("file") or (args.get("props") or {}).get("file")
+        if f and not any(fnmatch.fnmatch(str(f), g) for g in qemu_launch.MASTER_KEY_GLOBS):
+            out.append(f"secret object reads host file {f}")
+    for k, x in qargv.walk_items(args):
+        if k in ("filename", "file", "mem-path", "romfile", "path") and isinstance(x, str) and \
+                not _FDSET.fullmatch(x) and x and ex != "chardev-add":
+            why = path_problem(x, prefixes) if k != "romfile" else (
+                None if x.startswith("/usr/share/") and ".." not in x.split("/") else "outside /usr/share/")
+            if why:
+                out.append(f"{k} {x}: {why}")
+        if k in ("script", "downscript") and x not in ("no", ""):
+            out.append(f"{k} runs a host program")
+    return out
+
+
 def check_command(msg: dict[str, Any], where: str, prefixes: tuple[str, ...] = EXPECTED_PREFIXES) -> list[Finding]:
     """Findings in one QMP command message."""
-    out: list[Finding] = []
     ex = str(msg.get("execute", ""))
     args = msg.get("arguments") or {}
     label = _short(f"{ex} {json.dumps(args, separators=(',', ':'))}" if args else ex)
-
-    def add(reason: str) -> None:
-        out.append(Finding(label, where, reason))
-
+    reasons = []
     if ex in HOST_COMMANDS:
-        add("human monitor passthrough: arbitrary HMP commands" if ex == "human-monitor-command"
-            else f"{ex} reads/writes host files or opens connections")
+        reasons.append("human monitor passthrough: arbitrary HMP commands" if ex == "human-monitor-command"
+                       else f"{ex} reads/writes host files or opens connections")
     if ex in ("migrate", "migrate-incoming") and isinstance(args, dict):
-        if "uri" in args:
-            why = _uri_problem(args.get("uri"), ex == "migrate-incoming")
-            if why:
-                add(why)
-        for ch in args.get("channels") or []:
-            addr = ch.get("addr") if isinstance(ch, dict) else None
-            if isinstance(addr, dict):
-                t = addr.get("transport")
-                if t == "exec":
-                    add("exec migration channel runs a host command")
-                elif t == "file" and not _FDSET.fullmatch(str(addr.get("filename", ""))):
-                    add(f"file migration channel writes {addr.get('filename')}")
-                elif t in ("socket", "rdma"):
-                    add(f"{t} migration channel opens a connection")
+        reasons += _migrate_problems(ex, args)
     elif any(s.startswith("exec:") for s in _walk_strings(args)):
-        add("exec: runs a host command")
+        reasons.append("exec: runs a host command")
     if ex in ("object-add", "blockdev-add", "device_add", "netdev_add", "chardev-add") and isinstance(args, dict):
-        if ex == "object-add" and args.get("qom-type") == "secret":
-            f = args.get("file") or (args.get("props") or {}).get("file")
-            if f and not any(fnmatch.fnmatch(str(f), g) for g in qemu_launch.MASTER_KEY_GLOBS):
-                add(f"secret object reads host file {f}")
-        for k, x in qargv.walk_items(args):
-            if k in ("filename", "file", "mem-path", "romfile", "path") and isinstance(x, str) and \
-                    not _FDSET.fullmatch(x) and x and ex != "chardev-add":
-                why = path_problem(x, prefixes) if k != "romfile" else (
-                    None if x.startswith("/usr/share/") and ".." not in x.split("/") else "outside /usr/share/")
-                if why:
-                    add(f"{k} {x}: {why}")
-            if k in ("script", "downscript") and x not in ("no", ""):
-                add(f"{k} runs a host program")
+        reasons += _added_object_problems(ex, args, prefixes)
+    return [Finding(label, where, why) for why in reasons]
+
+
+def _incoming_fdsets(phases: list[dict[str, Any]]) -> set[str]:
+    """The fdsets the traced ``migrate-incoming`` commands read the stream from."""
+    out: set[str] = set()
+    for ph in phases:
+        for m in ph.get("messages") or []:
+            if isinstance(m, dict) and m.get("kind") == "command" and m.get("execute") == "migrate-incoming":
+                uri = (m.get("arguments") or {}).get("uri")
+                out.update(qargv.fdset_references(uri) if isinstance(uri, str) else ())
     return out
 
 
@@ -455,17 +475,9 @@ def check_trace(trace: dict[str, Any], prefixes: tuple[str, ...] = EXPECTED_PREF
     """
     out: list[Finding] = []
     phases = [p for p in (trace.get("phases") or []) if isinstance(p, dict)]
-    incoming_fdsets: set[str] = set()
-    for ph in phases:
-        for m in ph.get("messages") or []:
-            if isinstance(m, dict) and m.get("kind") == "command" and m.get("execute") == "migrate-incoming":
-                uri = (m.get("arguments") or {}).get("uri")
-                fm = _FDSET.search(uri) if isinstance(uri, str) else None
-                if fm:
-                    incoming_fdsets.add(fm.group(1))
     argv = (trace.get("domain") or {}).get("argv") or []
     if isinstance(argv, list):
-        out += check_argv([str(a) for a in argv], incoming_fdsets, prefixes)
+        out += check_argv([str(a) for a in argv], _incoming_fdsets(phases), prefixes)
     for ph in phases:
         name = str(ph.get("name", "phase"))
         img = ph.get("image") or {}

@@ -109,30 +109,50 @@ def redact_argv(argv: list[str] | None) -> list[str]:
     return out
 
 
+def _redact_arguments(ex: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of command *ex* with its password/secret arguments redacted."""
+    if ex == "object-add":
+        args = _redact_obj(args, secret_object=args.get("qom-type") == "secret")
+    elif ex in ("set_password", "change-vnc-password") and "password" in args:
+        args = {**args, "password": REDACTED}
+    elif ex == "change" and args.get("device") == "vnc" and args.get("target") == "password":
+        args = {**args, "arg": REDACTED}
+    elif ex == "human-monitor-command" and isinstance(args.get("command-line"), str):
+        hm = _HMP_PASSWORD.match(args["command-line"])
+        if hm:
+            args = {**args, "command-line": hm.group(1) + REDACTED + hm.group(3)}
+    return _redact_obj(args)  # type: ignore[no-any-return]
+
+
 def redact_message(msg: dict[str, Any]) -> dict[str, Any]:
     """A redacted copy of one trace message (command, reply or event)."""
     m = copy.deepcopy(msg)
     if m.get("kind") == "command":
-        ex = m.get("execute")
-        args = m.get("arguments")
-        if isinstance(args, dict):
-            if ex == "object-add":
-                args = _redact_obj(args, secret_object=args.get("qom-type") == "secret")
-            elif ex in ("set_password", "change-vnc-password") and "password" in args:
-                args = {**args, "password": REDACTED}
-            elif ex == "change" and args.get("device") == "vnc" and args.get("target") == "password":
-                args = {**args, "arg": REDACTED}
-            elif ex == "human-monitor-command" and isinstance(args.get("command-line"), str):
-                hm = _HMP_PASSWORD.match(args["command-line"])
-                if hm:
-                    args = {**args, "command-line": hm.group(1) + REDACTED + hm.group(3)}
-            m["arguments"] = _redact_obj(args)
+        if isinstance(m.get("arguments"), dict):
+            m["arguments"] = _redact_arguments(m.get("execute"), m["arguments"])
     elif m.get("kind") == "reply":
         if "return" in m:
             m["return"] = _redact_obj(m["return"])
     elif m.get("kind") == "event":
         m["data"] = _redact_obj(m.get("data"))
     return m
+
+
+def _redact_phase(ph: dict[str, Any]) -> None:
+    """Redact one phase in place: messages, image header XML, substitution values, options XML."""
+    ph["messages"] = [redact_message(m) for m in ph.get("messages") or []]
+    header = (ph.get("image") or {}).get("header")
+    if isinstance(header, dict):
+        for k in ("xml", "domain_xml", "cookie"):
+            if isinstance(header.get(k), str):
+                header[k] = redact_xml(header[k])
+    for sub in ph.get("substitutions") or []:
+        for k in ("original", "replacement"):
+            if isinstance(sub.get(k), dict | list):
+                sub[k] = _redact_obj(sub[k])
+    opts = ph.get("options")
+    if isinstance(opts, dict) and isinstance(opts.get("xml"), str):
+        opts["xml"] = redact_xml(opts["xml"])
 
 
 def redact_trace(trace: dict[str, Any]) -> dict[str, Any]:
@@ -148,17 +168,5 @@ def redact_trace(trace: dict[str, Any]) -> dict[str, Any]:
     if isinstance(dom.get("argv"), list):
         dom["argv"] = redact_argv(dom["argv"])
     for ph in tr.get("phases") or []:
-        ph["messages"] = [redact_message(m) for m in ph.get("messages") or []]
-        header = (ph.get("image") or {}).get("header")
-        if isinstance(header, dict):
-            for k in ("xml", "domain_xml", "cookie"):
-                if isinstance(header.get(k), str):
-                    header[k] = redact_xml(header[k])
-        for sub in ph.get("substitutions") or []:
-            for k in ("original", "replacement"):
-                if isinstance(sub.get(k), dict | list):
-                    sub[k] = _redact_obj(sub[k])
-        opts = ph.get("options")
-        if isinstance(opts, dict) and isinstance(opts.get("xml"), str):
-            opts["xml"] = redact_xml(opts["xml"])
+        _redact_phase(ph)
     return tr
