@@ -34,6 +34,7 @@ import pytest
 
 from virtsave.harness import guest
 from virtsave.image import saveimage
+from virtsave.libvirtd import domainlog
 from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu.qmp import QMPSession
 from virtsave.trace import model as tr
@@ -350,7 +351,7 @@ def test_disk_full_direct_save(cli, conn, make_guest, full_fs, workdir, our_qemu
     command line into a full filesystem → exit 2, the QEMU's guest is running again (query-status)
     and keeps counting, no image with the complete magic."""
     name = make_guest(memory_mib=256, fill_mib=128)
-    argv = qemu_launch.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+    argv = domainlog.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
     conn.lookupByName(name).destroy()  # only our own QEMU from now on
     serial = workdir / "serial.log"
     plan = qemu_launch.plan_launch(argv, paused=False, serial_log=serial)

@@ -20,7 +20,7 @@ from conftest import needs_mapped_ram
 
 from virtsave.harness import guest
 from virtsave.image import saveimage
-from virtsave.libvirtd import logparse
+from virtsave.libvirtd import domainlog, logparse
 from virtsave.qemu import launch as qemu_launch
 from virtsave.trace import model as trace
 
@@ -138,7 +138,7 @@ def test_replay_sparse_parallel2(cli, conn, make_guest, workdir):
 def test_direct_restore_of_libvirt_managed_save(cli, conn, make_guest, _kill_our_qemus):
     name = make_guest(256, 32)
     guest.wait_tick(name, 3)
-    argv = qemu_launch.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+    argv = domainlog.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
     dom = conn.lookupByName(name)
     dom.managedSave(0)
     image = f"/var/lib/libvirt/qemu/save/{name}.save"
@@ -216,7 +216,7 @@ def test_exec_trace_refused_nothing_started(cli, workdir):
 
 def test_debian12_trace_replays_on_this_qemu(cli, workdir):
     """libvirt 9.0 + QEMU 7.2's managed save/start (machine pc-i440fx-7.2) replayed on QEMU 10."""
-    argv = qemu_launch.argv_from_domain_log(FIX / "qemu-domain-logs" / "fxa.log", 0)
+    argv = domainlog.argv_from_domain_log(FIX / "qemu-domain-logs" / "fxa.log", 0)
     tr = trace.new_trace("libvirt", host={"libvirt": "9.0.0", "qemu": "7.2.0"},
                          domain={"name": "fxa", "uuid": None, "xml": None, "argv": argv})
     for log, name in (("managedsave-running.log", "save"), ("managedsave-restore.log", "restore")):
@@ -236,7 +236,7 @@ def test_direct_restore_of_libvirt_zstd_save(cli, conn, make_guest, workdir, _ki
     """A compressed libvirt image goes through the decompressor into QEMU, as libvirt does it."""
     name = make_guest(256, 32)
     guest.wait_tick(name, 3)
-    argv = qemu_launch.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+    argv = domainlog.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
     img = workdir / "z.save"
     subprocess.run(["virsh", "-c", "qemu:///system", "save", name, str(img), "--image-format", "zstd"],
                    check=True, capture_output=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from virtsave.core.errors import LaunchError, UnsafeTraceError
+from virtsave.libvirtd import domainlog
 from virtsave.qemu import launch as ql
 from virtsave.qemu import replay
 from virtsave.trace import model as trace
@@ -25,7 +26,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 @pytest.fixture
 def fxa_argv() -> list[str]:
-    return ql.argv_from_domain_log(FXA, 0)
+    return domainlog.argv_from_domain_log(FXA, 0)
 
 
 @pytest.fixture
@@ -98,6 +99,35 @@ def test_unknown_fds_are_refused(plans, fxa_argv, extra, what, tmp_path, monkeyp
     with pytest.raises(LaunchError, match=what):
         _plan(plans, fxa_argv + extra)
     assert list(tmp_path.iterdir()) == []  # the run dir (with its key) is gone again
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+def test_plan_is_the_pure_rewrite_plus_files(plans, fxa_argv, tmp_path):
+    """plan_launch = rewrite_argv (pure: creates nothing) + run dir, key file and existence checks."""
+    p = _plan(plans, fxa_argv, incoming="defer")
+    target = ql.Target(p.run_dir, serial_log=None, paused=True)
+    res = ql.rewrite_argv(fxa_argv, target, binary=p.argv[0], incoming="defer")
+    assert res.argv == p.argv and res.rewrites == p.rewrites and res.serial_log == p.serial_log
+    assert res.applied == ["freeze", "master-key", "monitor", "no-acpi", "libvirt-fdset", "serial-output"]
+    nowhere = tmp_path / "never-made"
+    ql.rewrite_argv(fxa_argv, ql.Target(nowhere), incoming="defer")
+    assert not nowhere.exists()
+
+
+def test_libvirt_serial_shapes_go_to_the_serial_log(tmp_path):
+    """The serial port's chardev, as each libvirt writes it (9.0 file on an fdset, 11.x pty logged to an
+    fdset, a pipe), becomes the serial log; another logged chardev gets its own file."""
+    dev = ["-device", '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}']
+    for chardev in (["-add-fd", "set=0,fd=30,opaque=serial0-source", "-chardev",
+                     "file,id=charserial0,path=/dev/fdset/0,append=on"],
+                    ["-add-fd", "set=1,fd=38,opaque=serial0-log", "-chardev",
+                     "pty,id=charserial0,logfile=/dev/fdset/1,logappend=on"],
+                    ["-chardev", "pipe,id=charserial0,path=/var/lib/libvirt/qemu/g.pipe"]):
+        res = ql.rewrite_argv(["qemu-system-x86_64", *chardev, *dev, "-add-fd", "set=4,fd=41",
+                               "-chardev", "pty,id=charconsole1,logfile=/dev/fdset/4"], ql.Target(tmp_path))
+        assert _opt(res.argv, "-chardev")[:2] == [f"file,id=charserial0,path={tmp_path}/serial.log,append=on",
+                                                  f"file,id=charconsole1,path={tmp_path}/charconsole1.log,append=on"]
+        assert res.serial_log == tmp_path / "serial.log" and "-add-fd" not in res.argv
 
 
 def test_missing_binary_and_guest_files(plans, fxa_argv):

@@ -11,7 +11,9 @@ import pytest
 from virtsave.core import errors
 from virtsave.libvirtd import domainlog as qemulog
 from virtsave.libvirtd import logparse
+from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu import safety
+from virtsave.trace import argv as qargv
 from virtsave.trace import model as trace
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -79,6 +81,9 @@ ARGV_CASES = [
     (["-drive", "file=/etc/passwd,format=raw,if=virtio"], "-drive file=/etc/passwd", "outside the expected places"),
     (["-fsdev", "local,id=f,path=/,security_model=none"], "-fsdev local", "shares a host directory"),
     (["-audiodev", '{"id":"a2","driver":"wav","path":"/etc/profile.d/x.sh"}'], "-audiodev", "outside the expected"),
+    (["-object", "qom-type=secret,id=s3,file=/etc/shadow"], "-object qom-type=secret", "reads host file /etc/shadow"),
+    (["/var/tmp/disk.img"], "/var/tmp/disk.img", "positional argument"),
+    (["-some-future-flag", "-s"], "-some-future-flag -s", "value -s is an option"),
 ]
 
 
@@ -193,3 +198,102 @@ def test_libvirt_11_serial_log_and_incoming_fdsets(base):
     # a chardev log written to a host path is refused
     t2 = with_argv(base, "-chardev", "pty,id=c2,logfile=/etc/cron.d/x,logappend=on")
     assert any("logfile writes host file /etc/cron.d/x" in f.reason for f in safety.check_trace(t2))
+
+
+# ------------------------------------------------------------------ the launcher's rules, one by one
+
+MINI = ["/usr/bin/qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none"]
+SERIAL_DEV = ["-device", '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}']
+MON = ["-mon", "chardev=charmonitor,id=monitor,mode=control"]
+#: rule → ([(words the rule rewrites, the option it rewrites, QMP fdsets)], near miss or None).
+#: A near miss is the closest item no rule rewrites; None only where a rule takes every use of a
+#: flag or option (nothing near it is left as traced) or only loosens the launcher's own sandbox.
+RULE_CASES: dict[str, tuple[list[tuple[list[str], str, set[str]]], list[str] | None]] = {
+    "monitor": ([(["-chardev", "socket,id=charmonitor,fd=29,server=on,wait=off", *MON], "-chardev", set())],
+                ["-chardev", "socket,id=charmonitor,fd=29,server=on,wait=off"]),          # no -mon names it
+    "master-key": ([(["-object", '{"qom-type":"secret","id":"masterKey0","format":"raw",'
+                                 '"file":"/var/lib/libvirt/qemu/domain-3-g/master-key.aes"}'], "-object", set()),
+                    (["-object", "secret,id=masterKey0,format=raw,"
+                                 "file=/var/lib/libvirt/qemu/domain-3-g/master-key.aes"], "-object", set())],
+                   ["-object", '{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/root/.ssh/id_rsa"}']),
+    "serial-output": ([(["-chardev", "pipe,id=charserial0,path=/var/lib/libvirt/qemu/g.pipe", *SERIAL_DEV],
+                        "-chardev", set()),
+                       (["-add-fd", "set=1,fd=38,opaque=serial0-log",
+                         "-chardev", "pty,id=charserial0,logfile=/dev/fdset/1,logappend=on", *SERIAL_DEV],
+                        "-chardev", set()),
+                       (["-add-fd", "set=0,fd=30,opaque=serial0-source",
+                         "-chardev", "file,id=charserial0,path=/dev/fdset/0,append=on", *SERIAL_DEV],
+                        "-chardev", set())],
+                      ["-chardev", "pipe,id=charserial0,path=/var/lib/libvirt/qemu/g.pipe"]),   # feeds no serial
+    "chardev-log": ([(["-add-fd", "set=3,fd=40,opaque=console1-log",
+                       "-chardev", "pty,id=charconsole1,logfile=/dev/fdset/3,logappend=on"], "-chardev", set())],
+                    ["-chardev", "pty,id=charconsole1,logfile=/var/log/libvirt/c.log,logappend=on"]),
+    "libvirt-fdset": ([(["-add-fd", "set=0,fd=30,opaque=serial0-source",
+                         "-chardev", "file,id=charserial0,path=/dev/fdset/0,append=on", *SERIAL_DEV],
+                        "-add-fd", set()),
+                       (["-add-fd", "set=0,fd=29,opaque=libvirt-incoming-migrate-buffered-fd"], "-add-fd", {"0"})],
+                      ["-add-fd", "set=7,fd=40",
+                       "-blockdev", '{"driver":"file","filename":"/dev/fdset/7","node-name":"x"}']),
+    "incoming": ([(["-incoming", "defer"], "-incoming", set()),
+                  (["-incoming", "file:/dev/fdset/0,offset=0x10650"], "-incoming", set())],
+                 ["-incoming", "tcp:0.0.0.0:4444"]),
+    "pidfile": ([(["-pidfile", "/run/libvirt/qemu/g.pid"], "-pidfile", set()),
+                 (["-pidfile", "/etc/passwd"], "-pidfile", set())], None),
+    "daemonize": ([(["-daemonize"], "-daemonize", set())], None),
+    "freeze": ([(["-S"], "-S", set())], None),
+    "no-acpi": ([(["-no-acpi"], "-no-acpi", set())], None),
+    "sandbox-spawn": ([(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"],
+                        "-sandbox", set())], None),
+}
+_TARGET = qemu_launch.Target(Path("/run/virtsave/rule-walk"), paused=False, allow_spawn=True)
+
+
+#: Rules without a near miss: they take every use of their option (flags; -pidfile whatever its path) …
+TAKES_EVERY_USE = {"pidfile", "daemonize", "freeze", "no-acpi"}
+#: … or only loosen the launcher's own sandbox when virtsave needs an exec: helper (never unsafe as traced).
+LOOSENS_ONLY = {"sandbox-spawn"}
+
+
+def test_every_rule_has_a_case():
+    assert set(RULE_CASES) == {r.name for r in qemu_launch.RULES}
+    assert {n for n, (_, near) in RULE_CASES.items() if near is None} == TAKES_EVERY_USE | LOOSENS_ONLY
+    ctx = qemu_launch.context(MINI)
+    for rule in qemu_launch.RULES:
+        if rule.name in TAKES_EVERY_USE:
+            flag = rule.option in qargv.FLAG_OPTIONS
+            odd = qargv.Option(rule.option, None if flag else "../odd,value", 9)
+            assert rule.whole and qemu_launch.rule_for(odd, ctx) is rule, rule.name
+        elif rule.name in LOOSENS_ONLY:
+            assert not rule.whole
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_rule_rewrites_what_safety_accepts(name):
+    """Walks the launcher's rule table: what a rule rewrites is no finding, and the pure rewrite
+    really replaces it; the near miss is refused by the safety check and rewritten by no rule."""
+    rule = next(r for r in qemu_launch.RULES if r.name == name)
+    examples, near = RULE_CASES[name]
+    for words, option, qmp in examples:
+        argv = MINI + words
+        assert safety.check_argv(argv, qmp) == [], (name, words)
+        ctx = qemu_launch.context(argv, qmp)
+        (target,) = [o for o in ctx.cmdline.find(option)]
+        assert qemu_launch.rule_for(target, ctx) is rule
+        res = qemu_launch.rewrite_argv(argv, _TARGET, qmp_fdsets=qmp)
+        assert rule.name in res.applied
+        if rule.whole:
+            assert target.words()[-1] not in res.argv, (name, res.argv)
+        else:
+            assert res.argv != qemu_launch.rewrite_argv(argv, qemu_launch.Target(_TARGET.run_dir, paused=False),
+                                                        qmp_fdsets=qmp).argv
+    if near is None:
+        return
+    argv = MINI + near
+    found = safety.check_argv(argv, set())
+    at = len(MINI)   # the near miss's first option
+    assert any(f.where == f"argv[{at}]" for f in found), (name, found)
+    try:
+        res = qemu_launch.rewrite_argv(argv, _TARGET, qmp_fdsets=set())
+    except errors.LaunchError:
+        return      # refused by the launcher too: not rewritten
+    assert rule.name not in res.applied and near[1] in res.argv

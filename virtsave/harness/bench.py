@@ -36,7 +36,7 @@ from typing import Any
 from virtsave.harness import guest
 from virtsave.harness.benchreport import Figure, Samples, dd_write_rate, render_table, write_results
 from virtsave.image import saveimage
-from virtsave.libvirtd import capture, host, logparse
+from virtsave.libvirtd import capture, domainlog, host, logparse
 from virtsave.libvirtd import reference as libvirt_path
 from virtsave.qemu import direct
 from virtsave.qemu import launch as qemu_launch
@@ -139,7 +139,7 @@ def run(cfg: Config) -> Result:
         guest.create(conn, name, memory_mib=cfg.ram_mib, fill_mib=cfg.fill_mib)
         _wait_filled(guest.serial_log(name))
         xml = conn.lookupByName(name).XMLDesc(0)
-        argv = qemu_launch.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+        argv = domainlog.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
         sparse_img = str(work / "libvirt-sparse.img")
         for r in range(cfg.repeats):
             log(f"[{r + 1}/{cfg.repeats}] libvirt managedsave / start")

@@ -44,7 +44,6 @@ import datetime as _dt
 import os
 import re
 import secrets
-import shlex
 import shutil
 import socket
 from collections.abc import Callable
@@ -56,8 +55,9 @@ import libvirt
 from virtsave.core import paths as config
 from virtsave.core.errors import DomainStateError, ImageError, LogError, UnsupportedError, VirtsaveError
 from virtsave.image import saveimage
-from virtsave.libvirtd import logcapture
+from virtsave.libvirtd import domainlog, logcapture
 from virtsave.libvirtd import reference as lp
+from virtsave.trace import argv as qargv
 from virtsave.trace import model as tr
 
 OPS = ("cycle", "managed-save", "save", "restore")
@@ -65,7 +65,6 @@ QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 # libvirt writes log timestamps with millisecond resolution: widen the per-phase window by
 # this much on both sides so the first and last lines are not cut off by rounding.
 _SLACK = _dt.timedelta(milliseconds=2)
-_ENV_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -87,20 +86,15 @@ def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
     ``domxml-to-native qemu-argv`` of *xml* (an approximation: no fds, no runtime paths)."""
     path = Path(domain_log) if domain_log else QEMU_LOG_DIR / f"{name}.log"
     if path.is_file():
-        with contextlib.suppress(ImportError, VirtsaveError, OSError):
-            from virtsave.libvirtd import domainlog as qemulog
-
-            starts = qemulog.parse_domain_log(path)
-            if starts and getattr(starts[-1], "argv", None):
+        with contextlib.suppress(VirtsaveError):
+            starts = domainlog.parse_domain_log(path)
+            if starts and starts[-1].argv:
                 return list(starts[-1].argv)
     if domain_log:
         return []  # the caller named a log; do not silently describe another machine
     if xml and conn is not None:
-        with contextlib.suppress(libvirt.libvirtError, ValueError):
-            words = shlex.split(conn.domainXMLToNative("qemu-argv", xml, 0))
-            while words and _ENV_WORD.match(words[0]):  # leading VAR=value environment words
-                words.pop(0)
-            return words
+        with contextlib.suppress(libvirt.libvirtError):
+            return qargv.parse_shell(conn.domainXMLToNative("qemu-argv", xml, 0)).argv()
     return []
 
 
@@ -394,9 +388,7 @@ def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monito
     if domain and not trace["domain"].get("name"):
         trace["domain"]["name"] = domain
     if domain_log:
-        from virtsave.libvirtd import domainlog as qemulog
-
-        starts = qemulog.parse_domain_log(domain_log)
+        starts = domainlog.parse_domain_log(domain_log)
         if starts:
             last = starts[-1]
             trace["domain"]["argv"] = list(last.argv)

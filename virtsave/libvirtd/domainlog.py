@@ -15,14 +15,17 @@ qemu version: 7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3, kernel: 6.18.44-fc-v669, ho
     2026-11-25 18:58:12.965+0000: shutting down, reason=saved
 
 The command line is shell-quoted by libvirt, one option per line ending in `` \\``; the first line
-without the trailing backslash ends it. It is split with :mod:`shlex`; the leading ``NAME=value``
-words are the environment, the next word is the binary (``argv[0]``).
+without the trailing backslash ends it. It is read with the command-line model
+(:mod:`virtsave.trace.argv`): the leading ``NAME=value`` words are the environment, the next word is
+the binary (``argv[0]``).
 
 Example::
 
     >>> starts = parse_domain_log("tests/fixtures/qemu-domain-logs/fxa.log")
     >>> starts[0].libvirt_version, starts[0].qemu_version, starts[0].argv[0]
     ('9.0.0', '7.2.22', '/usr/bin/qemu-system-x86_64')
+    >>> argv_from_domain_log("tests/fixtures/qemu-domain-logs/fxa.log")[1:3]
+    ['-name', 'guest=fxa,debug-threads=on']
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from __future__ import annotations
 import calendar
 import os
 import re
-import shlex
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from virtsave.core.errors import LogError
+from virtsave.trace import argv as qargv
+
+__all__ = ["QemuStart", "argv_from_domain_log", "parse_domain_log", "start_at"]
 
 _START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): starting up (.*)$")
 _END = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): shutting down(?:, reason=(\S+))?")
@@ -42,7 +48,6 @@ _LIBVIRT = re.compile(r"libvirt version: ([0-9][0-9.]*[0-9])(?:, package: ([^,]*
 _QEMU = re.compile(r"qemu version: ([0-9]+(?:\.[0-9]+)*)([^,]*)")
 _KERNEL = re.compile(r"kernel: ([^,]+)")
 _HOST = re.compile(r"hostname: (\S+)")
-_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 @dataclass
@@ -76,22 +81,60 @@ def _epoch(stamp: str, off: str) -> float:
     return calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offs + ms / 1000.0
 
 
-def _split(words_text: str) -> tuple[list[str], bool]:
-    try:
-        return shlex.split(words_text), True
-    except ValueError:            # unbalanced quote (cut log): best effort
-        return words_text.split(), False
-
-
 def _finish(start: QemuStart, lines: list[str], complete: bool) -> None:
-    words, ok = _split(" ".join(lines))
+    words, ok = qargv.shell_words(" ".join(lines))   # not ok: unbalanced quote (cut log), best effort
     start.complete = complete and ok
-    i = 0
-    while i < len(words) and _ENV.match(words[i]):
-        k, _, v = words[i].partition("=")
-        start.env[k] = v
-        i += 1
-    start.argv = words[i:]
+    cl = qargv.parse(words)
+    start.env = dict(cl.env)
+    start.argv = cl.argv()
+
+
+def _new_start(m: re.Match[str]) -> QemuStart:
+    """The start a "starting up" line (matched by ``_START``) announces, with its versions."""
+    head = m.group(3)
+    st = QemuStart(time=_epoch(m.group(1), m.group(2)), time_iso=m.group(1).replace(" ", "T") + m.group(2))
+    lv, qv, kv, hv = _LIBVIRT.search(head), _QEMU.search(head), _KERNEL.search(head), _HOST.search(head)
+    if lv:
+        st.libvirt_version, st.libvirt_package = lv.group(1), (lv.group(2) or "").strip() or None
+    if qv:
+        st.qemu_version, st.qemu_package = qv.group(1), qv.group(2).strip() or None
+    st.kernel = kv.group(1).strip() if kv else None
+    st.hostname = hv.group(1) if hv else None
+    return st
+
+
+def _after_command_line(st: QemuStart, line: str) -> None:
+    """A line after the command line: the shutdown, or one of QEMU's messages (the first 1000 kept)."""
+    e = _END.match(line)
+    if e:
+        st.shutdown_time = _epoch(e.group(1), e.group(2))
+        st.shutdown_reason = e.group(3)
+    elif line and len(st.messages) < 1000:
+        st.messages.append(line)
+
+
+def _read_starts(lines: Iterable[str]) -> list[QemuStart]:
+    starts: list[QemuStart] = []
+    cur: QemuStart | None = None
+    cmd: list[str] | None = None      # command-line lines of cur while still inside the block
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        m = _START.match(line)
+        if m:
+            if cur is not None and cmd is not None:
+                _finish(cur, cmd, complete=False)
+            cur, cmd = _new_start(m), []
+            starts.append(cur)
+        elif cur is not None and cmd is not None:
+            cmd.append(line[:-1].rstrip() if line.endswith("\\") else line)
+            if not line.endswith("\\"):
+                _finish(cur, cmd, complete=True)
+                cmd = None
+        elif cur is not None:
+            _after_command_line(cur, line)
+    if cur is not None and cmd is not None:
+        _finish(cur, cmd, complete=False)
+    return starts
 
 
 def parse_domain_log(path: str | os.PathLike[str]) -> list[QemuStart]:
@@ -101,55 +144,11 @@ def parse_domain_log(path: str | os.PathLike[str]) -> list[QemuStart]:
     the file or by the next "starting up" line gets ``complete=False``. Raises :class:`LogError` when
     the file cannot be read.
     """
-    starts: list[QemuStart] = []
-    cur: QemuStart | None = None
-    cmd: list[str] | None = None      # command-line lines of cur while still inside the block
     try:
-        f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by the with below
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return _read_starts(f)
     except OSError as exc:
         raise LogError(f"cannot read domain log {os.fspath(path)}: {exc.strerror or exc}") from None
-    with f:
-        try:
-            for raw in f:
-                line = raw.rstrip("\r\n")
-                m = _START.match(line)
-                if m:
-                    if cur is not None and cmd is not None:
-                        _finish(cur, cmd, complete=False)
-                    t = _epoch(m.group(1), m.group(2))
-                    head = m.group(3)
-                    cur = QemuStart(time=t, time_iso=m.group(1).replace(" ", "T") + m.group(2))
-                    lv, qv, kv, hv = _LIBVIRT.search(head), _QEMU.search(head), _KERNEL.search(head), _HOST.search(head)
-                    if lv:
-                        cur.libvirt_version, cur.libvirt_package = lv.group(1), (lv.group(2) or "").strip() or None
-                    if qv:
-                        cur.qemu_version, cur.qemu_package = qv.group(1), qv.group(2).strip() or None
-                    cur.kernel = kv.group(1).strip() if kv else None
-                    cur.hostname = hv.group(1) if hv else None
-                    starts.append(cur)
-                    cmd = []
-                    continue
-                if cur is None:
-                    continue
-                if cmd is not None:
-                    if line.endswith("\\"):
-                        cmd.append(line[:-1].rstrip())
-                        continue
-                    cmd.append(line)
-                    _finish(cur, cmd, complete=True)
-                    cmd = None
-                    continue
-                e = _END.match(line)
-                if e:
-                    cur.shutdown_time = _epoch(e.group(1), e.group(2))
-                    cur.shutdown_reason = e.group(3)
-                elif line and len(cur.messages) < 1000:
-                    cur.messages.append(line)
-        except OSError as exc:
-            raise LogError(f"cannot read domain log {os.fspath(path)}: {exc.strerror or exc}") from None
-    if cur is not None and cmd is not None:
-        _finish(cur, cmd, complete=False)
-    return starts
 
 
 def start_at(starts: list[QemuStart], when: float) -> QemuStart | None:
@@ -159,3 +158,12 @@ def start_at(starts: list[QemuStart], when: float) -> QemuStart | None:
         if s.time <= when:
             best = s
     return best
+
+
+def argv_from_domain_log(path: str | os.PathLike[str], index: int = -1) -> list[str]:
+    """The QEMU argv of the *index*-th start recorded in the domain log at *path* (the last by
+    default); :class:`LogError` when the log records none."""
+    starts = parse_domain_log(path)
+    if not starts:
+        raise LogError(f"{os.fspath(path)}: no QEMU start recorded")
+    return list(starts[index].argv)

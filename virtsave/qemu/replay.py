@@ -57,7 +57,7 @@ from virtsave.core.errors import (
     VirtsaveError,
 )
 from virtsave.image import saveimage
-from virtsave.qemu import direct
+from virtsave.qemu import direct, safety
 from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu.qmp import QMPSession
 from virtsave.trace import model as _trace
@@ -79,52 +79,13 @@ def is_probe(execute: str) -> bool:
 
 
 # -- safety ------------------------------------------------------------------------------------
-def _builtin_findings(trace: _trace.Trace) -> list[tuple[str, str, str]]:
-    """Minimal check used only while :mod:`virtsave.qemu.safety` is absent."""
-    found = []
-    for p in trace.get("phases", []):
-        for i, m in enumerate(p.get("messages", [])):
-            if m.get("kind") != "command":
-                continue
-            if m.get("execute") == "human-monitor-command":
-                found.append(("human-monitor-command", f"{p['name']}[{i}]", "HMP passthrough"))
-            for v in _strings(m.get("arguments")):
-                if v.startswith("exec:"):
-                    found.append((v[:60], f"{p['name']}[{i}]", "exec: URI runs a host command"))
-    for i, a in enumerate(trace.get("domain", {}).get("argv", [])):
-        if "exec:" in a or "script=" in a:
-            found.append((a[:60], f"argv[{i}]", "command line runs a host command"))
-    return found
-
-
-def _strings(v: Any) -> list[str]:
-    if isinstance(v, str):
-        return [v]
-    if isinstance(v, dict):
-        return [s for x in v.values() for s in _strings(x)]
-    if isinstance(v, list):
-        return [s for x in v for s in _strings(x)]
-    return []
-
-
 def check_safety(trace: _trace.Trace, allow_unsafe: bool = False) -> list[str]:
-    """Run the safety checks; raise :class:`UnsafeTraceError` naming each finding unless allowed."""
-    try:
-        from virtsave.qemu import safety  # type: ignore[attr-defined]
-    except ImportError:
-        items = [f"{item} at {where}: {why}" for item, where, why in _builtin_findings(trace)]
-    else:
-        items = []
-        for f in safety.check_trace(trace):
-            get = (lambda k, f=f: f.get(k)) if isinstance(f, dict) else (lambda k, f=f: getattr(f, k, None))
-            items.append(f"{get('item')} at {get('where')}: {get('reason')}")
-    argv = (trace.get("domain") or {}).get("argv") or []
-    if argv and not qemu_launch.is_qemu_binary(str(argv[0])):
-        items.append(f"{argv[0]} at argv[0]: not a QEMU system emulator (qemu-system-*), would be executed")
-    if items and not allow_unsafe:
-        raise UnsafeTraceError(f"unsafe trace ({len(items)} finding{'s' * (len(items) > 1)}): "
-                               + "; ".join(items) + " — refusing (use --allow-unsafe to override)")
-    return items
+    """Run the safety checks (:mod:`virtsave.qemu.safety`); raise :class:`UnsafeTraceError` naming each
+    finding unless allowed; the findings as text."""
+    found = safety.check_trace(trace)
+    if found and not allow_unsafe:
+        raise UnsafeTraceError(safety.refusal_message(found))
+    return [f"{f.item} at {f.where}: {f.reason}" for f in found]
 
 
 # -- replay context ------------------------------------------------------------------------------

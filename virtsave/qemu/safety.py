@@ -14,16 +14,17 @@ Refused (each a finding):
   (:data:`HOST_COMMANDS`: ``dump-guest-memory``, ``screendump``, ``pmemsave``, ``chardev-add``,
   ``netdev_add``, ``nbd-server-start``, ``drive-backup``, …); ``object-add``/``blockdev-add``/``device_add``
   whose file names fail the path rules;
-* argv chardevs other than the *rewritable* ones: ``file``/``pipe``/``serial``/``tty``/``parallel``/
-  ``udp`` backends, sockets other than libvirt's monitor and channel sockets under
-  ``/var/lib/libvirt/qemu/``; ``-serial``/``-parallel`` to files, pipes, sockets or host devices;
-  ``-monitor``, ``-qmp``, ``-qmp-pretty``, a second ``-mon``, ``-gdb``/``-s``, ``-qtest``;
-* file descriptors: any ``fd=``/``fds=``/``vhostfd=``/``vhostfds=`` except the monitor chardev; any
-  ``-add-fd`` set used by anything but a file chardev (libvirt's serial log) or the incoming migration;
-  ``/dev/fdset/N`` of an undeclared or foreign set;
-* ``-object secret`` with ``file=`` other than libvirt's master key
-  (``/var/lib/libvirt/qemu/domain-*/master-key.aes``), ``filter-dump``, ``input-linux``, other
-  ``rng-random`` files, ``memory-backend-file`` outside hugepage/shm places;
+* a binary that is not a QEMU system emulator (``argv[0]``); a positional word (QEMU opens it as a disk
+  image); a value that is itself an option name (the option before it would be a flag the command-line
+  model does not know, so the rest would be misread);
+* argv chardevs the launcher does not replace: ``file`` (on a host path), ``pipe``, ``serial``,
+  ``tty``, ``parallel``, ``udp`` backends, a ``logfile=`` on a host path, sockets other than channel
+  sockets under ``/var/lib/libvirt/qemu/``; ``-serial``/``-parallel`` to files, pipes, sockets or host
+  devices; ``-monitor``, ``-qmp``, ``-qmp-pretty``, a second ``-mon``, ``-gdb``/``-s``, ``-qtest``;
+* file descriptors: any ``fd=``/``fds=``/``vhostfd=``/``vhostfds=``, any ``-add-fd`` and any
+  ``/dev/fdset/N`` in an option the launcher does not replace; an ``-add-fd`` nothing uses;
+* ``-object secret`` with ``file=`` other than libvirt's master key, ``filter-dump``, ``input-linux``,
+  other ``rng-random`` files, ``memory-backend-file`` outside hugepage/shm places;
 * ``script=``/``downscript=`` (not ``no``), ``helper=``, ``guestfwd``/``hostfwd``/``smb``, socket
   netdevs; ``-plugin``, ``-loadvm``, ``-fsdev``/``-virtfs``, ``-D``, ``-trace file=``, ``-readconfig``/
   ``-writeconfig``; ``romfile=`` outside ``/usr/share/``;
@@ -32,12 +33,12 @@ Refused (each a finding):
   ``image.path``; guest files outside :data:`EXPECTED_PREFIXES`; image paths under
   :data:`DENY_PREFIXES` (``/etc``, ``/dev``, ``/proc`` …).
 
-Rewritable (not findings), exactly what :mod:`virtsave.qemu.launch` replaces: the monitor chardev
-``-chardev socket,id=charmonitor,fd=N`` (the chardev a ``-mon …,mode=control`` names), libvirt's
-``-add-fd set=S,fd=F,opaque=…`` whose set only feeds ``pty``/``file``/``vc``/``stdio`` chardevs (the
-serial log: ``-chardev file,…,path=/dev/fdset/S`` on 9.0, ``-chardev pty,…,logfile=/dev/fdset/S`` on
-11.x — the launcher replaces those chardevs whole) or the incoming migration ``file:/dev/fdset/S``
-(``-incoming`` or ``migrate-incoming``), and the master-key secret file.
+Not findings: what the launcher rewrites whole, taken from its own rule table
+(:data:`virtsave.qemu.launch.RULES` through :func:`~virtsave.qemu.launch.rule_for`), so the two cannot
+drift — libvirt's monitor chardev on ``fd=N``, its master-key secret, the serial/console chardevs
+(``pty``/``vc``/``stdio``/``pipe``, ``file`` on libvirt's fdset) and chardevs logged through libvirt's
+fdsets, ``-add-fd`` sets only those (or the restore's ``migrate-incoming``) use, libvirt's
+``-incoming``, ``-pidfile``, ``-daemonize``. Nothing of those reaches the QEMU a replay starts.
 
 Example::
 
@@ -47,17 +48,24 @@ Example::
     ['-incoming exec:cat x']
 """
 
+
 from __future__ import annotations
 
 import fnmatch
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from virtsave.core.errors import UnsafeTraceError
+from virtsave.qemu import launch as qemu_launch
+from virtsave.trace import argv as qargv
+from virtsave.trace.argv import Option, OptionValue
+
+__all__ = ["DENY_PREFIXES", "EXPECTED_PREFIXES", "HOST_COMMANDS", "Finding", "check_argv", "check_command",
+           "check_trace", "path_problem", "refusal_message", "require_safe"]
 
 #: Where guest files (images, kernels, firmware, disks) are expected. Anything else is a finding.
 EXPECTED_PREFIXES: tuple[str, ...] = (
@@ -69,7 +77,6 @@ DENY_PREFIXES: tuple[str, ...] = (
     "/etc/", "/proc/", "/sys/", "/dev/", "/boot/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/usr/bin/",
     "/usr/sbin/", "/usr/lib/", "/run/", "/var/run/", "/var/log/", "/root/.",
 )
-MASTER_KEY_GLOBS = ("/var/lib/libvirt/qemu/domain-*/master-key.aes", "/run/libvirt/qemu/*/master-key.aes")
 #: QMP commands that read/write host files, open sockets or export guest data.
 HOST_COMMANDS = frozenset({
     "human-monitor-command", "dump-guest-memory", "screendump", "pmemsave", "memsave", "drive-backup",
@@ -78,20 +85,9 @@ HOST_COMMANDS = frozenset({
     "xen-load-devices-state", "snapshot-save", "snapshot-load", "migrate-recover", "dump-skeys",
     "x-blockdev-change", "blockdev-reopen", "block-commit", "block-stream",
 })
-FLAG_OPTIONS = frozenset({
-    "-S", "-no-user-config", "-nodefaults", "-no-shutdown", "-no-reboot", "-no-acpi", "-no-hpet",
-    "-enable-kvm", "-nographic", "-daemonize", "-snapshot", "-full-screen", "-enable-fips", "-s",
-    "-no-fd-bootchk", "-no-quit", "-win2k-hack", "-old-param", "-only-migratable", "-preconfig", "-qmp-pretty",
-})
 _SAFE_CHARDEVS = frozenset({"pty", "null", "vc", "stdio", "spicevmc", "spiceport", "qemu-vdagent", "ringbuf",
                             "memory", "dbus", "msmouse", "braille", "wctablet", "testdev"})
-#: Chardev backends the launcher replaces whole by a file it owns (their ``logfile=``/fdset uses go too).
-_REWRITTEN_CHARDEVS = frozenset({"pty", "file", "vc", "stdio"})
-_FD_KEYS = frozenset({"fd", "fds", "vhostfd", "vhostfds"})
-_FILE_KEYS = frozenset({"file", "filename", "path", "romfile", "mem-path", "kernel", "initrd", "dtb", "bios",
-                        "firmware", "x-file", "script", "downscript", "helper", "dir", "sock", "socket"})
 _FDSET = re.compile(r"/dev/fdset/(\d+)")
-_FD_IN_URI = re.compile(r"^fd:")
 
 
 @dataclass(frozen=True)
@@ -131,67 +127,6 @@ def _short(s: str, n: int = 120) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _split_keyval(value: str) -> list[str]:
-    parts, cur, i = [], [], 0
-    while i < len(value):
-        if value[i] == "," and value[i + 1:i + 2] == ",":
-            cur.append(",")
-            i += 2
-            continue
-        if value[i] == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(value[i])
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
-def parse_option(value: str | None) -> tuple[str, dict[str, Any]]:
-    """(first bare word or JSON type, key → value) of a QEMU option value (JSON or keyval)."""
-    if value is None:
-        return "", {}
-    s = value.strip()
-    if s.startswith("{"):
-        try:
-            obj = json.loads(s)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            kind = str(obj.get("qom-type") or obj.get("driver") or obj.get("backend") or obj.get("type") or "")
-            return kind, obj
-    parts = _split_keyval(value)
-    d: dict[str, Any] = {}
-    first = ""
-    for n, p in enumerate(parts):
-        k, eq, v = p.partition("=")
-        if eq:
-            d[k] = v
-        elif n == 0:
-            first = p
-        else:
-            d[p] = ""
-    return first, d
-
-
-def pairs(argv: list[str]) -> Iterator[tuple[int, str, str | None]]:
-    """(index, option, value) of a QEMU argv (``argv[0]`` is the binary)."""
-    i = 1
-    while i < len(argv):
-        opt = argv[i]
-        if not opt.startswith("-"):
-            yield i, opt, None
-            i += 1
-            continue
-        if opt in FLAG_OPTIONS or i + 1 >= len(argv):
-            yield i, opt, None
-            i += 1
-            continue
-        yield i, opt, argv[i + 1]
-        i += 2
-
-
 def path_problem(path: str, prefixes: tuple[str, ...] = EXPECTED_PREFIXES, *, deny_only: bool = False) -> str | None:
     """Why *path* is not an acceptable guest file path, or None.
 
@@ -229,25 +164,14 @@ def _walk_strings(v: Any) -> Iterator[str]:
             yield from _walk_strings(x)
 
 
-def _walk_items(v: Any) -> Iterator[tuple[str, Any]]:
-    """(key, value) of every dict entry, recursively."""
-    if isinstance(v, dict):
-        for k, x in v.items():
-            yield k, x
-            yield from _walk_items(x)
-    elif isinstance(v, list):
-        for x in v:
-            yield from _walk_items(x)
-
-
-def _uri_problem(uri: Any, incoming: bool, fdsets_ok: set[str]) -> str | None:
+def _uri_problem(uri: Any, incoming: bool) -> str | None:
     if not isinstance(uri, str):
         return None
     if uri.startswith("exec:"):
         return "exec: migration URI runs a host command"
     if incoming and uri == "defer":
         return None
-    if _FD_IN_URI.match(uri):
+    if uri.startswith("fd:"):
         return None
     m = re.match(r"^file:/dev/fdset/(\d+)(,offset=(0x[0-9a-fA-F]+|\d+))?$", uri)
     if m:
@@ -261,219 +185,286 @@ def _uri_problem(uri: Any, incoming: bool, fdsets_ok: set[str]) -> str | None:
 # ----------------------------------------------------------------------------------------- argv
 
 
-def check_argv(argv: list[str], incoming_fdsets: set[str] | None = None,
+@dataclass
+class _Scan:
+    """What the per-option checks of one command line share."""
+
+    ctx: qemu_launch.ArgvContext
+    prefixes: tuple[str, ...]
+    monitors_seen: int = 0
+
+
+def _fdset_use_problems(o: Option, scan: _Scan) -> list[str]:
+    out = []
+    for s in dict.fromkeys(qargv.fdset_references(o.value or "")):
+        if s not in scan.ctx.fdsets and s not in (scan.ctx.qmp_fdsets or ()):
+            out.append(f"/dev/fdset/{s} is not declared by an -add-fd")
+        else:
+            out.append(f"/dev/fdset/{s} used by {o.name}, which the launcher cannot rewrite")
+    return out
+
+
+def _check_socket_chardev(v: OptionValue) -> list[str]:
+    if qargv.fd_references(v):
+        return ["socket chardev on an inherited fd the launcher cannot rewrite"]
+    if "path" not in v:
+        return ["network socket chardev"]
+    path = str(v.get("path"))
+    if not path.startswith("/var/lib/libvirt/qemu/") or ".." in path:
+        return [f"extra socket {path} outside libvirt's channel directory"]
+    return []
+
+
+def _check_chardev(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    out: list[str] = []
+    kind = v.kind
+    lf = v.get("logfile")
+    if lf is not None:
+        out.append(f"chardev logfile writes host file {lf}" if not scan.ctx.declared_fdset(lf)
+                   else f"chardev logfile on libvirt's fdset, which the launcher cannot rewrite for {kind!r}")
+    if kind == "socket":
+        return out + _check_socket_chardev(v)
+    fds = qargv.fd_references(v)
+    if fds:
+        out.append(f"{fds[0][0]}= passes an inherited fd the launcher cannot rewrite")
+    if kind == "file":
+        p = str(v.get("path", ""))
+        return out if scan.ctx.declared_fdset(p) else [*out, f"file chardev writes host file {p}"]
+    if kind in ("pipe", "serial", "tty", "parallel", "parport", "udp"):
+        return [*out, f"{kind} chardev reaches a host file, device or network"]
+    if kind not in _SAFE_CHARDEVS:
+        return [*out, f"unknown chardev backend {kind!r}"]
+    return out + _fdset_use_problems(o, scan)
+
+
+def _check_char_option(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    val = o.value or ""
+    if val in ("none", "null", "pty", "vc", "stdio", "mon:stdio") or val.startswith(("chardev:", "vc:")):
+        return []
+    return [f"{o.name} to a host file, pipe, socket or device"]
+
+
+def _check_mon(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    scan.monitors_seen += 1
+    if scan.monitors_seen > 1 or v.get("chardev") != scan.ctx.monitor:
+        return ["extra monitor"]
+    return []
+
+
+def _check_add_fd(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    s = str(v.get("set", ""))
+    bad = [u for u in scan.ctx.fdset_users.get(s, ()) if qemu_launch.rule_for(u, scan.ctx) is None]
+    if bad:
+        return [f"fdset {s} is used by {bad[0].name} (argv[{bad[0].index}]), which the launcher cannot rewrite"]
+    return [f"fdset {s} passes an fd nothing rewritable uses"]
+
+
+def _check_object(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    kind = v.kind
+    if kind == "secret":
+        f = v.get("file")
+        return [f"secret object reads host file {f}"] if f else []
+    if kind == "filter-dump":
+        return ["filter-dump writes network traffic to a host file"]
+    if kind == "input-linux":
+        return ["input-linux grabs a host input device"]
+    if kind == "rng-random" and v.get("filename") not in (None, "/dev/urandom", "/dev/random"):
+        return [f"rng-random reads {v.get('filename')}"]
+    if kind == "memory-backend-file":
+        mp = str(v.get("mem-path", ""))
+        if not mp.startswith(("/dev/hugepages", "/dev/shm/", "/var/lib/libvirt/qemu/ram/")) or ".." in mp:
+            return [f"memory backend file {mp} outside hugepage/shm places"]
+    return []
+
+
+_HOST_NETDEVS = ("socket", "stream", "dgram", "vde", "l2tpv3", "vhost-user", "vhost-vdpa", "netmap", "af-xdp")
+
+
+def _check_netdev(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    out = [f"{k}= runs a host program" for k in ("script", "downscript") if k in v and str(v.get(k)) not in ("no", "")]
+    if "helper" in v:
+        out.append("helper= runs a host program")
+    out += [f"{k}= reaches host files, commands or ports" for k in ("guestfwd", "hostfwd", "smb") if k in v]
+    if v.kind in _HOST_NETDEVS:
+        out.append(f"{v.kind} netdev reaches host sockets or devices")
+    return out
+
+
+def _check_incoming(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    why = _uri_problem(o.value, True)
+    return [why] if why else []
+
+
+_REFUSED_OPTIONS = {
+    "-monitor": "opens an extra monitor/debug channel", "-qmp": "opens an extra monitor/debug channel",
+    "-qmp-pretty": "opens an extra monitor/debug channel", "-gdb": "opens an extra monitor/debug channel",
+    "-s": "opens an extra monitor/debug channel", "-qtest": "opens an extra monitor/debug channel",
+    "-plugin": "loads a host shared object into QEMU",
+    "-loadvm": "loads an internal snapshot instead of the traced state",
+    "-fsdev": "shares a host directory with the guest", "-virtfs": "shares a host directory",
+    "-D": "writes a host log file", "-readconfig": "reads a host config file", "-writeconfig": "writes a host file",
+}
+_OPTION_CHECKS: dict[str, Callable[[Option, OptionValue, _Scan], list[str]]] = {
+    "-chardev": _check_chardev, "-serial": _check_char_option, "-parallel": _check_char_option,
+    "-virtioconsole": _check_char_option, "-debugcon": _check_char_option, "-mon": _check_mon,
+    "-add-fd": _check_add_fd, "-object": _check_object, "-netdev": _check_netdev, "-net": _check_netdev,
+    "-nic": _check_netdev, "-incoming": _check_incoming,
+    "-trace": lambda o, v, s: ["writes a host trace file"] if "file" in v else [],
+}
+#: Options whose own check also covers fds and fdsets (libvirt's fd passing lives there).
+_OWN_FD_CHECK = frozenset({"-chardev", "-add-fd"})
+_PATH_OPTIONS = frozenset({"-kernel", "-initrd", "-dtb", "-bios", "-L", "-option-rom", "-pflash", "-hda", "-hdb",
+                           "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-mtdblock", "-sd", "-mem-path"})
+_OPTION_WORD = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*")
+
+
+def _guest_paths(o: Option, v: OptionValue) -> list[str]:
+    if o.name in _PATH_OPTIONS:
+        return [o.value or ""]
+    if o.name in ("-drive", "-blockdev", "-fw_cfg", "-device") and v.props:
+        return [x for k, x in qargv.walk_items(v.props) if k in ("file", "filename", "romfile") and isinstance(x, str)]
+    if o.name == "-audiodev" and isinstance(v.get("path"), str):
+        return [str(v.get("path"))]      # the wav backend writes there
+    return []
+
+
+def _path_problems(o: Option, v: OptionValue, prefixes: tuple[str, ...]) -> list[str]:
+    out = []
+    for p in _guest_paths(o, v):
+        if not p or _FDSET.fullmatch(p):
+            continue
+        if o.name in ("-device", "-option-rom"):
+            if not p.startswith("/usr/share/") or ".." in p.split("/"):
+                out.append(f"romfile {p} outside /usr/share/")
+            continue
+        why = path_problem(p, prefixes)
+        if why:
+            out.append(f"{p}: {why}")
+    return out
+
+
+def _value_problems(o: Option) -> list[str]:
+    out = []
+    if o.value is not None and "exec:" in o.value and o.name not in ("-incoming", "-append"):
+        out.append("exec: runs a host command")
+    if o.value is not None and _OPTION_WORD.fullmatch(o.value) and o.name != "-append":
+        out.append(f"value {o.value} is an option: {o.name} takes no value in QEMU (an unknown flag?), "
+                   "so the rest of the command line would be misread")
+    return out
+
+
+def _generic_problems(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    """Checks every option kept as traced gets: fds, fdsets, guest paths."""
+    out = []
+    if o.name not in _OWN_FD_CHECK:
+        fds = qargv.fd_references(v) if o.value is not None else []
+        if fds:
+            out.append(f"{fds[0][0]}= passes an inherited fd the launcher cannot rewrite")
+        out += _fdset_use_problems(o, scan)
+    return out + _path_problems(o, v, scan.prefixes)
+
+
+def _option_problems(o: Option, scan: _Scan) -> list[str]:
+    if o.positional:
+        return ["positional argument: QEMU opens it as a disk image"]
+    v = o.parsed
+    out = _value_problems(o)
+    if o.name in _REFUSED_OPTIONS:
+        out.append(_REFUSED_OPTIONS[o.name])
+    check = _OPTION_CHECKS.get(o.name)
+    if check is not None:
+        out += check(o, v, scan)
+    return out + _generic_problems(o, v, scan)
+
+
+def check_argv(argv: list[str], incoming_fdsets: Iterable[str] | None = None,
                prefixes: tuple[str, ...] = EXPECTED_PREFIXES) -> list[Finding]:
-    """Findings in a QEMU command line; *incoming_fdsets*: fdsets the trace's restore migrates from."""
+    """Findings in a QEMU command line; *incoming_fdsets*: fdsets the trace's restore migrates from.
+
+    An option the launcher rewrites whole (:func:`virtsave.qemu.launch.rule_for`) is no finding:
+    nothing of it reaches QEMU. Every other option is judged as it stands.
+    """
+    cl = qargv.parse(argv or [])
+    ctx = qemu_launch.context(cl, qmp_fdsets=set(incoming_fdsets or ()))
     out: list[Finding] = []
-    ps = list(pairs(argv or []))
-    incoming_fdsets = set(incoming_fdsets or ())
-
-    def add(i: int, opt: str, val: str | None, reason: str) -> None:
-        out.append(Finding(_short(f"{opt} {val}" if val is not None else opt), f"argv[{i}]", reason))
-
-    monitors: set[str] = set()
-    mon_count = 0
-    for _i, opt, val in ps:
-        if opt == "-mon" and val:
-            _, d = parse_option(val)
-            if d.get("mode") == "control" and d.get("chardev") and not monitors:
-                monitors.add(str(d["chardev"]))
-    # fdsets declared with -add-fd, and who uses each
-    declared: dict[str, int] = {}
-    uses: dict[str, list[tuple[int, str, bool]]] = {}   # set → (index, option, rewritable use)
-    for i, opt, val in ps:
-        if opt == "-add-fd" and val:
-            _, d = parse_option(val)
-            declared[str(d.get("set", ""))] = i
-        if opt == "-incoming" and val:
-            m = _FDSET.search(val)
-            if m:
-                incoming_fdsets.add(m.group(1))
-    for i, opt, val in ps:
-        if val is None or opt == "-add-fd":
+    if cl.binary is not None and not qemu_launch.is_qemu_binary(cl.binary):
+        out.append(Finding(_short(cl.binary), "argv[0]", "not a QEMU system emulator (qemu-system-*), would be "
+                                                          "executed"))
+    scan = _Scan(ctx, prefixes)
+    for o in cl.options:
+        rule = qemu_launch.rule_for(o, ctx)
+        if rule is not None and rule.whole:
             continue
-        kind, d = parse_option(val)
-        for m in _FDSET.finditer(val):
-            rewritable = (opt == "-chardev" and kind in _REWRITTEN_CHARDEVS) or (opt == "-incoming")
-            uses.setdefault(m.group(1), []).append((i, opt, rewritable))
-
-    for i, opt, val in ps:
-        kind, d = parse_option(val)
-        if val is not None and "exec:" in val and opt not in ("-incoming", "-append"):
-            add(i, opt, val, "exec: runs a host command")
-        if opt == "-incoming":
-            why = _uri_problem(val, True, incoming_fdsets)
-            if why:
-                add(i, opt, val, why)
-        elif opt == "-chardev":
-            cid = str(d.get("id", ""))
-            lf = d.get("logfile")
-            if lf is not None:
-                fm = _FDSET.fullmatch(str(lf))
-                if not (fm and fm.group(1) in declared and kind in _REWRITTEN_CHARDEVS):
-                    add(i, opt, val, f"chardev logfile writes host file {lf}")
-            if kind == "socket":
-                if cid in monitors and "fd" in d and not any(k in d for k in ("path", "host", "port")):
-                    continue   # libvirt's monitor: the launcher replaces it with its own socket
-                if "fd" in d:
-                    add(i, opt, val, "socket chardev on an inherited fd the launcher cannot rewrite")
-                elif "path" in d:
-                    if not str(d["path"]).startswith("/var/lib/libvirt/qemu/") or ".." in str(d["path"]):
-                        add(i, opt, val, f"extra socket {d['path']} outside libvirt's channel directory")
-                else:
-                    add(i, opt, val, "network socket chardev")
-                continue
-            if kind == "file":
-                p = str(d.get("path", ""))
-                m = _FDSET.fullmatch(p)
-                if not (m and m.group(1) in declared):
-                    add(i, opt, val, f"file chardev writes host file {p}")
-                continue
-            if kind in ("pipe", "serial", "tty", "parallel", "parport", "udp"):
-                add(i, opt, val, f"{kind} chardev reaches a host file, device or network")
-                continue
-            if kind not in _SAFE_CHARDEVS:
-                add(i, opt, val, f"unknown chardev backend {kind!r}")
-                continue
-        elif opt in ("-serial", "-parallel", "-virtioconsole", "-debugcon"):
-            v = val or ""
-            if not (v in ("none", "null", "pty", "vc", "stdio", "mon:stdio") or v.startswith(("chardev:", "vc:"))):
-                add(i, opt, val, f"{opt} to a host file, pipe, socket or device")
-        elif opt in ("-monitor", "-qmp", "-qmp-pretty", "-gdb", "-s", "-qtest"):
-            add(i, opt, val, "opens an extra monitor/debug channel")
-        elif opt == "-mon":
-            mon_count += 1
-            if mon_count > 1 or str(d.get("chardev", "")) not in monitors:
-                add(i, opt, val, "extra monitor")
-        elif opt == "-add-fd":
-            s = str(d.get("set", ""))
-            users = uses.get(s, [])
-            bad = [u for u in users if not u[2]]
-            if s in incoming_fdsets and not bad:
-                continue
-            if not users and s not in incoming_fdsets:
-                add(i, opt, val, f"fdset {s} passes an fd nothing rewritable uses")
-            elif bad:
-                add(i, opt, val, f"fdset {s} is used by {bad[0][1]} (argv[{bad[0][0]}]), which the launcher "
-                                 "cannot rewrite")
-            continue
-        elif opt == "-object":
-            if kind == "secret":
-                f = d.get("file")
-                if f and not any(fnmatch.fnmatch(str(f), g) for g in MASTER_KEY_GLOBS):
-                    add(i, opt, val, f"secret object reads host file {f}")
-            elif kind == "filter-dump":
-                add(i, opt, val, "filter-dump writes network traffic to a host file")
-            elif kind == "input-linux":
-                add(i, opt, val, "input-linux grabs a host input device")
-            elif kind == "rng-random" and d.get("filename") not in (None, "/dev/urandom", "/dev/random"):
-                add(i, opt, val, f"rng-random reads {d.get('filename')}")
-            elif kind == "memory-backend-file":
-                mp = str(d.get("mem-path", ""))
-                if not mp.startswith(("/dev/hugepages", "/dev/shm/", "/var/lib/libvirt/qemu/ram/")) or ".." in mp:
-                    add(i, opt, val, f"memory backend file {mp} outside hugepage/shm places")
-        elif opt in ("-netdev", "-net", "-nic"):
-            for k in ("script", "downscript"):
-                if k in d and str(d[k]) not in ("no", ""):
-                    add(i, opt, val, f"{k}= runs a host program")
-            if "helper" in d:
-                add(i, opt, val, "helper= runs a host program")
-            for k in ("guestfwd", "hostfwd", "smb"):
-                if k in d:
-                    add(i, opt, val, f"{k}= reaches host files, commands or ports")
-            if kind in ("socket", "stream", "dgram", "vde", "l2tpv3", "vhost-user", "vhost-vdpa", "netmap", "af-xdp"):
-                add(i, opt, val, f"{kind} netdev reaches host sockets or devices")
-        elif opt in ("-plugin", "-loadvm", "-fsdev", "-virtfs", "-D", "-readconfig", "-writeconfig"):
-            reasons = {"-plugin": "loads a host shared object into QEMU",
-                       "-loadvm": "loads an internal snapshot instead of the traced state",
-                       "-fsdev": "shares a host directory with the guest", "-virtfs": "shares a host directory",
-                       "-D": "writes a host log file", "-readconfig": "reads a host config file",
-                       "-writeconfig": "writes a host file"}
-            add(i, opt, val, reasons[opt])
-        elif opt == "-trace" and "file" in d:
-            add(i, opt, val, "writes a host trace file")
-        # file descriptors anywhere (keyval or JSON), except the monitor chardev handled above
-        if val is not None and opt not in ("-add-fd",):
-            fdkeys = [k for k, _ in _walk_items(d) if k in _FD_KEYS] if kind or d else []
-            if fdkeys and opt != "-chardev":
-                add(i, opt, val, f"{fdkeys[0]}= passes an inherited fd the launcher cannot rewrite")
-            for m in _FDSET.finditer(val):
-                s = m.group(1)
-                if s not in declared and s not in incoming_fdsets:
-                    add(i, opt, val, f"/dev/fdset/{s} is not declared by an -add-fd")
-                elif not ((opt == "-chardev" and kind in _REWRITTEN_CHARDEVS) or opt == "-incoming"):
-                    add(i, opt, val, f"/dev/fdset/{s} used by {opt}, which the launcher cannot rewrite")
-        # guest file paths
-        paths: list[str] = []
-        if opt in ("-kernel", "-initrd", "-dtb", "-bios", "-L", "-option-rom", "-pflash", "-hda", "-hdb", "-hdc",
-                   "-hdd", "-cdrom", "-fda", "-fdb", "-mtdblock", "-sd", "-mem-path"):
-            paths.append(val or "")
-        elif opt in ("-drive", "-blockdev", "-fw_cfg", "-device") and d:
-            for k, x in _walk_items(d):
-                if k in ("file", "filename", "romfile") and isinstance(x, str):
-                    paths.append(x)
-        elif opt == "-audiodev" and isinstance(d.get("path"), str):
-            paths.append(d["path"])      # the wav backend writes there
-        for p in paths:
-            if not p or _FDSET.fullmatch(p):
-                continue
-            if opt == "-device" or (opt == "-option-rom"):
-                if not p.startswith("/usr/share/") or ".." in p.split("/"):
-                    add(i, opt, val, f"romfile {p} outside /usr/share/")
-                continue
-            why = path_problem(p, prefixes)
-            if why:
-                add(i, opt, val, f"{p}: {why}")
+        out += [Finding(_short(o.text()), f"argv[{o.index}]", why) for why in _option_problems(o, scan)]
     return out
 
 
 # ----------------------------------------------------------------------------------------- QMP
 
 
+def _migrate_problems(ex: str, args: dict[str, Any]) -> list[str]:
+    out = []
+    if "uri" in args:
+        why = _uri_problem(args.get("uri"), ex == "migrate-incoming")
+        if why:
+            out.append(why)
+    for ch in args.get("channels") or []:
+        addr = ch.get("addr") if isinstance(ch, dict) else None
+        t = addr.get("transport") if isinstance(addr, dict) else None
+        if t == "exec":
+            out.append("exec migration channel runs a host command")
+        elif t == "file" and isinstance(addr, dict) and not _FDSET.fullmatch(str(addr.get("filename", ""))):
+            out.append(f"file migration channel writes {addr.get('filename')}")
+        elif t in ("socket", "rdma"):
+            out.append(f"{t} migration channel opens a connection")
+    return out
+
+
+def _added_object_problems(ex: str, args: dict[str, Any], prefixes: tuple[str, ...]) -> list[str]:
+    """``object-add``/``blockdev-add``/``device_add``/``netdev_add``/``chardev-add``: files and helpers."""
+    out = []
+    if ex == "object-add" and args.get("qom-type") == "secret":
+        f = args.get("file") or (args.get("props") or {}).get("file")
+        if f and not any(fnmatch.fnmatch(str(f), g) for g in qemu_launch.MASTER_KEY_GLOBS):
+            out.append(f"secret object reads host file {f}")
+    for k, x in qargv.walk_items(args):
+        if k in ("filename", "file", "mem-path", "romfile", "path") and isinstance(x, str) and \
+                not _FDSET.fullmatch(x) and x and ex != "chardev-add":
+            why = path_problem(x, prefixes) if k != "romfile" else (
+                None if x.startswith("/usr/share/") and ".." not in x.split("/") else "outside /usr/share/")
+            if why:
+                out.append(f"{k} {x}: {why}")
+        if k in ("script", "downscript") and x not in ("no", ""):
+            out.append(f"{k} runs a host program")
+    return out
+
+
 def check_command(msg: dict[str, Any], where: str, prefixes: tuple[str, ...] = EXPECTED_PREFIXES) -> list[Finding]:
     """Findings in one QMP command message."""
-    out: list[Finding] = []
     ex = str(msg.get("execute", ""))
     args = msg.get("arguments") or {}
     label = _short(f"{ex} {json.dumps(args, separators=(',', ':'))}" if args else ex)
-
-    def add(reason: str) -> None:
-        out.append(Finding(label, where, reason))
-
+    reasons = []
     if ex in HOST_COMMANDS:
-        add("human monitor passthrough: arbitrary HMP commands" if ex == "human-monitor-command"
-            else f"{ex} reads/writes host files or opens connections")
+        reasons.append("human monitor passthrough: arbitrary HMP commands" if ex == "human-monitor-command"
+                       else f"{ex} reads/writes host files or opens connections")
     if ex in ("migrate", "migrate-incoming") and isinstance(args, dict):
-        if "uri" in args:
-            why = _uri_problem(args.get("uri"), ex == "migrate-incoming", set())
-            if why:
-                add(why)
-        for ch in args.get("channels") or []:
-            addr = ch.get("addr") if isinstance(ch, dict) else None
-            if isinstance(addr, dict):
-                t = addr.get("transport")
-                if t == "exec":
-                    add("exec migration channel runs a host command")
-                elif t == "file" and not _FDSET.fullmatch(str(addr.get("filename", ""))):
-                    add(f"file migration channel writes {addr.get('filename')}")
-                elif t in ("socket", "rdma"):
-                    add(f"{t} migration channel opens a connection")
+        reasons += _migrate_problems(ex, args)
     elif any(s.startswith("exec:") for s in _walk_strings(args)):
-        add("exec: runs a host command")
+        reasons.append("exec: runs a host command")
     if ex in ("object-add", "blockdev-add", "device_add", "netdev_add", "chardev-add") and isinstance(args, dict):
-        if ex == "object-add" and args.get("qom-type") == "secret":
-            f = args.get("file") or (args.get("props") or {}).get("file")
-            if f and not any(fnmatch.fnmatch(str(f), g) for g in MASTER_KEY_GLOBS):
-                add(f"secret object reads host file {f}")
-        for k, x in _walk_items(args):
-            if k in ("filename", "file", "mem-path", "romfile", "path") and isinstance(x, str) and \
-                    not _FDSET.fullmatch(x) and x and ex != "chardev-add":
-                why = path_problem(x, prefixes) if k != "romfile" else (
-                    None if x.startswith("/usr/share/") and ".." not in x.split("/") else "outside /usr/share/")
-                if why:
-                    add(f"{k} {x}: {why}")
-            if k in ("script", "downscript") and x not in ("no", ""):
-                add(f"{k} runs a host program")
+        reasons += _added_object_problems(ex, args, prefixes)
+    return [Finding(label, where, why) for why in reasons]
+
+
+def _incoming_fdsets(phases: list[dict[str, Any]]) -> set[str]:
+    """The fdsets the traced ``migrate-incoming`` commands read the stream from."""
+    out: set[str] = set()
+    for ph in phases:
+        for m in ph.get("messages") or []:
+            if isinstance(m, dict) and m.get("kind") == "command" and m.get("execute") == "migrate-incoming":
+                uri = (m.get("arguments") or {}).get("uri")
+                out.update(qargv.fdset_references(uri) if isinstance(uri, str) else ())
     return out
 
 
@@ -484,17 +475,9 @@ def check_trace(trace: Mapping[str, Any], prefixes: tuple[str, ...] = EXPECTED_P
     """
     out: list[Finding] = []
     phases = [p for p in (trace.get("phases") or []) if isinstance(p, dict)]
-    incoming_fdsets: set[str] = set()
-    for ph in phases:
-        for m in ph.get("messages") or []:
-            if isinstance(m, dict) and m.get("kind") == "command" and m.get("execute") == "migrate-incoming":
-                uri = (m.get("arguments") or {}).get("uri")
-                fm = _FDSET.search(uri) if isinstance(uri, str) else None
-                if fm:
-                    incoming_fdsets.add(fm.group(1))
     argv = (trace.get("domain") or {}).get("argv") or []
     if isinstance(argv, list):
-        out += check_argv([str(a) for a in argv], incoming_fdsets, prefixes)
+        out += check_argv([str(a) for a in argv], _incoming_fdsets(phases), prefixes)
     for ph in phases:
         name = str(ph.get("name", "phase"))
         img = ph.get("image") or {}

@@ -25,13 +25,17 @@ Example::
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 #: A trace (:class:`virtsave.trace.model.Trace`) or any JSON object shaped like one.
 _T = TypeVar("_T", bound=Mapping[str, Any])
+
+from virtsave.trace import argv as qargv
+
+__all__ = ["REDACTED", "SECRET_KEYS", "redact_argv", "redact_message", "redact_option", "redact_trace",
+           "redact_xml"]
 
 REDACTED = "<redacted>"
 _XML_REDACTED = "&lt;redacted&gt;"
@@ -73,80 +77,86 @@ def _redact_obj(v: Any, *, secret_object: bool = False) -> Any:
     return v
 
 
-def _split_keyval(value: str) -> list[str]:
-    """Split a QEMU keyval string on commas (",," is an escaped comma)."""
-    parts, cur, i = [], [], 0
-    while i < len(value):
-        c = value[i]
-        if c == "," and value[i + 1:i + 2] == ",":
-            cur.append(",,")
-            i += 2
-            continue
-        if c == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return parts
+def redact_option(value: str, option: str | None = None) -> str:
+    """Redact one option value of a QEMU command line (JSON or keyval), as parsed by the
+    command-line model; unchanged text when nothing in it is secret.
 
-
-def redact_option(value: str) -> str:
-    """Redact one option value of a QEMU command line (JSON or keyval)."""
-    s = value.lstrip()
-    if s.startswith("{"):
-        try:
-            obj = json.loads(s)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            red = _redact_obj(obj)
-            if red != obj:
-                return json.dumps(red, separators=(",", ":"), ensure_ascii=False)
-            return value
-    parts = _split_keyval(value)
-    is_secret = parts[0] == "secret" or "qom-type=secret" in parts
+    >>> redact_option("secret,id=s1,data=luks-pass,format=raw", "-object")
+    'secret,id=s1,data=<redacted>,format=raw'
+    >>> redact_option("127.0.0.1:0,password=on", "-vnc")
+    '127.0.0.1:0,password=on'
+    """
+    v = qargv.parse_value(value, option)
+    if v.syntax == "json":
+        red = _redact_obj(v.props)
+        return qargv.format_json(red) if red != v.props else value
+    is_secret = v.kind == "secret"
     changed = False
-    for i, p in enumerate(parts):
-        k, eq, v = p.partition("=")
-        if not eq:
-            continue
-        if (k in SECRET_KEYS and v.lower() not in _BOOL) or (is_secret and k == "data"):
-            parts[i] = f"{k}={REDACTED}"
-            changed = True
-    return ",".join(parts) if changed else value
+    parts: list[tuple[str | None, str]] = []
+    for k, x in v.parts:
+        if k is not None and ((k in SECRET_KEYS and x.lower() not in _BOOL) or (is_secret and k == "data")):
+            x, changed = REDACTED, True
+        parts.append((k, x))
+    return qargv.join_keyval(parts) if changed else value
 
 
 def redact_argv(argv: list[str] | None) -> list[str]:
-    """A copy of *argv* with secret values replaced (see the module docstring)."""
-    return [redact_option(a) if ("=" in a or a.lstrip().startswith("{")) else a for a in (argv or [])]
+    """A copy of *argv* with secret values replaced (see the module docstring): every option value
+    and positional word goes through :func:`redact_option`."""
+    cl = qargv.parse(argv or [])
+    out = [redact_option(f"{k}={v}") for k, v in cl.env] + ([cl.binary] if cl.binary is not None else [])
+    for o in cl.options:
+        if o.positional:
+            out.append(redact_option(o.word))
+        else:
+            out += [o.word] if o.value is None else [o.word, redact_option(o.value, o.name)]
+    return out
+
+
+def _redact_arguments(ex: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of command *ex* with its password/secret arguments redacted."""
+    if ex == "object-add":
+        args = _redact_obj(args, secret_object=args.get("qom-type") == "secret")
+    elif ex in ("set_password", "change-vnc-password") and "password" in args:
+        args = {**args, "password": REDACTED}
+    elif ex == "change" and args.get("device") == "vnc" and args.get("target") == "password":
+        args = {**args, "arg": REDACTED}
+    elif ex == "human-monitor-command" and isinstance(args.get("command-line"), str):
+        hm = _HMP_PASSWORD.match(args["command-line"])
+        if hm:
+            args = {**args, "command-line": hm.group(1) + REDACTED + hm.group(3)}
+    return _redact_obj(args)  # type: ignore[no-any-return]
 
 
 def redact_message(msg: dict[str, Any]) -> dict[str, Any]:
     """A redacted copy of one trace message (command, reply or event)."""
     m = copy.deepcopy(msg)
     if m.get("kind") == "command":
-        ex = m.get("execute")
-        args = m.get("arguments")
-        if isinstance(args, dict):
-            if ex == "object-add":
-                args = _redact_obj(args, secret_object=args.get("qom-type") == "secret")
-            elif ex in ("set_password", "change-vnc-password") and "password" in args:
-                args = {**args, "password": REDACTED}
-            elif ex == "change" and args.get("device") == "vnc" and args.get("target") == "password":
-                args = {**args, "arg": REDACTED}
-            elif ex == "human-monitor-command" and isinstance(args.get("command-line"), str):
-                hm = _HMP_PASSWORD.match(args["command-line"])
-                if hm:
-                    args = {**args, "command-line": hm.group(1) + REDACTED + hm.group(3)}
-            m["arguments"] = _redact_obj(args)
+        if isinstance(m.get("arguments"), dict):
+            m["arguments"] = _redact_arguments(m.get("execute"), m["arguments"])
     elif m.get("kind") == "reply":
         if "return" in m:
             m["return"] = _redact_obj(m["return"])
     elif m.get("kind") == "event":
         m["data"] = _redact_obj(m.get("data"))
     return m
+
+
+def _redact_phase(ph: dict[str, Any]) -> None:
+    """Redact one phase in place: messages, image header XML, substitution values, options XML."""
+    ph["messages"] = [redact_message(m) for m in ph.get("messages") or []]
+    header = (ph.get("image") or {}).get("header")
+    if isinstance(header, dict):
+        for k in ("xml", "domain_xml", "cookie"):
+            if isinstance(header.get(k), str):
+                header[k] = redact_xml(header[k])
+    for sub in ph.get("substitutions") or []:
+        for k in ("original", "replacement"):
+            if isinstance(sub.get(k), dict | list):
+                sub[k] = _redact_obj(sub[k])
+    opts = ph.get("options")
+    if isinstance(opts, dict) and isinstance(opts.get("xml"), str):
+        opts["xml"] = redact_xml(opts["xml"])
 
 
 def redact_trace(trace: _T) -> _T:
@@ -162,17 +172,5 @@ def redact_trace(trace: _T) -> _T:
     if isinstance(dom.get("argv"), list):
         dom["argv"] = redact_argv(dom["argv"])
     for ph in tr.get("phases") or []:
-        ph["messages"] = [redact_message(m) for m in ph.get("messages") or []]
-        header = (ph.get("image") or {}).get("header")
-        if isinstance(header, dict):
-            for k in ("xml", "domain_xml", "cookie"):
-                if isinstance(header.get(k), str):
-                    header[k] = redact_xml(header[k])
-        for sub in ph.get("substitutions") or []:
-            for k in ("original", "replacement"):
-                if isinstance(sub.get(k), dict | list):
-                    sub[k] = _redact_obj(sub[k])
-        opts = ph.get("options")
-        if isinstance(opts, dict) and isinstance(opts.get("xml"), str):
-            opts["xml"] = redact_xml(opts["xml"])
+        _redact_phase(ph)
     return tr
