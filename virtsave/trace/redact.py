@@ -29,10 +29,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from virtsave.trace import argv as qargv
+
 #: A trace (:class:`virtsave.trace.model.Trace`) or any JSON object shaped like one.
 _T = TypeVar("_T", bound=Mapping[str, Any])
-
-from virtsave.trace import argv as qargv
 
 __all__ = ["REDACTED", "SECRET_KEYS", "redact_argv", "redact_message", "redact_option", "redact_trace",
            "redact_xml"]
