@@ -442,3 +442,11 @@ def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "logcapture.json").write_text("{not json")
     with pytest.raises(LogError, match="unreadable log-capture state"):
         lc.repair_if_stale(state_dir=tmp_path, runner=FakeDaemon())
+
+
+def test_keep_log_outputs_is_a_live_trace_option(cli, fixtures_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    log = next((fixtures_dir / "libvirt-9.0").glob("*.log"))
+    proc = cli("trace", "fx", "--from-log", str(log), "--keep-log-outputs")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("virtsave: error: --from-log imports a log") and proc.stderr.count("\n") == 1
+    assert "--keep-log-outputs" in cli("trace", "--help").stdout

@@ -79,6 +79,12 @@ def render_monitors(monitors: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _notice(message: str) -> None:
+    """One stderr line, never wrapped (the operator's log levels changed for the window)."""
+    sys.stderr.write(f"virtsave: {message}\n")
+    sys.stderr.flush()
+
+
 def _failed_phase(trace: tr.Trace) -> dict[str, Any] | None:
     return next((p for p in trace["phases"] if p["ok"] is False), None)
 
@@ -148,7 +154,7 @@ def trace_cmd(
     info(f"tracing {op} of {domain} (libvirtd monitor logging on for the duration)")
     # No live progress bar here: polling libvirt's job stats sends query-migrate to QEMU, which
     # would put our own commands into the conversation being traced.
-    with logcapture.output_policy(keep=keep_log_outputs, announce=info):
+    with logcapture.output_policy(keep=keep_log_outputs, announce=_notice):
         trace = capture.trace_domain(conn, domain, op, file, uri=OPTIONS.uri, bypass_cache=bypass_cache,
                                      image_format=image_format, parallel_channels=parallel_channels, state=state,
                                      progress=None, on_warning=lambda m: info(f"warning: {m}"))
