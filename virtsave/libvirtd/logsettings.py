@@ -105,15 +105,18 @@ def wrap_filter(token: str) -> str:
 
 
 def unwrap_filter(token: str) -> str:
-    """The input that a wrapping daemon shows as *token*: one ``*`` off each end of the match.
+    """The input that a wrapping daemon shows as *token*: one ``*`` off each end of the match (after
+    a ``+``, which libvirts that still had the stack-trace flag showed in front of the match).
 
-    >>> unwrap_filter("1:***"), unwrap_filter("3:remote")
-    ('1:*', '3:remote')
+    >>> unwrap_filter("1:***"), unwrap_filter("3:remote"), unwrap_filter("4:+*object*")
+    ('1:*', '3:remote', '4:+object')
     """
     level, sep, match = token.partition(":")
+    plus = "+" if match.startswith("+") else ""
+    match = match[len(plus):]
     if sep and len(match) >= 2 and match.startswith("*") and match.endswith("*"):
         match = match[1:-1]
-    return f"{level}{sep}{match}"
+    return f"{level}{sep}{plus}{match}"
 
 
 def _looks_wrapped(shown: str) -> bool:
@@ -247,7 +250,7 @@ def _source_level(operator_shown: str, source: str, default: int) -> int:
     that does not wrap matches substrings, which is ``*x*`` too."""
     for tok in tokens(operator_shown):
         level, sep, match = tok.partition(":")
-        if sep and level.isdigit() and glob_match(f"*{match}*", source):
+        if sep and level.isdigit() and glob_match(f"*{match.removeprefix('+')}*", source):
             return int(level)
     return default
 
@@ -260,8 +263,8 @@ def quiet_level(operator_shown: str, default_level: int | None = None) -> int:
 
     >>> quiet_level("1:*qemu* "), quiet_level("4:*monitor* 1:*qemu*"), quiet_level("", 4)
     (3, 4, 4)
-    >>> quiet_level("1:** ")
-    1
+    >>> quiet_level("1:** "), quiet_level("4:+*monitor* ")
+    (1, 4)
     """
     default = max(WARNING, default_level or WARNING)
     return max(_source_level(operator_shown, s, default) for s in CAPTURE_SOURCES)
