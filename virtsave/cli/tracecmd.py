@@ -5,6 +5,7 @@ Example::
     virtsave trace vm1 > vm1.trace.json                    # managed save + start, traced
     virtsave trace vm1 --image-format sparse --parallel-channels 2 -o sparse.json
     virtsave trace vm1 --op save --file /var/tmp/vm1.img -o save.json
+    virtsave trace vm1 --keep-log-outputs                  # libvirtd's own logs get the traffic too
     virtsave trace vm1 --from-log /var/log/libvirt/libvirtd.log --monitor 0x7f2c3c00a010
     virtsave validate vm1.trace.json
     virtsave export vm1.trace.json --format replies -o vm1.replies
@@ -78,6 +79,12 @@ def render_monitors(monitors: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _notice(message: str) -> None:
+    """One stderr line, never wrapped (the operator's log levels changed for the window)."""
+    sys.stderr.write(f"virtsave: {message}\n")
+    sys.stderr.flush()
+
+
 def _failed_phase(trace: tr.Trace) -> tr.Phase | None:
     return next((p for p in trace["phases"] if p["ok"] is False), None)
 
@@ -88,6 +95,10 @@ FileOpt = Annotated[Path | None, typer.Option("--file", metavar="IMAGE",
 OutOpt = Annotated[Path | None, typer.Option("-o", "--output", metavar="OUT", help="write the trace here (0600)")]
 DomainLogOpt = Annotated[Path | None, typer.Option("--domain-log", metavar="QEMU_LOG",
                                                    help="with --from-log: the domain's QEMU log (command line)")]
+KeepOutputsOpt = Annotated[bool, typer.Option(
+    "--keep-log-outputs", help="leave libvirtd's own log outputs at their levels while tracing: they then also "
+    "receive the monitor traffic (every domain's QMP commands and replies); by default outputs below the "
+    "monitor's level are raised to it for the window")]
 
 
 def trace_cmd(
@@ -107,12 +118,14 @@ def trace_cmd(
     monitor: Annotated[str | None, typer.Option("--monitor", metavar="0x…",
                                                 help="with --from-log: the domain's monitor pointer")] = None,
     domain_log: DomainLogOpt = None,
+    keep_log_outputs: KeepOutputsOpt = False,
 ) -> None:
     """Trace the QMP conversation libvirt has with QEMU during save/restore (JSON on stdout or -o)."""
     if running and paused:
         raise ArgumentError("--running and --paused exclude each other")
     if from_log is not None:
-        if op != "cycle" or file or bypass_cache or image_format or parallel_channels or running or paused:
+        if (op != "cycle" or file or bypass_cache or image_format or parallel_channels or running or paused
+                or keep_log_outputs):
             raise ArgumentError("--from-log imports a log: it takes only --monitor, --domain-log and -o")
         try:
             trace = capture.import_log(from_log, domain, monitor=monitor, domain_log=domain_log)
@@ -133,6 +146,7 @@ def trace_cmd(
         raise ArgumentError("--monitor and --domain-log go with --from-log")
     if parallel_channels is not None and parallel_channels < 1:
         raise ArgumentError(f"--parallel-channels must be ≥ 1, not {parallel_channels}")
+    from virtsave.libvirtd import logcapture
     from virtsave.libvirtd import reference as lp
 
     state = "running" if running else "paused" if paused else None
@@ -140,9 +154,10 @@ def trace_cmd(
     info(f"tracing {op} of {domain} (libvirtd monitor logging on for the duration)")
     # No live progress bar here: polling libvirt's job stats sends query-migrate to QEMU, which
     # would put our own commands into the conversation being traced.
-    trace = capture.trace_domain(conn, domain, op, file, uri=OPTIONS.uri, bypass_cache=bypass_cache,
-                                 image_format=image_format, parallel_channels=parallel_channels, state=state,
-                                 progress=None, on_warning=lambda m: info(f"warning: {m}"))
+    with logcapture.output_policy(keep=keep_log_outputs, announce=_notice):
+        trace = capture.trace_domain(conn, domain, op, file, uri=OPTIONS.uri, bypass_cache=bypass_cache,
+                                     image_format=image_format, parallel_channels=parallel_channels, state=state,
+                                     progress=None, on_warning=lambda m: info(f"warning: {m}"))
     tr.dump(trace, out)
     info(_summary(trace))
     bad = _failed_phase(trace)

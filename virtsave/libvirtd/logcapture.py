@@ -4,17 +4,26 @@ libvirt-python has no admin API binding, so the daemon's log settings are read a
 with ``virt-admin daemon-log-filters`` / ``daemon-log-outputs``. Several virtsave processes may
 trace at the same time on one daemon, so logging is a **refcounted shared session**:
 
-- the first session (under an ``fcntl.flock`` lock) reads the operator's filters and outputs,
-  writes them into a state file (``STATE_DIR/logcapture.json``) together with its pid, then
-  puts our filters in front of the operator's and adds one private output file
-  (``STATE_DIR/logcapture/capture.log``, directory 0700, file 0600) to the operator's outputs —
-  so an existing log keeps working;
-- each session records its own window of that file (byte offsets and UTC timestamps at its
-  start and end) and copies only that slice into a private per-session file;
-- the last session out restores the original filters and outputs and deletes the capture log;
+- the first session (under an ``fcntl.flock`` lock) reads the operator's filters and outputs
+  exactly as ``virt-admin`` shows them, writes them into a state file
+  (``STATE_DIR/logcapture.json``) together with its pid, then puts our filters in front of the
+  operator's and adds one private output file (``STATE_DIR/logcapture/capture.log``, directory
+  0700, file 0600) to the operator's outputs — so an existing log keeps working;
+- by default the operator's outputs below the level their own filters give the monitor are
+  raised to it for the window (:func:`virtsave.libvirtd.logsettings.quiet_level`, warning
+  unless their filters say otherwise), so their logs receive none of the monitor traffic they
+  did not ask for; the session says so in one notice. ``OutputPolicy(keep=True)`` (the CLI's
+  ``--keep-log-outputs``) leaves them as they are. Once one session of a shared capture raised
+  them they stay raised until the last session ends;
+- each session records its own window of the capture file (byte offsets and UTC timestamps at
+  its start and end) and copies only that slice into a private per-session file;
+- the last session out restores the original filters and outputs in the form that makes
+  ``virt-admin`` show them byte for byte as before (libvirt shows ``3:remote`` as ``3:*remote*``
+  and stores ``3:*remote*`` as ``3:**remote**``: see :mod:`virtsave.libvirtd.logsettings`),
+  reads them back, and deletes the capture log;
 - owners whose pid is gone (SIGKILL) are dropped whenever the state is touched; when none are
-  left the originals are restored. :func:`repair_if_stale` does only that and costs one
-  ``stat`` when there is nothing to repair, so every command talking to the daemon can call it.
+  left the originals are restored the same way. :func:`repair_if_stale` does only that and costs
+  one ``stat`` when there is nothing to repair, so every command talking to the daemon can call it.
 
 The originals are restored only when the daemon still holds what we applied; if someone changed
 the settings meanwhile (or libvirtd restarted), they are left alone and a warning is returned.
@@ -30,6 +39,7 @@ Example (needs a running libvirtd, as root)::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import fcntl
 import json
@@ -49,11 +59,28 @@ from urllib.parse import urlsplit
 from virtsave.core import paths as config
 from virtsave.core.errors import ConnectionFailed, LogError, UnsupportedError
 from virtsave.core.signals import Terminated, deferred_signals
+from virtsave.libvirtd import logsettings as ls
+from virtsave.libvirtd.logsettings import CAPTURE_FILTERS
 
-# Filters that make the log name the domain (DESIGN.md §3): monitor I/O, the job lines
-# ("Starting job: API=… vm=0x… name=NAME") and qemuProcessStart ("vm=0x… name=NAME").
-CAPTURE_FILTERS = ("1:monitor", "1:job", "1:qemu.qemu_process")
-STATE_VERSION = 1
+__all__ = [
+    "CAPTURE_FILTERS",
+    "AdminRunner",
+    "CaptureSession",
+    "OutputPolicy",
+    "Owner",
+    "Paths",
+    "State",
+    "admin_uri_for",
+    "capture",
+    "get_settings",
+    "output_policy",
+    "parse_admin_output",
+    "proc_starttime",
+    "repair_if_stale",
+    "set_settings",
+]
+
+STATE_VERSION = 1  # fields added since are optional: older virtsave processes sharing the file drop them
 STATE_NAME = "logcapture.json"
 LOCK_NAME = "logcapture.lock"
 DIR_NAME = "logcapture"
@@ -64,17 +91,21 @@ LOG_NAME = "capture.log"
 
 
 class AdminRunner:
-    """Reads and sets the daemon's log filters/outputs through ``virt-admin``."""
+    """Reads and sets the daemon's log filters/outputs through ``virt-admin``.
+
+    Values are returned exactly as ``virt-admin`` shows them (see :func:`parse_admin_output`).
+    """
 
     def __init__(self, admin_uri: str) -> None:
         self.admin_uri = admin_uri
 
     def _run(self, *args: str) -> str:
         # start_new_session: a Ctrl-C on the terminal must not kill virt-admin half-way
-        # through putting the settings back.
+        # through putting the settings back. LC_ALL=C: the answer's labels are translated.
         try:
             proc = subprocess.run(["virt-admin", "-c", self.admin_uri, *args], capture_output=True,
-                                  text=True, timeout=60, start_new_session=True, check=False)
+                                  text=True, timeout=60, start_new_session=True, check=False,
+                                  env={**os.environ, "LC_ALL": "C"})
         except FileNotFoundError:
             raise UnsupportedError("virt-admin not found: it is needed to switch libvirtd's logging on") from None
         except subprocess.TimeoutExpired:
@@ -102,12 +133,16 @@ class AdminRunner:
         out = self._run("daemon-log-filters; daemon-log-outputs")
         return parse_admin_output(out, "filters"), parse_admin_output(out, "outputs")
 
-    def set_settings(self, filters: str, outputs: str, *, outputs_first: bool) -> tuple[str, str]:
-        """Set both, in the given order, and read them back in libvirt's own spelling."""
-        set_f = f"daemon-log-filters --filters {_vsh_quote(filters)}"
-        set_o = f"daemon-log-outputs --outputs {_vsh_quote(outputs)}"
-        first, second = (set_o, set_f) if outputs_first else (set_f, set_o)
-        out = self._run(f"{first}; {second}; daemon-log-filters; daemon-log-outputs")
+    def set_settings(self, filters: str | None, outputs: str | None, *, outputs_first: bool) -> tuple[str, str]:
+        """Set both (None: leave that one), in the given order; read both back as shown."""
+        sets = []
+        if filters is not None:
+            sets.append(f"daemon-log-filters --filters {_vsh_quote(filters)}")
+        if outputs is not None:
+            sets.append(f"daemon-log-outputs --outputs {_vsh_quote(outputs)}")
+        if outputs_first:
+            sets.reverse()
+        out = self._run("; ".join([*sets, "daemon-log-filters", "daemon-log-outputs"]))
         return parse_admin_output(out, "filters"), parse_admin_output(out, "outputs")
 
 
@@ -118,22 +153,22 @@ def _vsh_quote(value: str) -> str:
 
 
 def get_settings(runner: Any) -> tuple[str, str]:
-    """(filters, outputs) through *runner*, in one round trip when it can."""
+    """(filters, outputs) through *runner*, as shown, in one round trip when it can."""
     if hasattr(runner, "get_settings"):
         return runner.get_settings()
     return runner.get_filters(), runner.get_outputs()
 
 
-def set_settings(runner: Any, filters: str, outputs: str, *, outputs_first: bool) -> tuple[str, str]:
-    """Set filters and outputs (order matters: never log debug lines into nowhere); read back."""
+def set_settings(runner: Any, filters: str | None, outputs: str | None, *,
+                 outputs_first: bool) -> tuple[str, str]:
+    """Set filters and outputs (None: leave that one; order matters: never log debug lines into
+    an output that is not there yet, nor into the operator's before it is raised); read back."""
     if hasattr(runner, "set_settings"):
         return runner.set_settings(filters, outputs, outputs_first=outputs_first)
-    if outputs_first:
-        runner.set_outputs(outputs)
-        runner.set_filters(filters)
-    else:
-        runner.set_filters(filters)
-        runner.set_outputs(outputs)
+    steps = [(runner.set_filters, filters), (runner.set_outputs, outputs)]
+    for setter, value in reversed(steps) if outputs_first else steps:
+        if value is not None:
+            setter(value)
     return runner.get_filters(), runner.get_outputs()
 
 
@@ -161,64 +196,50 @@ def admin_uri_for(uri: str | None) -> str:
 
 
 def parse_admin_output(text: str, kind: str) -> str:
-    """The value in virt-admin's `` Logging filters: …`` / `` Logging outputs: …`` answer."""
+    """The value in virt-admin's `` Logging filters: …`` / `` Logging outputs: …`` answer, exactly
+    as shown (libvirt ends each filter with a blank: ``"3:*remote* "``).
+
+    >>> parse_admin_output(" Logging filters: 3:*remote* \\n\\n", "filters")
+    '3:*remote* '
+    """
     label = f"Logging {kind}:"
     for line in text.splitlines():
-        line = line.strip()
-        if line.startswith(label):
-            return " ".join(line[len(label):].split())
+        head, sep, value = line.partition(label)
+        if sep and not head.strip():
+            return value.removeprefix(" ")
     raise LogError(f"unexpected virt-admin answer for daemon-log-{kind}: {text.strip()[:200]!r}")
 
 
-# --------------------------------------------------------------------------- pure settings logic
+# --------------------------------------------------------------------------- output policy
 
 
-def capture_output_spec(log_path: str | os.PathLike[str]) -> str:
-    """The output we add: every message reaching level 1 (debug) goes to *log_path*."""
-    return f"1:file:{os.fspath(log_path)}"
+@dataclass(frozen=True)
+class OutputPolicy:
+    """What happens to the operator's own log outputs during a capture.
+
+    *keep*: leave them at their levels (they then also receive the monitor traffic); default:
+    raise those below the quiet level for the window. *announce* receives the one-line notice
+    (default: the capture's ``on_warning``).
+    """
+
+    keep: bool = False
+    announce: Callable[[str], None] | None = None
 
 
-def norm_filter(token: str) -> str:
-    """libvirt reads ``1:monitor`` back as ``1:*monitor*``: compare filters in the short spelling."""
-    level, sep, match = token.partition(":")
-    if sep and match.startswith("*") and match.endswith("*") and "*" not in match[1:-1] and len(match) > 2:
-        match = match[1:-1]
-    return f"{level}{sep}{match}"
+_POLICY: contextvars.ContextVar[OutputPolicy | None] = contextvars.ContextVar("virtsave_output_policy",
+                                                                              default=None)
 
 
-def merge_filters(original: str, ours: tuple[str, ...] = CAPTURE_FILTERS) -> str:
-    """Our filters first (libvirt uses the first filter that matches a source), then the operator's."""
-    own = list(ours)
-    rest = [f for f in original.split() if norm_filter(f) not in own]
-    return " ".join(own + rest)
-
-
-def merge_outputs(original: str, log_path: str | os.PathLike[str]) -> str:
-    """The operator's outputs plus ours (theirs keep their own levels, so their logs are unchanged)."""
-    spec = capture_output_spec(log_path)
-    rest = [o for o in original.split() if o != spec]
-    return " ".join([*rest, spec])
-
-
-def strip_ours(filters: str, outputs: str, log_path: str | os.PathLike[str]) -> tuple[str, str]:
-    """Undo :func:`merge_filters`/:func:`merge_outputs` on settings found live without a state file
-    (state file lost after a crash): our output is recognisable by its path, and then the leading
-    filters are ours too."""
-    spec = capture_output_spec(log_path)
-    outs = outputs.split()
-    if spec not in outs:
-        return filters, outputs
-    outs = [o for o in outs if o != spec]
-    flt = filters.split()
-    n = len(CAPTURE_FILTERS)
-    if tuple(norm_filter(f) for f in flt[:n]) == CAPTURE_FILTERS:
-        flt = flt[n:]
-    return " ".join(flt), " ".join(outs)
-
-
-def same_setting(a: str, b: str) -> bool:
-    """Filters/outputs compare as whitespace-separated lists (filters in their short spelling)."""
-    return [norm_filter(x) for x in a.split()] == [norm_filter(x) for x in b.split()]
+@contextlib.contextmanager
+def output_policy(keep: bool = False, announce: Callable[[str], None] | None = None) -> Iterator[OutputPolicy]:
+    """The :class:`OutputPolicy` of every :func:`capture` in the block that names none (the CLI sets
+    it around ``capture.trace_domain``)."""
+    policy = OutputPolicy(keep=keep, announce=announce)
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
 
 
 # --------------------------------------------------------------------------- state file
@@ -256,7 +277,13 @@ class Owner:
 
 @dataclass
 class State:
-    """What ``logcapture.json`` holds while logging is switched on."""
+    """What ``logcapture.json`` holds while logging is switched on.
+
+    ``original_*`` are the operator's settings as ``virt-admin`` showed them; ``applied_*`` ours as
+    it showed them back. ``filters_wrapped``: whether the daemon shows a filter's match wrapped in
+    ``*…*`` (None: not known). ``raise_to``: the level the operator's outputs were raised to
+    (None: not raised); ``raised``: those outputs as they were.
+    """
 
     admin_uri: str
     original_filters: str
@@ -266,6 +293,9 @@ class State:
     log: str
     owners: list[Owner] = field(default_factory=list)
     version: int = STATE_VERSION
+    filters_wrapped: bool | None = None
+    raise_to: int | None = None
+    raised: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -330,22 +360,45 @@ def _save_state(paths: Paths, state: State) -> None:
     os.replace(tmp, paths.state)
 
 
+# --------------------------------------------------------------------------- restoring
+
+
+def _put_back(runner: Any, state: State) -> str | None:
+    """Write the originals back in the form that reads back as they were shown; read back to check.
+
+    Filters first: stop producing debug lines before the output goes away and before the
+    operator's outputs come down to their own levels. Returns a warning when the daemon does not
+    show the originals afterwards."""
+    forms = ls.filter_input_forms(state.original_filters, state.filters_wrapped)
+    got_f, got_o = set_settings(runner, forms[0], state.original_outputs, outputs_first=False)
+    for other in forms[1:]:
+        if ls.same(got_f, state.original_filters):
+            break
+        got_f, got_o = set_settings(runner, other, None, outputs_first=False)
+    bad = [f"{kind} {got!r} (were {want!r})" for kind, got, want in
+           (("filters", got_f, state.original_filters), ("outputs", got_o, state.original_outputs))
+           if not ls.same(got, want)]
+    if bad:
+        return f"libvirtd shows other log settings than before after restoring them: {'; '.join(bad)}"
+    return None
+
+
 def _restore(runner: Any, state: State, paths: Paths) -> str | None:
     """Put the original settings back (only if the daemon still has ours); clean files.
 
-    Returns a warning when the settings were left alone."""
+    Returns a warning when the settings were left alone or did not read back as before."""
     warning = None
+    cur: tuple[str, str] | None = None
     try:
-        cur_f, cur_o = get_settings(runner)
+        cur = get_settings(runner)
     except ConnectionFailed as exc:
         # Daemon gone: its settings died with it. Nothing to restore.
-        cur_f = cur_o = None
         warning = f"daemon not reachable while restoring log settings ({exc}); state cleared"
-    if cur_f is not None and cur_o is not None:
-        if same_setting(cur_f, state.applied_filters) and same_setting(cur_o, state.applied_outputs):
-            # Filters first: stop producing debug lines before the output goes away.
-            set_settings(runner, state.original_filters, state.original_outputs, outputs_first=False)
-        elif same_setting(cur_f, state.original_filters) and same_setting(cur_o, state.original_outputs):
+    if cur is not None:
+        cur_f, cur_o = cur
+        if ls.same(cur_f, state.applied_filters) and ls.same(cur_o, state.applied_outputs):
+            warning = _put_back(runner, state)
+        elif ls.same(cur_f, state.original_filters) and ls.same(cur_o, state.original_outputs):
             pass  # already back (e.g. libvirtd restarted with the same config)
         else:
             warning = (f"libvirtd's log settings were changed by someone else during capture "
@@ -354,6 +407,15 @@ def _restore(runner: Any, state: State, paths: Paths) -> str | None:
         paths.state.unlink()
     shutil.rmtree(paths.dir, ignore_errors=True)
     return warning
+
+
+def _restore_force(runner: Any, state: State, paths: Paths) -> None:
+    """Best effort put-back after a failure while switching logging on."""
+    with contextlib.suppress(Exception):
+        _put_back(runner, state)
+    with contextlib.suppress(FileNotFoundError):
+        paths.state.unlink()
+    shutil.rmtree(paths.dir, ignore_errors=True)
 
 
 def repair_if_stale(uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
@@ -396,23 +458,37 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _quiet_level(state: State) -> int:
+    return ls.quiet_level(state.original_filters, ls.configured_log_level(state.admin_uri))
+
+
+def _raise_notice(state: State) -> str | None:
+    if not state.raised:
+        return None
+    return (f"libvirtd log output{'s' if len(state.raised) > 1 else ''} {' '.join(state.raised)} raised to "
+            f"level {state.raise_to} while tracing, so no monitor traffic reaches "
+            f"{'them' if len(state.raised) > 1 else 'it'} (--keep-log-outputs leaves them as they are)")
+
+
 class CaptureSession:
     """One process's share of the capture: its byte window of the shared log."""
 
     def __init__(self, uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
-                 runner: Any = None, settle: float = 0.15) -> None:
+                 runner: Any = None, settle: float = 0.15, policy: OutputPolicy | None = None) -> None:
         self.admin_uri = runner.admin_uri if runner is not None and hasattr(runner, "admin_uri") \
             else admin_uri_for(uri)
         self.runner = runner or AdminRunner(self.admin_uri)
         self.paths = Paths(state_dir)
         self.session = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.settle = settle
+        self.policy = policy or _POLICY.get() or OutputPolicy()
         self.start_offset = 0
         self.end_offset: int | None = None
         self.since: _dt.datetime | None = None
         self.until: _dt.datetime | None = None
         self.first = False
         self.warning: str | None = None
+        self.notice: str | None = None
         self._window: Path | None = None
         self._active = False
 
@@ -433,36 +509,75 @@ class CaptureSession:
                     self.warning = _restore(self.runner, state, self.paths)
                     state = None
             if state is None:
-                self.first = True
-                orig_f, orig_o = get_settings(self.runner)
-                orig_f, orig_o = strip_ours(orig_f, orig_o, self.paths.log)
-                self.paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.chmod(self.paths.dir, 0o700)
-                fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                os.fchmod(fd, 0o600)
-                os.close(fd)
-                state = State(admin_uri=self.admin_uri, original_filters=orig_f, original_outputs=orig_o,
-                              applied_filters=merge_filters(orig_f),
-                              applied_outputs=merge_outputs(orig_o, self.paths.log),
-                              log=str(self.paths.log), owners=[me])
-                # State first: if we die between here and the end, the next run knows what to restore.
-                _save_state(self.paths, state)
-                try:
-                    # Stores libvirt's own spelling so the "still ours?" check at the end compares equal.
-                    state.applied_filters, state.applied_outputs = set_settings(
-                        self.runner, state.applied_filters, state.applied_outputs, outputs_first=True)
-                except BaseException:
-                    state.applied_filters = merge_filters(orig_f)
-                    state.applied_outputs = merge_outputs(orig_o, self.paths.log)
-                    _restore_force(self.runner, state, self.paths)
-                    raise
+                state = self._open(me)
             else:
-                state.owners.append(me)
+                self._join(state, me)
             _save_state(self.paths, state)
+            self.notice = _raise_notice(state)
+            if self.policy.keep and state.raised:
+                self.notice = (f"{self.notice}; another virtsave trace shares this capture without "
+                               "--keep-log-outputs, so they stay raised until it ends")
             self.start_offset = _size(self.paths.log)
             self.since = _utcnow()
             self._active = True
         return self
+
+    def _new_capture_log(self) -> None:
+        self.paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.paths.dir, 0o700)
+        fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+
+    def _open(self, me: Owner) -> State:
+        """First session: record the operator's settings, then switch ours on."""
+        self.first = True
+        live_f, live_o = get_settings(self.runner)
+        orig_f, orig_o = ls.strip_ours(live_f, live_o, self.paths.log)
+        if (orig_f, orig_o) != (live_f, live_o):
+            self.warning = ("libvirtd had virtsave's capture settings without a state file (lost?): took the "
+                            f"rest as the operator's (filters {orig_f!r}, outputs {orig_o!r}); output levels "
+                            "that lost session raised cannot be told from the operator's own")
+        self._new_capture_log()
+        state = State(admin_uri=self.admin_uri, original_filters=orig_f, original_outputs=orig_o,
+                      applied_filters="", applied_outputs="", log=str(self.paths.log), owners=[me])
+        if not self.policy.keep:
+            state.raise_to = _quiet_level(state)
+            state.raised = ls.raised_outputs(orig_o, state.raise_to)[1]
+        want_f = ls.capture_filters(orig_f, None)
+        want_o = ls.capture_outputs(orig_o, self.paths.log, state.raise_to)
+        state.applied_filters, state.applied_outputs = want_f, want_o
+        # State first: if we die between here and the end, the next run knows what to restore.
+        _save_state(self.paths, state)
+        try:
+            # Outputs first (ours there, theirs raised) before the filters let monitor lines through.
+            got_f, got_o = set_settings(self.runner, want_f, want_o, outputs_first=True)
+            state.filters_wrapped = ls.detect_wrapping(got_f, want_f)
+            right_f = ls.capture_filters(orig_f, state.filters_wrapped)
+            if right_f != want_f:  # the daemon does not wrap: the operator's part needs its shown form
+                state.applied_filters = right_f
+                _save_state(self.paths, state)
+                got_f, got_o = set_settings(self.runner, right_f, None, outputs_first=False)
+            # libvirt's own spelling, so the "still ours?" check at the end compares equal.
+            state.applied_filters, state.applied_outputs = got_f, got_o
+        except BaseException:
+            _restore_force(self.runner, state, self.paths)
+            raise
+        return state
+
+    def _join(self, state: State, me: Owner) -> None:
+        """A later session: count in; raise the operator's outputs if this one wants them quiet
+        and the shared capture left them as they were."""
+        state.owners.append(me)
+        if self.policy.keep or state.raise_to is not None:
+            return
+        raise_to = _quiet_level(state)
+        want_o = ls.capture_outputs(state.original_outputs, self.paths.log, raise_to)
+        cur_f, cur_o = get_settings(self.runner)
+        if not (ls.same(cur_f, state.applied_filters) and ls.same(cur_o, state.applied_outputs)):
+            return  # changed by someone else: the end of the session will say so
+        state.raise_to, state.raised = raise_to, ls.raised_outputs(state.original_outputs, raise_to)[1]
+        _, state.applied_outputs = set_settings(self.runner, None, want_o, outputs_first=True)
 
     def _settle(self) -> None:
         # The daemon may still be writing the last event lines of the operation: wait until the
@@ -528,17 +643,6 @@ class CaptureSession:
         return self.warning
 
 
-def _restore_force(runner: Any, state: State, paths: Paths) -> None:
-    """Best effort put-back after a failure while switching logging on."""
-    with contextlib.suppress(Exception):
-        runner.set_filters(state.original_filters)
-    with contextlib.suppress(Exception):
-        runner.set_outputs(state.original_outputs)
-    with contextlib.suppress(FileNotFoundError):
-        paths.state.unlink()
-    shutil.rmtree(paths.dir, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _term_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
@@ -563,19 +667,25 @@ def _term_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture(uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
-            runner: Any = None, on_warning: Callable[[str], None] | None = None) -> Iterator[CaptureSession]:
+            runner: Any = None, on_warning: Callable[[str], None] | None = None,
+            policy: OutputPolicy | None = None) -> Iterator[CaptureSession]:
     """Monitor logging on for the ``with`` block; settings restored on exit, error, Ctrl-C or SIGTERM.
 
-    Read the window (``window_text()``/``window_path()``) inside the block: the per-session file
-    is removed when the block ends.
+    *policy* (default: the one :func:`output_policy` set, else raise the operator's outputs)
+    decides what happens to the operator's own log outputs; its notice goes to
+    ``policy.announce``, else to *on_warning*. Read the window (``window_text()``/``window_path()``)
+    inside the block: the per-session file is removed when the block ends.
     """
     repaired = repair_if_stale(uri, state_dir=state_dir, runner=runner)
     if repaired and on_warning:
         on_warning(repaired)
-    sess = CaptureSession(uri, state_dir=state_dir, runner=runner)
+    sess = CaptureSession(uri, state_dir=state_dir, runner=runner, policy=policy)
+    announce = sess.policy.announce or on_warning
     with _term_as_interrupt():
         try:
             sess.start()  # a signal held during start() is raised after it: stop() still runs
+            if sess.notice and announce:
+                announce(sess.notice)
             yield sess
         finally:
             warning = sess.stop()
