@@ -91,3 +91,34 @@ def test_finalize_flips_magic(tmp_path: Path) -> None:
         saveimage.write_header(f, "<domain/>")
         saveimage.finalize(f.fileno())
     assert saveimage.read_header_path(p).partial is False
+
+
+def test_private_writer_never_replaces_or_chmods_a_device() -> None:
+    """``-o /dev/null`` once renamed a 0600 regular file over /dev/null for the whole machine."""
+    from virtsave.core.files import open_private, private_writer
+
+    before = os.stat("/dev/null")
+    with private_writer("/dev/null") as f:
+        f.write(b"secret")
+    os.close(open_private("/dev/null"))
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+    assert stat.S_IMODE(after.st_mode) == stat.S_IMODE(before.st_mode) == 0o666
+    assert not [p for p in os.listdir("/dev") if p.startswith("null.tmp")]
+
+
+def test_private_writer_writes_a_fifo_in_place(tmp_path) -> None:
+    import threading
+
+    from virtsave.core.files import private_writer
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo, 0o644)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    with private_writer(fifo) as f:
+        f.write(b"{}")
+    reader.join(10)
+    assert got == [b"{}"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert stat.S_IMODE(os.stat(fifo).st_mode) == 0o644
