@@ -23,7 +23,7 @@ app = typer.Typer(
 
 # Areas of the CLI; each module has register(app). Missing ones are skipped so that
 # the package stays usable while an area is being built.
-AREAS = ("ref", "tracecmd", "imagecmd", "replaycmd", "democmd")
+AREAS = ("ref", "tracecmd", "imagecmd", "replaycmd", "democmd", "matrixcmd")
 
 
 def _print_version(value: bool) -> None:
