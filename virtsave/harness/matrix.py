@@ -333,32 +333,40 @@ def _image_cell(row: Row, build: qbuilds.QemuBuild, argv: list[str], source: str
 
 
 # -- the matrix -------------------------------------------------------------------------------------
+def _row_cells(row: Row, usable: list[qbuilds.QemuBuild], modes: tuple[str, ...], workdir: Path,
+               uri: str | None) -> Iterable[Cell]:
+    if row.kind == "image":
+        argv, source = image_argv(row.path, uri)
+        for b in usable:
+            yield _image_cell(row, b, argv, source)
+        return
+    for b in usable:
+        for mode in modes:
+            yield _trace_cell(row, b, mode, workdir)
+
+
 def run(rows: list[Row], builds: list[qbuilds.QemuBuild], *, modes: Iterable[str] = MODES,
         uri: str | None = None, progress: Progress | None = None) -> Matrix:
     """Every row against every build that could be probed (see the module docstring)."""
-    modes = tuple(modes)
-    for m in modes:
-        if m not in MODES:
-            raise VirtsaveError(f"unknown mode {m!r} ({', '.join(MODES)})")
+    wanted = tuple(modes)
+    for mode in wanted:
+        if mode not in MODES:
+            raise VirtsaveError(f"unknown mode {mode!r} ({', '.join(MODES)})")
     usable = [b for b in builds if not b.error]
-    m = Matrix(rows, builds, [], created=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    result = Matrix(rows, builds, [], created=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     base = paths.STATE_DIR / "matrix"
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     try:
         for row in rows:
-            argv, source = image_argv(row.path, uri) if row.kind == "image" else ([], "")
-            for b in usable:
-                for mode in (modes if row.kind == "trace" else ("restore",)):
-                    cell = _trace_cell(row, b, mode, workdir) if row.kind == "trace" else \
-                        _image_cell(row, b, argv, source)
-                    m.cells.append(cell)
-                    if progress is not None:
-                        progress(f"{row.label} × {b.name} {mode}: {cell.status}"
-                                 + (f" ({cell.reason})" if cell.reason and cell.status != "differs" else ""))
+            for cell in _row_cells(row, usable, wanted, workdir, uri):
+                result.cells.append(cell)
+                if progress is not None:
+                    progress(f"{row.label} × {cell.build} {cell.mode}: {cell.status}"
+                             + (f" ({cell.reason})" if cell.reason and cell.status != "differs" else ""))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return m
+    return result
 
 
 def machine_notes(m: Matrix) -> list[str]:

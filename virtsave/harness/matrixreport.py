@@ -103,14 +103,16 @@ def junit(m: Matrix) -> str:
     bad = {r["key"]: r for r in (m.regressions or [])}
     rows = {r.id: r for r in m.rows}
     total = failures = 0
-    for b in m.builds:
-        cells = [c for c in m.cells if c.build == b.name]
-        suite = ET.SubElement(root, "testsuite", name=f"{b.name} (QEMU {b.version or '?'})")
+    versions = {b.name: b.version for b in m.builds}
+    names = list(dict.fromkeys([*versions, *(c.build for c in m.cells)]))
+    for name in names:
+        cells = [c for c in m.cells if c.build == name]
+        suite = ET.SubElement(root, "testsuite", name=f"{name} (QEMU {versions.get(name) or '?'})")
         nfail = 0
         for c in cells:
             row = rows.get(c.row)
             case = ET.SubElement(suite, "testcase", classname=f"virtsave.matrix.{row.label if row else c.row}",
-                                 name=f"{c.mode} on {b.name}", time=f"{c.seconds:.3f}")
+                                 name=f"{c.mode} on {name}", time=f"{c.seconds:.3f}")
             if c.status not in _BEST:
                 nfail += 1
                 msg = f"{c.status}: {c.reason or ''}".strip()
@@ -156,8 +158,12 @@ def _html_cell(c: Cell, n: int, bad: set[str], trace: bool) -> str:
     label = f"{c.mode}: " if trace else ""
     reg = '<span class="reg">regression </span>' if c.key in bad else ""
     mach = f' <span class="mach">{_e(_machine_mark(c).strip())}</span>' if _machine_mark(c) else ""
+    why = ""
+    if c.status in ("fails", "refuses") and c.reason:
+        short = c.reason if len(c.reason) <= 90 else c.reason[:89] + "…"
+        why = f'<br><span class="small why">{_e(short)}</span>'
     return (f'<a class="cell st-{_e(c.status)}" href="#cell-{n}" data-status="{_e(c.status)}">'
-            f"{reg}{_e(label)}{_e(c.status)}</a>{mach}")
+            f"{reg}{_e(label)}{_e(c.status)}</a>{mach}{why}")
 
 
 def _html_details(c: Cell, n: int, row: Row | None, bad: dict[str, Any]) -> str:

@@ -162,8 +162,9 @@ def probe(path: str, name: str, origin: str = "named") -> QemuBuild:
 def _prefix_builds(base: Path) -> list[tuple[str, str]]:
     if not base.is_dir():
         return []
+    # ".NAME.*" and "NAME.old" are scripts/extra-qemu's work in progress.
     return [(d.name, str(d / "bin" / BINARY)) for d in sorted(base.iterdir())
-            if (d / "bin" / BINARY).is_file()]
+            if not d.name.startswith(".") and not d.name.endswith(".old") and (d / "bin" / BINARY).is_file()]
 
 
 def resolve(spec: str, known: list[QemuBuild]) -> QemuBuild:
