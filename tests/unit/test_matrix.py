@@ -18,7 +18,7 @@ from virtsave.core.errors import VirtsaveError
 from virtsave.harness import matrix, matrixreport
 from virtsave.harness.matrix import Cell, Matrix, Row
 from virtsave.image import saveimage
-from virtsave.qemu import builds, restorecheck
+from virtsave.qemu import builds, restorecheck, safety
 from virtsave.trace import model as tr
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -130,6 +130,20 @@ def test_prepare_argv_opens_nothing_for_writing(tmp_path):
     assert nets[1] == "user,id=hostnet1,restrict=on"
     assert "-machine" in new and new[new.index("-machine") + 1] == "pc-i440fx-7.2,usb=off"
     assert len(notes) == 8 and all(n["reason"] for n in notes)
+    assert safety.check_argv(new) == []
+
+
+def test_prepare_argv_silences_character_devices_and_the_check_refuses_what_stays_unsafe(tmp_path):
+    argv = ["qemu-system-x86_64", "-chardev", "pty,id=charserial0,logfile=/var/log/libvirt/qemu/g.log,logappend=on",
+            "-chardev", "socket,id=charchannel0,path=/var/lib/libvirt/qemu/channel/target/x.sock,server=on,wait=off",
+            "-device", "isa-serial,chardev=charserial0,id=serial0"]
+    new, _ = restorecheck.prepare_argv(argv)
+    assert new[1:5] == ["-chardev", "null,id=charserial0", "-chardev", "null,id=charchannel0"]
+    assert safety.check_argv(new) == []
+    img = tmp_path / "i.save"
+    _fake_image(img, b"pc-i440fx-7.2")
+    r = restorecheck.check_image(img, [*argv, "-plugin", "file=/tmp/evil.so"], binary="/nonexistent/qemu-system-x86_64")
+    assert r.status == "refuses" and r.reason.startswith("not launched: unsafe command line: -plugin")
 
 
 def test_prepare_argv_takes_the_streams_machine_type():
@@ -172,6 +186,7 @@ def test_argv_from_xml_refuses_bad_xml():
 def _fake_image(path: Path, machine: bytes, fmt: str = "raw") -> None:
     xml = "<domain type='qemu'><name>f</name><memory unit='MiB'>64</memory></domain>"
     hdr = saveimage.encode_header(xml, None, was_running=True, image_format=fmt)
+    hdr = hdr.replace(b"LibvirtQemudPart", b"LibvirtQemudSave", 1)   # a complete image
     stream = b"QEVM" + struct.pack(">I", 3) + bytes([0x07]) + struct.pack(">I", len(machine)) + machine
     path.write_bytes(hdr + stream + b"\0" * 64)
 
@@ -179,7 +194,7 @@ def _fake_image(path: Path, machine: bytes, fmt: str = "raw") -> None:
 def test_stream_machine_read_from_the_configuration_section(tmp_path):
     img = tmp_path / "i.save"
     _fake_image(img, b"pc-i440fx-7.2")
-    hdr = saveimage.read_header_path(img, allow_partial=True)
+    hdr = saveimage.read_header_path(img)
     assert restorecheck.stream_machine(img, hdr) == "pc-i440fx-7.2"
     _fake_image(img, b"x" * 300)                      # implausible length: no machine
     assert restorecheck.stream_machine(img, saveimage.read_header_path(img, allow_partial=True)) is None

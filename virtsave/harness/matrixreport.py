@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html as _html
 import json
+import re
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -46,6 +47,16 @@ def _regressed(m: Matrix) -> set[str]:
 
 def _machine_mark(c: Cell) -> str:
     return {"deprecated": " (machine deprecated)", "missing": " (no such machine)"}.get(c.machine_support or "", "")
+
+
+def _short(reason: str, width: int = 70) -> str:
+    """A reason as a table cell shows it (the launcher's "QEMU exited with status N:" left out).
+
+    >>> _short("QEMU exited with status 1: qemu-system-x86_64: unsupported machine type")
+    'qemu-system-x86_64: unsupported machine type'
+    """
+    text = re.sub(r"^(?:(?:save|restore) phase failed: )?QEMU exited with status \d+: ", "", reason)
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _row_label(row: Row) -> str:
@@ -77,7 +88,7 @@ def table(m: Matrix) -> Table:
                 text.append(c.status, style=STYLE.get(c.status, ""))
                 extra = _machine_mark(c)
                 if c.status in ("fails", "refuses") and c.reason:
-                    extra += f" — {c.reason[:90]}"
+                    extra += f" — {_short(c.reason)}"
                 elif c.status == "differs" and c.reason:
                     extra += f" ({c.reason})"
                 text.append(extra, style="dim")
@@ -160,8 +171,7 @@ def _html_cell(c: Cell, n: int, bad: set[str], trace: bool) -> str:
     mach = f' <span class="mach">{_e(_machine_mark(c).strip())}</span>' if _machine_mark(c) else ""
     why = ""
     if c.status in ("fails", "refuses") and c.reason:
-        short = c.reason if len(c.reason) <= 90 else c.reason[:89] + "…"
-        why = f'<br><span class="small why">{_e(short)}</span>'
+        why = f'<br><span class="small why">{_e(_short(c.reason, 90))}</span>'
     return (f'<a class="cell st-{_e(c.status)}" href="#cell-{n}" data-status="{_e(c.status)}">'
             f"{reg}{_e(label)}{_e(c.status)}</a>{mach}{why}")
 

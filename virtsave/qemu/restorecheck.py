@@ -10,7 +10,8 @@ The guest never runs, and nothing of it is opened for writing:
   file opened at all); ``-drive`` gets ``snapshot=on`` (QEMU opens it read-only, writes go to a
   temporary overlay);
 * ``memory-backend-file`` (hugepages, shared memory files) becomes ``memory-backend-ram``;
-* network backends become a restricted ``user`` backend (the guest never runs anyway);
+* network backends become a restricted ``user`` backend, character devices (serial ports, channels)
+  ``null`` ones (the guest never runs anyway);
 * the command line's own monitor goes (virtsave's QMP socket replaces it); the rest of the
   libvirt-specific rewriting is :mod:`virtsave.qemu.launch`'s.
 
@@ -40,7 +41,7 @@ from typing import Any
 
 from virtsave.core.errors import ImageError, LaunchError, QMPError, VirtsaveError
 from virtsave.image import saveimage
-from virtsave.qemu import direct
+from virtsave.qemu import direct, safety
 from virtsave.qemu import launch as qemu_launch
 
 __all__ = ["RestoreCheck", "argv_from_xml", "check_image", "clean_reason", "domain_name", "machine_of_argv",
@@ -276,6 +277,9 @@ def prepare_argv(argv: list[str], *, machine: str | None = None) -> tuple[list[s
         why = ""
         if opt == "-machine" and machine and qemu_launch._split_opts(val)[0].removeprefix("type=") != machine:
             new, why = _set_machine(val, machine), "the machine type the image's stream was saved with"
+        elif opt == "-chardev" and not val.startswith("null,"):
+            cid = qemu_launch._opt_dict(qemu_launch._split_opts(val)).get("id", "")
+            new, why = f"null,id={cid}", "restore check: the guest never runs, its character devices go nowhere"
         elif val.startswith("{"):
             with contextlib.suppress(ValueError):
                 spec = _rewrite_json(opt, json.loads(val), files)
@@ -369,7 +373,12 @@ def check_image(image: str | os.PathLike[str], argv: list[str], *, binary: str |
     hdr = saveimage.read_header_path(path, allow_partial=False)
     machine = stream_machine(path, hdr)
     new_argv, notes = prepare_argv(argv, machine=machine)
-    res = RestoreCheck("refuses", machine=machine, rewrites=notes)
+    res = RestoreCheck("refuses", machine=machine, rewrites=notes, argv=new_argv)
+    # The command line comes from the image's (untrusted) domain XML: the replay's safety rules apply.
+    findings = safety.check_argv(new_argv)
+    if findings:
+        res.reason = "not launched: unsafe command line: " + "; ".join(str(f) for f in findings)
+        return res
     t0 = time.monotonic()
     fd, hdr = direct.open_image(path, compressed_ok=True)
     proc = helper = None
