@@ -25,6 +25,7 @@ import pytest
 from conftest import URI, run_cli
 
 from virtsave.harness import guest
+from virtsave.image import saveimage
 from virtsave.qemu import builds
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,19 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def _direct_image(binary: str, machine: str, out: Path, work: Path) -> None:
+def _zstd_copy(src: Path, dst: Path) -> None:
+    """*src* as libvirt writes a ``--image-format zstd`` image: same header, the stream through zstd."""
+    hdr = saveimage.read_header_path(src)
+    with open(dst, "wb") as out:
+        out.write(saveimage.encode_header(hdr.xml, hdr.cookie, was_running=hdr.was_running, image_format="zstd",
+                                          partial=False))
+        out.flush()
+        with open(src, "rb") as f:
+            f.seek(hdr.stream_offset)
+            subprocess.run(["zstd", "-q", "-1", "-c"], stdin=f, stdout=out, check=True)
+
+
+def _direct_image(binary: str, machine: str, out: Path, work: Path, *extra: str) -> None:
     """Start *binary* by hand with the test guest (machine *machine*), let it tick, direct-save it."""
     name = guest.unique_name("vs-test-mx")
     uid = str(_uuid.uuid4())
@@ -74,7 +87,7 @@ def _direct_image(binary: str, machine: str, out: Path, work: Path) -> None:
             assert q.poll() is None, f"{binary} exited with {q.returncode}"
             assert time.monotonic() < deadline, f"guest on {binary} never ticked"
             time.sleep(0.2)
-        p = run_cli("direct", "save", "--qmp", f"unix:{sock}", str(out), "--xml", str(work / f"{name}.xml"))
+        p = run_cli("direct", "save", "--qmp", f"unix:{sock}", str(out), "--xml", str(work / f"{name}.xml"), *extra)
         assert p.returncode == 0, p.stderr
         assert q.wait(30) == 0
     finally:
@@ -96,6 +109,12 @@ def full_run():
         img72, img10 = work / "q72.save", work / "q10.save"
         _direct_image(DEBIAN12.path, "pc-i440fx-7.2", img72, work)
         _direct_image(SYSTEM, "pc-i440fx-10.0", img10, work)
+        # QEMU 10 with the older machine type: raw (a downgrade that works) and sparse (mapped-ram).
+        img10m72, sparse = work / "q10-m72.save", work / "q10-m72-sparse.save"
+        _direct_image(SYSTEM, "pc-i440fx-7.2", img10m72, work)
+        _direct_image(SYSTEM, "pc-i440fx-7.2", sparse, work, "--image-format", "sparse")
+        zst = work / "q72.zst.save"
+        _zstd_copy(img72, zst)
         guest.create(conn, name, memory_mib=128, fill_mib=8)
         guest.wait_tick(name, 2, timeout=120)
         traces = work / "traces"
@@ -105,7 +124,7 @@ def full_run():
         guest.wait_tick(name, guest.last_tick(name) + 1, timeout=60)
         conn.lookupByName(name).managedSave(0)
         managed = Path(f"/var/lib/libvirt/qemu/save/{name}.save")
-        images = [img72, img10, managed]
+        images = [img72, img10, managed, img10m72, sparse, zst]
         before = {str(i): _sha(i) for i in images}
         out = {k: work / f"m.{k}" for k in ("json", "xml", "html")}
         p = run_cli("matrix", "--traces", str(traces), *(a for i in images for a in ("--images", str(i))),
@@ -114,6 +133,7 @@ def full_run():
         data = json.loads(out["json"].read_text())
         yield {"proc": p, "data": data, "out": out, "before": before, "after": after, "images": images,
                "img72": str(img72.resolve()), "img10": str(img10.resolve()), "managed": str(managed.resolve()),
+               "img10m72": str(img10m72.resolve()), "sparse": str(sparse.resolve()), "zstd": str(zst.resolve()),
                "work": work}
     finally:
         guest.remove(conn, name)
@@ -179,6 +199,24 @@ def test_a_10_image_is_refused_by_72_with_qemus_reason(full_run):
 
 
 @needs_debian12
+def test_a_10_image_with_the_72_machine_type_loads_on_72_unless_sparse(full_run):
+    data = full_run["data"]
+    for build in ("system", "debian12"):
+        assert _cell(data, full_run["img10m72"], build, "restore")["status"] == "loads"
+    assert _cell(data, full_run["sparse"], "system", "restore")["status"] == "loads"
+    c = _cell(data, full_run["sparse"], "debian12", "restore")
+    assert c["status"] == "refuses" and "mapped-ram" in c["reason"] and c["machine_support"] == "ok", c
+
+
+@needs_debian12
+def test_a_zstd_image_goes_through_the_decompressor(full_run):
+    row = next(r for r in full_run["data"]["rows"] if r["id"] == full_run["zstd"])
+    assert row["info"]["format"] == "zstd" and row["machine"] == "pc-i440fx-7.2"
+    for build in ("system", "debian12"):
+        assert _cell(full_run["data"], full_run["zstd"], build, "restore")["status"] == "loads"
+
+
+@needs_debian12
 def test_a_libvirt_90_trace_replays_on_both_builds(full_run):
     data = full_run["data"]
     for row in ("corpus/libvirt-9.0-managedsave", "corpus/libvirt-9.0-save-bypass-cache"):
@@ -211,8 +249,11 @@ def test_junit_has_every_cell_as_a_testcase(full_run):
     assert len(cases) == len(data["cells"]) == int(root.get("tests"))
     failing = [c for c in cases if c.find("failure") is not None]
     assert len(failing) == sum(c["status"] not in ("equivalent", "loads") for c in data["cells"])
-    refused = [c for c in failing if c.find("failure").get("type") == "refuses"]
-    assert refused and all("unsupported machine type" in c.find("failure").get("message") for c in refused)
+    refused = [c.find("failure").get("message") for c in failing if c.find("failure").get("type") == "refuses"]
+    reasons = [c["reason"] for c in data["cells"] if c["status"] == "refuses"]
+    assert len(refused) == len(reasons) == 3
+    assert sorted(refused) == sorted(f"refuses: {r}" for r in reasons)
+    assert sum("unsupported machine type" in m for m in refused) == 2 and sum("mapped-ram" in m for m in refused) == 1
 
 
 @needs_debian12
