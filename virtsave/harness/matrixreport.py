@@ -88,7 +88,7 @@ def table(m: Matrix) -> Table:
                 text.append(c.status, style=STYLE.get(c.status, ""))
                 extra = _machine_mark(c)
                 if c.status in ("fails", "refuses") and c.reason:
-                    extra += f" — {_short(c.reason)}"
+                    extra += f" — {_short(c.reason, 90)}"
                 elif c.status == "differs" and c.reason:
                     extra += f" ({c.reason})"
                 text.append(extra, style="dim")
