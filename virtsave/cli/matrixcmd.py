@@ -14,9 +14,10 @@ baseline; 2 bad input or nothing to check.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -27,11 +28,16 @@ from virtsave.core.files import private_writer
 
 from .common import OPTIONS, emit_json, info
 
+if TYPE_CHECKING:
+    from virtsave.harness.matrix import Matrix
+    from virtsave.qemu.builds import QemuBuild
+
 QemuOpt = Annotated[list[str] | None, typer.Option(
     "--qemu", metavar="NAME|PATH|NAME=PATH", help="a build to use (repeatable; default: every build found)")]
 
 
-def _builds(specs: list[str] | None, *, only: bool) -> list:  # type: ignore[type-arg]
+def _builds(specs: list[str] | None, *, only: bool) -> list[QemuBuild]:
+    """Every build found, or only the named ones (*only*), or both."""
     from virtsave.qemu import builds
 
     found = builds.discover()
@@ -86,7 +92,7 @@ def matrix_cmd(
                         help="exit 1 when a cell got worse than in this earlier matrix JSON")] = None,
 ) -> None:
     """Check traces and save images against several QEMU builds (rows × builds)."""
-    from virtsave.harness import matrix, matrixreport
+    from virtsave.harness import matrix
 
     old = matrix.load(baseline) if baseline is not None else None
     wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
@@ -108,30 +114,42 @@ def matrix_cmd(
         m.baseline = str(baseline)
         m.regressions = matrix.regressions(m, old)
     data = m.to_json()
+    _reports(m, data, output, junit, html)
+    if OPTIONS.json:
+        emit_json(data)
+    else:
+        from virtsave.harness import matrixreport
+
+        Console(width=max(Console().width, 120)).print(matrixreport.table(m))
+        for note in data["notes"]:
+            info(f"note: {note}")
+    _verdict(m.regressions, baseline)
+
+
+def _reports(m: Matrix, data: dict[str, object], output: Path | None, junit: Path | None,
+             html: Path | None) -> None:
+    from virtsave.harness import matrixreport
+
     if output is not None:
         _write(output, _json_text(data))
     if junit is not None:
         _write(junit, matrixreport.junit(m))
     if html is not None:
         _write(html, matrixreport.html(m))
-    if OPTIONS.json:
-        emit_json(data)
-    else:
-        Console(width=max(Console().width, 120)).print(matrixreport.table(m))
-        for note in data["notes"]:
-            info(f"note: {note}")
-    if m.regressions:
-        for r in m.regressions:
+
+
+def _verdict(regressions: list[dict[str, object]] | None, baseline: Path | None) -> None:
+    """Exit 1 naming each cell that got worse than in the baseline."""
+    if regressions:
+        for r in regressions:
             info(f"worse than the baseline: {r['key']}: {r['was']} → {r['now']}"
                  + (f" ({r['reason']})" if r.get("reason") else ""))
         sys.exit(1)
-    if m.regressions is not None:
+    if regressions is not None:
         info(f"no cell got worse than in {baseline}")
 
 
 def _json_text(data: object) -> str:
-    import json
-
     return json.dumps(data, indent=1, default=str) + "\n"
 
 
