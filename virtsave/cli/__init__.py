@@ -37,7 +37,7 @@ app = typer.Typer(
 )
 
 # Areas of the CLI; each module has register(app).
-AREAS = ("ref", "tracecmd", "imagecmd", "replaycmd", "democmd")
+AREAS = ("ref", "tracecmd", "imagecmd", "replaycmd", "democmd", "matrixcmd")
 
 #: The commands that connect to libvirtd (and so first repair log settings a killed trace left).
 DAEMON_COMMANDS = frozenset({"managed-save", "save", "restore", "start", "managed-save-remove", "list",

@@ -422,12 +422,15 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
            mode: str = "faithful", phases: tuple[str, ...] | list[str] = ("save", "restore"),
            allow_unsafe: bool = False, progress: Progress | None = None, diff: bool = False,
            run_for: float = 3.0, serial_pattern: str | None = None, serial_log: str | None = None,
-           run_after: float = 0.0, keep_running: bool = False, input_name: str | None = None) -> _trace.Trace:
+           run_after: float = 0.0, keep_running: bool = False, input_name: str | None = None,
+           qemu_binary: str | None = None) -> _trace.Trace:
     """Replay *trace*'s phases through the direct backend; return the direct trace.
 
     Raises :class:`UnsafeTraceError` (before launching anything) for unsafe traces,
     :class:`OperationFailed` when a phase fails (the QEMU is killed, a partial image removed).
     With *keep_running* the restored QEMU stays up: ``trace["replay"]["qemu"]`` says where.
+    *qemu_binary* runs another QEMU build than the traced ``argv[0]`` (the caller's choice: it
+    must still be a ``qemu-system-*``); the direct trace's ``domain.argv[0]`` names it.
     """
     if mode not in MODES:
         raise UnsupportedError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -444,6 +447,11 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     argv = trace.get("domain", {}).get("argv") or []
     if not argv:
         raise TraceError("trace has no QEMU command line (domain.argv): cannot launch an equivalent QEMU")
+    if qemu_binary is not None:
+        if not qemu_launch.is_qemu_binary(qemu_binary):
+            raise UnsupportedError(f"qemu_binary {qemu_binary}: not a QEMU system emulator (qemu-system-*)")
+        argv = [qemu_binary, *argv[1:]]
+        trace = {**trace, "domain": {**trace["domain"], "argv": argv}}
     traced = {p: _trace.find_phase(trace, p) for p in phases}
     for p, t in traced.items():
         if t is None:
