@@ -217,40 +217,49 @@ def _wait(ph: _Phase, mark: int) -> None:
     ph.migration = "completed"
 
 
+def _skipped(ph: _Phase, idx: int, execute: str, *, incoming: bool) -> bool:
+    """Whether the traced command is not sent (recorded as a substitution where it is replaced)."""
+    if execute == "qmp_capabilities":
+        ph.substitute(idx, "execute", execute, None, "negotiated by qemu.qmp when connecting")
+        return True
+    return ph.mode == "essential" and (is_probe(execute) or (ph.migration == "completed" and not incoming))
+
+
+def _fds(ph: _Phase, idx: int, msg: _trace.Message) -> list[int] | None:
+    """The fds a traced command passes, ours in place of libvirt's; None: it is skipped (TCP)."""
+    execute = msg["execute"]
+    if not (msg.get("fds") or execute in ("getfd", "add-fd")):
+        return []
+    if ph.transport == "tcp":
+        ph.substitute(idx, "fds", msg.get("fds", 1), 0,
+                      f"{execute} skipped: TCP QMP cannot pass fds (the URI names the file instead)")
+        return None
+    ph.substitute(idx, "fds", msg.get("fds", 1), 1, "our image fd, passed by SCM_RIGHTS")
+    return [ph.stream.qemu_fd]
+
+
 def _replay_commands(ph: _Phase, *, incoming: bool) -> None:
     """Send the traced phase's commands in order (rewritten where needed)."""
-    fd_for_scm = [ph.stream.qemu_fd]
     for idx, msg in enumerate(ph.traced["messages"]):
-        if msg.get("kind") != "command":
+        if msg.get("kind") != "command" or _skipped(ph, idx, msg["execute"], incoming=incoming):
             continue
         execute = msg["execute"]
         args = copy.deepcopy(msg.get("arguments"))
-        if execute == "qmp_capabilities":
-            ph.substitute(idx, "execute", execute, None, "negotiated by qemu.qmp when connecting")
-            continue
-        if ph.mode == "essential" and (is_probe(execute) or (ph.migration == "completed" and not incoming)):
-            continue
         if execute == "migrate-set-capabilities" and args:
-            for c in args.get("capabilities", []):
-                if c.get("capability") == "events" and c.get("state"):
-                    ph.events_on = True
-        fds: list[int] | None = None
-        if msg.get("fds") or execute in ("getfd", "add-fd"):
-            if ph.transport == "tcp":
-                ph.substitute(idx, "fds", msg.get("fds", 1), 0,
-                              f"{execute} skipped: TCP QMP cannot pass fds (the URI names the file instead)")
-                continue
-            fds = fd_for_scm
-            ph.substitute(idx, "fds", msg.get("fds", 1), 1, "our image fd, passed by SCM_RIGHTS")
+            ph.events_on |= any(c.get("capability") == "events" and c.get("state")
+                                for c in args.get("capabilities", []))
+        fds = _fds(ph, idx, msg)
+        if fds is None:
+            continue
         if execute in ("migrate", "migrate-incoming"):
             if not args or "uri" not in args:
                 raise UnsupportedError(f"{execute} without a uri (channels) cannot be replayed yet")
             args["uri"] = _rewrite_uri(ph, idx, args["uri"])
             mark = ph.session.event_mark()
-            _send(ph, idx, execute, args, fds)
+            _send(ph, idx, execute, args, fds or None)
             _wait(ph, mark)
             continue
-        _send(ph, idx, execute, args, fds)
+        _send(ph, idx, execute, args, fds or None)
     if ph.migration is None:
         raise TraceError(f"traced {ph.out['name']} phase has no {'migrate-incoming' if incoming else 'migrate'}")
 
@@ -401,6 +410,17 @@ def default_image_path(trace: _trace.Trace) -> str:
     return str(d / f"{name}-{os.getpid()}.save")
 
 
+def _check_choices(mode: str, transport: str, phases: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    if mode not in MODES:
+        raise UnsupportedError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if transport not in TRANSPORTS:
+        raise UnsupportedError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+    for p in phases:
+        if p not in _trace.PHASE_NAMES:
+            raise UnsupportedError(f"unknown phase {p!r} (save, restore)")
+    return tuple(phases)
+
+
 def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, transport: str = "unix",
            mode: str = "faithful", phases: tuple[str, ...] | list[str] = ("save", "restore"),
            allow_unsafe: bool = False, progress: Progress | None = None, diff: bool = False,
@@ -412,14 +432,7 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     :class:`OperationFailed` when a phase fails (the QEMU is killed, a partial image removed).
     With *keep_running* the restored QEMU stays up: ``trace["replay"]["qemu"]`` says where.
     """
-    if mode not in MODES:
-        raise UnsupportedError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if transport not in TRANSPORTS:
-        raise UnsupportedError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-    phases = tuple(phases)
-    for p in phases:
-        if p not in _trace.PHASE_NAMES:
-            raise UnsupportedError(f"unknown phase {p!r} (save, restore)")
+    phases = _check_choices(mode, transport, phases)
     problems = _trace.validate(trace)
     if problems:
         raise TraceError(f"invalid trace: {problems[0]}")
