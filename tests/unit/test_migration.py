@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from virtsave.core.errors import OperationFailed, QMPError, UnsupportedError
+from virtsave.core.errors import ImageError, OperationFailed, QMPError, UnsupportedError
 from virtsave.image import saveimage
 from virtsave.qemu import migration
 
@@ -104,7 +104,7 @@ def test_exec_helper_status_is_checked(tmp_path: Path) -> None:
     img = str(tmp_path / "g.save")
     migration.exec_save_uri(img, 100)  # removes any stale status
     Path(migration.exec_done_marker(img)).write_text("1\n")
-    with pytest.raises(OperationFailed, match="dd helper .* failed"):
+    with pytest.raises(OperationFailed, match=r"dd helper .* failed"):
         migration.wait_exec_helper(img)
     assert not Path(migration.exec_done_marker(img)).exists()
 
@@ -177,5 +177,5 @@ def test_compressed_image_goes_through_its_decompressor(tmp_path: Path) -> None:
 def test_partial_image_is_not_loaded(tmp_path: Path) -> None:
     img = tmp_path / "p.save"
     img.write_bytes(saveimage.encode_header(XML) + b"QEVM")
-    with pytest.raises(Exception, match="(?i)partial|incomplete"):
+    with pytest.raises(ImageError, match=r"(?i)partial|incomplete"):
         migration.Incoming.open(str(img))
