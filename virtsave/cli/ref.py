@@ -23,7 +23,7 @@ from rich.table import Table
 
 from virtsave.cli.progress import job_progress
 from virtsave.core.errors import OperationFailed, VirtsaveError
-from virtsave.core.operation import OpResult, Progress
+from virtsave.core.operation import OpResult
 from virtsave.image.saveimage import read_header_path
 from virtsave.libvirtd import host
 from virtsave.libvirtd import reference as lp
@@ -145,14 +145,17 @@ def _select_args(doms: list[str] | None, all_: bool, match: str | None, command:
     return doms[0]
 
 
-def _one_or_all(operation: str, one: str | None, nothing: str, run_one: Callable[[str, Progress], OpResult],
-                run_all: Callable[[Progress], list[OpResult]]) -> OpResult | None:
-    """Run *operation* on domain *one*, or in bulk when *one* is None (reported here: None returned)."""
+def _one_or_all(operation: str, one: str | None, nothing: str, single: Callable[..., OpResult],
+                bulk: Callable[..., list[OpResult]], domains: list[str] | None, *, match: str | None,
+                parallel: int, **options: Any) -> OpResult | None:
+    """*single* on domain *one*, or *bulk* on *domains* when *one* is None (reported here: None
+    returned); both with the same *options* and a progress display while they run."""
+    conn = lp.connect(OPTIONS.uri)
     with job_progress(operation) as cb:
         if one is not None:
-            return run_one(one, cb)
+            return single(conn, one, progress=cb, **options)
         t0 = time.monotonic()
-        results = run_all(cb)
+        results = bulk(conn, domains or None, parallel, match=match, progress=cb, **options)
         seconds = time.monotonic() - t0
     # report after the progress display is gone
     if not results and not OPTIONS.json:
@@ -180,12 +183,8 @@ def managed_save_cmd(
     """
     state = _state(running, paused)
     one = _select_args(domains, all_, match, "managed-save")
-    conn = lp.connect(OPTIONS.uri)
-    res = _one_or_all(
-        "managed-save", one, "no running domain matched",
-        lambda d, cb: lp.managed_save(conn, d, bypass_cache=bypass_cache, state=state, progress=cb),
-        lambda cb: lp.managed_save_all(conn, domains or None, parallel, match=match, bypass_cache=bypass_cache,
-                                       state=state, progress=cb))
+    res = _one_or_all("managed-save", one, "no running domain matched", lp.managed_save, lp.managed_save_all,
+                      domains, match=match, parallel=parallel, bypass_cache=bypass_cache, state=state)
     if res is None:
         return
     _emit(res, f"{res.domain}: saved to managed-save image {res.image or '(daemon side)'} "
@@ -257,12 +256,8 @@ def start_cmd(
     """
     state = "paused" if paused else None
     one = _select_args(domains, all_, match, "start")
-    conn = lp.connect(OPTIONS.uri)
-    res = _one_or_all(
-        "start", one, "no domain with a managed-save image matched",
-        lambda d, cb: lp.start(conn, d, bypass_cache=bypass_cache, state=state, progress=cb),
-        lambda cb: lp.start_all(conn, domains or None, parallel, match=match, bypass_cache=bypass_cache,
-                                state=state, progress=cb))
+    res = _one_or_all("start", one, "no domain with a managed-save image matched", lp.start, lp.start_all,
+                      domains, match=match, parallel=parallel, bypass_cache=bypass_cache, state=state)
     if res is None:
         return
     how = (f"from its managed-save image ({_size(res.image_size)})" if res.detail.get("from_managed_save")
