@@ -148,13 +148,14 @@ def test_lookup_by_name_uuid_and_missing(tconn) -> None:  # type: ignore[no-unty
 
 def test_managed_save_then_start_says_from_image(tconn) -> None:  # type: ignore[no-untyped-def]
     res = lp.managed_save(tconn, "test")
-    assert res.ok and res.detail["has_managed_save"] and res.detail["state_after"] == "shut off"
+    assert res.ok and res.detail["has_managed_save"] and res.state == "shut off"
+    assert res.to_dict()["detail"]["state_after"] == "shut off"  # the JSON keeps its key
     with pytest.raises(DomainStateError, match="not running"):
         lp.managed_save(tconn, "test")
     [info] = lp.list_domains(tconn, match="te*")
     assert info["managed_save"] is True and info["state"] == "shut off"
     res = lp.start(tconn, "test")
-    assert res.ok and res.detail["from_managed_save"] is True and res.detail["state_after"] == "running"
+    assert res.ok and res.detail["from_managed_save"] is True and res.state == "running"
     lp.managed_save(tconn, "test")
     assert lp.managed_save_remove(tconn, "test").detail["removed"] is True
     assert lp.managed_save_remove(tconn, "test").detail["removed"] is False
@@ -165,7 +166,7 @@ def test_failed_save_result_or_exception(tconn) -> None:  # type: ignore[no-unty
     bad = "/nonexistent-virtsave-dir/x.img"
     res = lp.save(tconn, "test", bad, raise_on_error=False)
     assert not res.ok and res.error and bad in res.error
-    assert res.detail["state_after"] == "running"  # a failed save leaves the domain running
+    assert res.state == "running"  # a failed save leaves the domain running
     with pytest.raises(VirtsaveError) as exc_info:
         lp.save(tconn, "test", bad)
     assert exc_info.value.result.ok is False  # type: ignore[attr-defined]

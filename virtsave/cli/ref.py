@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from virtsave.cli.progress import job_progress
 from virtsave.core.errors import OperationFailed, VirtsaveError
+from virtsave.core.operation import OpResult
 from virtsave.image.saveimage import read_header_path
 from virtsave.libvirtd import host
 from virtsave.libvirtd import reference as lp
@@ -95,7 +97,7 @@ def _out() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _emit(res: lp.OpResult, text: str) -> None:
+def _emit(res: OpResult, text: str) -> None:
     if res.detail.get("interrupted"):
         info(f"{res.domain}: Ctrl-C came too late to cancel the {res.operation}: it completed")
     if OPTIONS.json:
@@ -104,7 +106,7 @@ def _emit(res: lp.OpResult, text: str) -> None:
         _out().print(text, markup=False)
 
 
-def _bulk_report(results: list[lp.OpResult], operation: str, seconds: float) -> None:
+def _bulk_report(results: list[OpResult], operation: str, seconds: float) -> None:
     failed = [r for r in results if not r.ok]
     if OPTIONS.json:
         emit_json({"operation": operation, "ok": not failed, "seconds": round(seconds, 3),
@@ -120,14 +122,14 @@ def _bulk_report(results: list[lp.OpResult], operation: str, seconds: float) -> 
                 detail = ""
                 if operation == "start":
                     detail = "from managed-save image" if r.detail.get("from_managed_save") else "cold boot"
-                detail = ", ".join(x for x in (detail, r.detail.get("state_after") or "") if x)
+                detail = ", ".join(x for x in (detail, r.state or "") if x)
             else:
                 detail = (r.error or "").removeprefix(f"{operation} of {r.domain} failed: ")
             table.add_row(r.domain, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", _size(r.image_size), detail)
         _out().print(table)
     if failed:
         raise OperationFailed(f"{len(failed)} of {len(results)} {operation} operations failed: "
-                              + ", ".join(r.domain for r in failed))
+                              + ", ".join(str(r.domain) for r in failed))
 
 
 def _select_args(doms: list[str] | None, all_: bool, match: str | None, command: str) -> str | None:
@@ -141,6 +143,25 @@ def _select_args(doms: list[str] | None, all_: bool, match: str | None, command:
     if len(doms) > 1:
         raise ArgumentError(f"{command}: one domain at a time (use --all with names or --match for several)")
     return doms[0]
+
+
+def _one_or_all(operation: str, one: str | None, nothing: str, single: Callable[..., OpResult],
+                bulk: Callable[..., list[OpResult]], domains: list[str] | None, *, match: str | None,
+                parallel: int, **options: Any) -> OpResult | None:
+    """*single* on domain *one*, or *bulk* on *domains* when *one* is None (reported here: None
+    returned); both with the same *options* and a progress display while they run."""
+    conn = lp.connect(OPTIONS.uri)
+    with job_progress(operation) as cb:
+        if one is not None:
+            return single(conn, one, progress=cb, **options)
+        t0 = time.monotonic()
+        results = bulk(conn, domains or None, parallel, match=match, progress=cb, **options)
+        seconds = time.monotonic() - t0
+    # report after the progress display is gone
+    if not results and not OPTIONS.json:
+        info(f"{operation} --all: {nothing}; nothing to do")
+    _bulk_report(results, operation, seconds)
+    return None
 
 
 # --------------------------------------------------------------------------- commands
@@ -162,22 +183,12 @@ def managed_save_cmd(
     """
     state = _state(running, paused)
     one = _select_args(domains, all_, match, "managed-save")
-    conn = lp.connect(OPTIONS.uri)
-    with job_progress("managed-save") as cb:
-        if one is None:
-            t0 = time.monotonic()
-            results = lp.managed_save_all(conn, domains or None, parallel, match=match, bypass_cache=bypass_cache,
-                                          state=state, progress=cb)
-            seconds = time.monotonic() - t0
-        else:
-            res = lp.managed_save(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
-    if one is None:  # report after the progress display is gone
-        if not results and not OPTIONS.json:
-            info("managed-save --all: no running domain matched; nothing to do")
-        _bulk_report(results, "managed-save", seconds)
+    res = _one_or_all("managed-save", one, "no running domain matched", lp.managed_save, lp.managed_save_all,
+                      domains, match=match, parallel=parallel, bypass_cache=bypass_cache, state=state)
+    if res is None:
         return
     _emit(res, f"{res.domain}: saved to managed-save image {res.image or '(daemon side)'} "
-               f"({_size(res.image_size)}, {res.seconds:.2f} s); domain {res.detail.get('state_after')}")
+               f"({_size(res.image_size)}, {res.seconds:.2f} s); domain {res.state}")
 
 
 def save_cmd(
@@ -205,7 +216,7 @@ def save_cmd(
                       image_format=image_format, parallel_channels=parallel_channels, progress=cb)
     fmt = f"format {image_format}, " if image_format else ""
     _emit(res, f"{res.domain}: saved to {res.image} ({fmt}{_size(res.image_size)}, {res.seconds:.2f} s); "
-               f"domain {res.detail.get('state_after')}")
+               f"domain {res.state}")
 
 
 def restore_cmd(
@@ -227,7 +238,7 @@ def restore_cmd(
         res = lp.restore(conn, file, bypass_cache=bypass_cache, state=state, xml=dxml,
                          parallel_channels=parallel_channels, progress=cb)
     _emit(res, f"{res.domain}: restored from {res.image} (format {res.detail.get('image_format')}, "
-               f"{res.seconds:.2f} s); domain {res.detail.get('state_after', '?')}")
+               f"{res.seconds:.2f} s); domain {res.state or '?'}")
 
 
 def start_cmd(
@@ -245,23 +256,13 @@ def start_cmd(
     """
     state = "paused" if paused else None
     one = _select_args(domains, all_, match, "start")
-    conn = lp.connect(OPTIONS.uri)
-    with job_progress("start") as cb:
-        if one is None:
-            t0 = time.monotonic()
-            results = lp.start_all(conn, domains or None, parallel, match=match, bypass_cache=bypass_cache,
-                                   state=state, progress=cb)
-            seconds = time.monotonic() - t0
-        else:
-            res = lp.start(conn, one, bypass_cache=bypass_cache, state=state, progress=cb)
-    if one is None:  # report after the progress display is gone
-        if not results and not OPTIONS.json:
-            info("start --all: no domain with a managed-save image matched; nothing to do")
-        _bulk_report(results, "start", seconds)
+    res = _one_or_all("start", one, "no domain with a managed-save image matched", lp.start, lp.start_all,
+                      domains, match=match, parallel=parallel, bypass_cache=bypass_cache, state=state)
+    if res is None:
         return
     how = (f"from its managed-save image ({_size(res.image_size)})" if res.detail.get("from_managed_save")
            else "with a cold boot (no managed-save image)")
-    _emit(res, f"{res.domain}: started {how} in {res.seconds:.2f} s; domain {res.detail.get('state_after')}")
+    _emit(res, f"{res.domain}: started {how} in {res.seconds:.2f} s; domain {res.state}")
 
 
 def managed_save_remove_cmd(

@@ -111,6 +111,9 @@ def replay_cmd(
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+#: Multifd channels ``direct restore`` loads a sparse image with.
+DIRECT_RESTORE_CHANNELS = 2
+
 direct_app = typer.Typer(help="Save/restore a QEMU not run by libvirt, in libvirt's image format.",
                          no_args_is_help=True, cls=VirtsaveGroup)
 
@@ -130,6 +133,7 @@ def direct_save_cmd(
                             help="sparse: QEMU writes pages with O_DIRECT (fastest; not on tmpfs)")] = False,
 ) -> None:
     """Save a running QEMU through its QMP socket (stop, migrate into the image, quit)."""
+    from virtsave.core.operation import SaveOptions
     from virtsave.qemu import direct
 
     xml_text = None
@@ -138,9 +142,10 @@ def direct_save_cmd(
             xml_text = xml.read_text()
         except OSError as exc:
             raise ArgumentError(f"cannot read --xml {xml}: {exc.strerror}") from None
+    options = SaveOptions(bypass_cache=bypass_cache, image_format=image_format, parallel_channels=parallel_channels,
+                          xml=xml_text)
     with _progress("save") as cb:
-        res = direct.save(qmp, image, xml=xml_text, quit=not no_quit, progress=cb, image_format=image_format,
-                          parallel_channels=parallel_channels, bypass_cache=bypass_cache)
+        res = direct.save(qmp, image, options, quit=not no_quit, progress=cb)
     if OPTIONS.json:
         emit_json(res.to_dict())
     else:
@@ -160,6 +165,7 @@ def direct_restore_cmd(
 
     QEMU keeps running after this command returns; its pid and QMP address are printed.
     """
+    from virtsave.core.operation import SaveOptions
     from virtsave.qemu import direct
 
     argv = list(ctx.args)
@@ -167,15 +173,17 @@ def direct_restore_cmd(
         argv = argv[1:]
     if not argv:
         raise ArgumentError("give the QEMU command line after '--'")
+    # A sparse image loads with 2 multifd channels, as this command always did (it has no option for it).
+    options = SaveOptions(state="paused" if paused else None, parallel_channels=DIRECT_RESTORE_CHANNELS)
     with _progress("restore") as cb:
-        proc, res = direct.restore(image, argv, transport=transport, paused=paused,
+        proc, res = direct.restore(image, argv, options, transport=transport,
                                    serial_log=str(serial_log) if serial_log else None, progress=cb)
     data = {**res.to_dict(), "pid": proc.pid, "qmp": proc.qmp_address,
             "serial_log": str(proc.serial_log) if proc.serial_log else None, "run_dir": str(proc.plan.run_dir)}
     if OPTIONS.json:
         emit_json(data)
     else:
-        info(f"restored {image} in {res.seconds:.3f} s: QEMU pid {proc.pid} ({res.status}), QMP {proc.qmp_address}, "
+        info(f"restored {image} in {res.seconds:.3f} s: QEMU pid {proc.pid} ({res.state}), QMP {proc.qmp_address}, "
              f"serial {data['serial_log']}")
 
 

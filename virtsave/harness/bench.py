@@ -12,6 +12,9 @@ Per repetition (guest RAM ``ram_mib``, ``fill_mib`` of it filled with non-zero d
   ``quit``, then restored to running;
 - ``dd`` to the same filesystem, and the log parser on a generated log.
 
+Both paths go through the one backend interface (:mod:`virtsave.core.operation`), with the
+same options.
+
 Example::
 
     from virtsave.harness import bench
@@ -22,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -33,13 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virtsave.core.operation import SaveOptions
 from virtsave.harness import guest
 from virtsave.harness.benchreport import Figure, Samples, dd_write_rate, render_table, write_results
 from virtsave.image import saveimage
 from virtsave.libvirtd import capture, domainlog, host, logparse
-from virtsave.libvirtd import reference as libvirt_path
-from virtsave.qemu import direct
-from virtsave.qemu import launch as qemu_launch
+from virtsave.libvirtd.backend import LibvirtBackend
+from virtsave.qemu.backend import DirectBackend
 
 GOALS = {  # key: (title, op, goal)
     "P1": ("direct save ÷ libvirt managedsave (wall)", "<=", 0.66),
@@ -116,107 +120,87 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.release()}, accel {guest.accel()}"
 
 
-def run(cfg: Config) -> Result:
-    """Run every measurement and write the report into ``cfg.outdir``."""
-    log = cfg.log
-    conn = libvirt_path.connect(cfg.uri)
-    vers = host.versions(conn)
-    work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir=cfg.workdir))
-    os.chmod(work, 0o755)
-    name = guest.unique_name("vs-bench")
-    s: dict[str, Samples] = {k: Samples(k) for k in (
-        "libvirt managedsave", "libvirt restore (start)", "libvirt sparse-p2 save", "libvirt sparse-p2 restore",
-        "libvirt sparse-p2 --bypass-cache save",
-        "P4 untraced managedsave", "P4 traced managedsave", "P4 tracing overhead outside libvirt's call",
-        "direct save (mapped-ram+multifd)",
-        "direct restore to running")}
-    s["direct save rate"] = Samples("direct save rate", unit="B/s")
-    s["dd write rate"] = Samples("dd write rate", unit="B/s")
-    s["parser throughput"] = Samples("parser throughput", unit="B/s")
-    proc: qemu_launch.QemuProcess | None = None
-    try:
-        log(f"booting {name}: {cfg.ram_mib} MiB RAM, filling {cfg.fill_mib} MiB (TCG fill takes a while)")
-        guest.create(conn, name, memory_mib=cfg.ram_mib, fill_mib=cfg.fill_mib)
-        _wait_filled(guest.serial_log(name))
-        xml = conn.lookupByName(name).XMLDesc(0)
-        argv = domainlog.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
-        sparse_img = str(work / "libvirt-sparse.img")
-        for r in range(cfg.repeats):
-            log(f"[{r + 1}/{cfg.repeats}] libvirt managedsave / start")
-            t, _ = _timed(lambda: libvirt_path.managed_save(conn, name))
-            s["libvirt managedsave"].values.append(t)
-            t, _ = _timed(lambda: libvirt_path.start(conn, name), cold=True)
-            s["libvirt restore (start)"].values.append(t)
-            log(f"[{r + 1}/{cfg.repeats}] libvirt save --image-format sparse --parallel-channels {cfg.channels}")
-            t, _ = _timed(lambda: libvirt_path.save(conn, name, sparse_img, image_format="sparse",
-                                                    parallel_channels=cfg.channels))
-            s["libvirt sparse-p2 save"].values.append(t)
-            t, _ = _timed(lambda: libvirt_path.restore(conn, sparse_img, parallel_channels=cfg.channels), cold=True)
-            s["libvirt sparse-p2 restore"].values.append(t)
-            os.unlink(sparse_img)
-            # libvirt's fastest save may be the O_DIRECT one: measure it too, compare with the faster.
-            t, _ = _timed(lambda: libvirt_path.save(conn, name, sparse_img, image_format="sparse",
-                                                    parallel_channels=cfg.channels, bypass_cache=True))
-            s["libvirt sparse-p2 --bypass-cache save"].values.append(t)
-            libvirt_path.restore(conn, sparse_img, parallel_channels=cfg.channels)
-            os.unlink(sparse_img)
-        # P4 in ABBA order (untraced/traced, then traced/untraced): libvirt's save time drifts and
-        # jumps in 200 ms steps (its SIGTERM polling), so pairs must alternate to compare fairly.
-        pairs = max(6, cfg.repeats)
-        for i in range(pairs):
-            log(f"[P4 {i + 1}/{pairs}] managed save untraced and traced (virtsave trace --op managed-save)")
-            for traced in ((False, True) if i % 2 == 0 else (True, False)):
-                if traced:
-                    t, trace_out = _timed(lambda: capture.trace_domain(conn, name, op="managed-save"))
-                    s["P4 traced managedsave"].values.append(t)
-                    inside = trace_out["phases"][0].get("seconds") or 0.0
-                    s["P4 tracing overhead outside libvirt's call"].values.append(t - inside)
-                else:
-                    t, _ = _timed(lambda: libvirt_path.managed_save(conn, name))
-                    s["P4 untraced managedsave"].values.append(t)
-                libvirt_path.start(conn, name)
-        # The direct path needs the libvirt guest's CPU out of the way: save it while we measure.
-        libvirt_path.managed_save(conn, name)
-        log("direct: launching QEMU from the domain's own command line")
-        direct_serial = work / "direct-serial.log"
-        proc = qemu_launch.start(qemu_launch.plan_launch(argv, serial_log=direct_serial, paused=False))
-        _wait_filled(direct_serial)
-        img = str(work / "direct.img")
-        for r in range(cfg.repeats):
-            log(f"[{r + 1}/{cfg.repeats}] direct save (mapped-ram, {cfg.channels} channels) / restore")
-            addr = proc.qmp_address
-            t, _ = _timed(lambda: direct.save(addr, img, xml=xml, image_format="sparse",  # noqa: B023 - called now
-                                              parallel_channels=cfg.channels, bypass_cache=True))
-            s["direct save (mapped-ram+multifd)"].values.append(t)
-            s["direct save rate"].values.append(_allocated(img) / t)
-            proc.wait(timeout=10)
-            proc.stop()
-            t, (proc, _) = _timed(lambda: direct.restore(img, argv, serial_log=direct_serial,
-                                                         parallel_channels=cfg.channels), cold=True)
-            s["direct restore to running"].values.append(t)
-            if r < cfg.repeats - 1:
-                os.unlink(img)
-        header = saveimage.read_header_path(img).to_dict()
-        proc.stop(grace=1.0)  # nothing else may compete for the CPU during dd and the parser
-        proc = None
-        log("dd write rate to the same filesystem")
-        dd_mib = max(256, min(2048, cfg.fill_mib))
-        for _ in range(cfg.repeats):
-            os.sync()
-            s["dd write rate"].values.append(dd_write_rate(work, dd_mib))
-        log(f"log parser on a generated {cfg.parse_log_mb} MB libvirtd log")
-        big = work / "big.log"
-        logparse.generate_log(big, cfg.parse_log_mb)
-        for _ in range(cfg.repeats):
-            s["parser throughput"].values.append(logparse.parse_bytes_per_second(big))
-        big.unlink()
-    finally:
-        if proc is not None:
-            proc.stop(grace=1.0)
-        guest.remove(conn, name)
-        shutil.rmtree(work, ignore_errors=True)
-        conn.close()
+SAMPLES = ("libvirt managedsave", "libvirt restore (start)", "libvirt sparse-p2 save", "libvirt sparse-p2 restore",
+           "libvirt sparse-p2 --bypass-cache save",
+           "P4 untraced managedsave", "P4 traced managedsave", "P4 tracing overhead outside libvirt's call",
+           "direct save (mapped-ram+multifd)", "direct restore to running")
+RATES = ("direct save rate", "dd write rate", "parser throughput")
 
+
+def _libvirt_rounds(cfg: Config, lv: LibvirtBackend, name: str, work: Path, s: dict[str, Samples]) -> None:
+    """libvirt's managed save + start, and its sparse saves with and without --bypass-cache."""
+    sparse_img = str(work / "libvirt-sparse.img")
+    sparse = SaveOptions(image_format="sparse", parallel_channels=cfg.channels)
+    channels = SaveOptions(parallel_channels=cfg.channels)
+    # libvirt's fastest save may be the O_DIRECT one: measure it too, compare with the faster.
+    bypass = dataclasses.replace(sparse, bypass_cache=True)
+    for r in range(cfg.repeats):
+        cfg.log(f"[{r + 1}/{cfg.repeats}] libvirt managedsave / start")
+        s["libvirt managedsave"].values.append(_timed(lambda: lv.managed_save(name))[0])
+        s["libvirt restore (start)"].values.append(_timed(lambda: lv.start(name), cold=True)[0])
+        cfg.log(f"[{r + 1}/{cfg.repeats}] libvirt save --image-format sparse --parallel-channels {cfg.channels}")
+        s["libvirt sparse-p2 save"].values.append(_timed(lambda: lv.save(name, sparse_img, sparse))[0])
+        s["libvirt sparse-p2 restore"].values.append(_timed(lambda: lv.restore(sparse_img, channels), cold=True)[0])
+        os.unlink(sparse_img)
+        s["libvirt sparse-p2 --bypass-cache save"].values.append(_timed(lambda: lv.save(name, sparse_img, bypass))[0])
+        lv.restore(sparse_img, channels)
+        os.unlink(sparse_img)
+
+
+def _p4_rounds(cfg: Config, lv: LibvirtBackend, name: str, s: dict[str, Samples]) -> None:
+    """P4 in ABBA order (untraced/traced, then traced/untraced): libvirt's save time drifts and
+    jumps in 200 ms steps (its SIGTERM polling), so pairs must alternate to compare fairly."""
+    pairs = max(6, cfg.repeats)
+    for i in range(pairs):
+        cfg.log(f"[P4 {i + 1}/{pairs}] managed save untraced and traced (virtsave trace --op managed-save)")
+        for traced in ((False, True) if i % 2 == 0 else (True, False)):
+            if traced:
+                t, trace_out = _timed(lambda: capture.trace_domain(lv.conn, name, op="managed-save"))
+                s["P4 traced managedsave"].values.append(t)
+                inside = trace_out["phases"][0].get("seconds") or 0.0
+                s["P4 tracing overhead outside libvirt's call"].values.append(t - inside)
+            else:
+                s["P4 untraced managedsave"].values.append(_timed(lambda: lv.managed_save(name))[0])
+            lv.start(name)
+
+
+def _direct_rounds(cfg: Config, dq: DirectBackend, xml: str, work: Path, s: dict[str, Samples]) -> dict[str, Any]:
+    """The direct path: mapped-ram + multifd with O_DIRECT, then restore to running; the last image's header."""
+    log = cfg.log
+    log("direct: launching QEMU from the domain's own command line")
+    _wait_filled(dq.launch().serial_log or work / "direct-serial.log")
+    img = str(work / "direct.img")
+    save = SaveOptions(image_format="sparse", parallel_channels=cfg.channels, bypass_cache=True, xml=xml)
+    load = SaveOptions(parallel_channels=cfg.channels)
+    for r in range(cfg.repeats):
+        log(f"[{r + 1}/{cfg.repeats}] direct save (mapped-ram, {cfg.channels} channels) / restore")
+        target = dq.target
+        t, _ = _timed(lambda: dq.save(target, img, save))  # noqa: B023 - called now
+        s["direct save (mapped-ram+multifd)"].values.append(t)
+        s["direct save rate"].values.append(_allocated(img) / t)
+        dq.close()  # collect the QEMU that quit, outside the timings
+        s["direct restore to running"].values.append(_timed(lambda: dq.restore(img, load), cold=True)[0])
+        if r < cfg.repeats - 1:
+            os.unlink(img)
+    return saveimage.read_header_path(img).to_dict()
+
+
+def _baselines(cfg: Config, work: Path, s: dict[str, Samples]) -> None:
+    """dd to the same filesystem, and the log parser on a generated log (nothing else running)."""
+    cfg.log("dd write rate to the same filesystem")
+    dd_mib = max(256, min(2048, cfg.fill_mib))
+    for _ in range(cfg.repeats):
+        os.sync()
+        s["dd write rate"].values.append(dd_write_rate(work, dd_mib))
+    cfg.log(f"log parser on a generated {cfg.parse_log_mb} MB libvirtd log")
+    big = work / "big.log"
+    logparse.generate_log(big, cfg.parse_log_mb)
+    for _ in range(cfg.repeats):
+        s["parser throughput"].values.append(logparse.parse_bytes_per_second(big))
+    big.unlink()
+
+
+def _figures(s: dict[str, Samples]) -> list[Figure]:
     def ratio(a: str, b: str) -> float:
         return s[a].median / s[b].median
 
@@ -231,11 +215,51 @@ def run(cfg: Config) -> Result:
                                                       s["P4 untraced managedsave"].values, strict=True)),
         "P5": s["parser throughput"].median / 1e6,
     }
-    figures = [Figure(k, GOALS[k][0], v, GOALS[k][1], GOALS[k][2]) for k, v in values.items()]
+    return [Figure(k, GOALS[k][0], v, GOALS[k][1], GOALS[k][2]) for k, v in values.items()]
+
+
+def run(cfg: Config) -> Result:
+    """Run every measurement and write the report into ``cfg.outdir``.
+
+    Both paths go through the same :class:`~virtsave.core.operation.Backend` interface:
+    libvirt's (:class:`~virtsave.libvirtd.backend.LibvirtBackend`) and the direct one
+    (:class:`~virtsave.qemu.backend.DirectBackend`), with the same :class:`SaveOptions`.
+    """
+    log = cfg.log
+    lv = LibvirtBackend.connect(cfg.uri)
+    vers = host.versions(lv.conn)
+    work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir=cfg.workdir))
+    os.chmod(work, 0o755)
+    name = guest.unique_name("vs-bench")
+    s = {k: Samples(k) for k in SAMPLES} | {k: Samples(k, unit="B/s") for k in RATES}
+    dq: DirectBackend | None = None
+    try:
+        log(f"booting {name}: {cfg.ram_mib} MiB RAM, filling {cfg.fill_mib} MiB (TCG fill takes a while)")
+        guest.create(lv.conn, name, memory_mib=cfg.ram_mib, fill_mib=cfg.fill_mib)
+        _wait_filled(guest.serial_log(name))
+        xml = lv.conn.lookupByName(name).XMLDesc(0)
+        argv = domainlog.argv_from_domain_log(f"/var/log/libvirt/qemu/{name}.log")
+        _libvirt_rounds(cfg, lv, name, work, s)
+        _p4_rounds(cfg, lv, name, s)
+        # The direct path needs the libvirt guest's CPU out of the way: save it while we measure.
+        lv.managed_save(name)
+        dq = DirectBackend(argv, serial_log=work / "direct-serial.log")
+        header = _direct_rounds(cfg, dq, xml, work, s)
+        dq.close()  # nothing else may compete for the CPU during dd and the parser
+        _baselines(cfg, work, s)
+    finally:
+        if dq is not None:
+            dq.close()
+        guest.remove(lv.conn, name)
+        shutil.rmtree(work, ignore_errors=True)
+        lv.close()
+
+    figures = _figures(s)
     samples = list(s.values())
-    meta = {"machine": machine_description(), "preset": cfg.preset, "ram_mib": cfg.ram_mib,
+    machine = machine_description()
+    meta = {"machine": machine, "preset": cfg.preset, "ram_mib": cfg.ram_mib,
             "fill_mib": cfg.fill_mib, "repeats": cfg.repeats, "channels": cfg.channels,
             "libvirt": vers.libvirt, "qemu": vers.qemu, "direct_image_header": header,
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     paths = write_results(cfg.outdir, figures, samples, meta)
-    return Result(figures, samples, paths, render_table(figures, samples, meta["machine"]), meta)
+    return Result(figures, samples, paths, render_table(figures, samples, machine), meta)

@@ -20,9 +20,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from virtsave.core.errors import OperationFailed
+from virtsave.core.operation import OpResult
 from virtsave.harness import guest
 from virtsave.libvirtd import capture
 from virtsave.libvirtd import reference as libvirt_path
@@ -47,9 +48,18 @@ class DemoResult:
                 "equivalent": self.equivalent, "diff_summary": self.diff_summary}
 
 
-def _phase_seconds(trace: tr.Trace, name: str) -> float | None:
-    ph = tr.find_phase(trace, name)
-    return None if ph is None else ph.get("seconds")
+def phase_results(trace: tr.Trace, backend: Literal["libvirt", "direct"]) -> dict[str, OpResult]:
+    """Each phase of a libvirt trace or of its replay as the :class:`OpResult` of its path, so
+    both paths are compared alike (a replay's seconds are its own timings: launch to running)."""
+    timings = (trace.get("replay") or {}).get("timings") or {}
+    results = {}
+    for ph in trace.get("phases", []):
+        image = ph.get("image") or {}
+        seconds = (timings.get(ph["name"]) or {}).get("seconds", ph.get("seconds"))
+        results[ph["name"]] = OpResult(trace["domain"].get("name"), ph.get("operation") or ph["name"],
+                                       bool(ph.get("ok")), float(seconds or 0.0), image.get("path"),
+                                       image.get("size"), ph.get("error"), backend=backend)
+    return results
 
 
 def run(uri: str | None = None, memory_mib: int = 256, fill_mib: int = 64,
@@ -88,12 +98,9 @@ def run(uri: str | None = None, memory_mib: int = 256, fill_mib: int = 64,
         result.equivalent = d.equivalent
         result.diff_text = d.render(color=color)
         result.diff_summary = d.summary()
-        rt = direct_trace.get("replay", {}).get("timings", {})
-        result.timings = {
-            "save": {"libvirt": _phase_seconds(libvirt_trace, "save"), "direct": rt.get("save", {}).get("seconds")},
-            "restore": {"libvirt": _phase_seconds(libvirt_trace, "restore"),
-                        "direct": rt.get("restore", {}).get("seconds")},
-        }
+        paths = {"libvirt": phase_results(libvirt_trace, "libvirt"), "direct": phase_results(direct_trace, "direct")}
+        result.timings = {step: {path: (r[step].seconds if step in r else None) for path, r in paths.items()}
+                          for step in ("save", "restore")}
         return result
     finally:
         qemu_launch.stop_all()

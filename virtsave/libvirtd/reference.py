@@ -1,12 +1,14 @@
 """The reference path: save, restore and managed save done by libvirt itself.
 
 Everything goes through libvirt-python (never ``virsh``). Each operation returns an
-:class:`OpResult`; a failure raises a :class:`~virtsave.core.errors.VirtsaveError` subclass
-with one clear line (pass ``raise_on_error=False`` to get ``OpResult(ok=False)``
-instead; the exception also carries it as ``.result``). While the blocking libvirt
-call runs, a side thread polls ``virDomainGetJobStats`` and feeds a *progress*
-callable with a dict (``domain``, ``operation``, ``data_processed``, ``data_total``,
-``data_remaining``, ``memory_*``, ``time_elapsed`` …).
+:class:`~virtsave.core.operation.OpResult` (the result type both backends share; options go
+by the names of :class:`~virtsave.core.operation.SaveOptions`); a failure raises a
+:class:`~virtsave.core.errors.VirtsaveError` subclass with one clear line (pass
+``raise_on_error=False`` to get ``OpResult(ok=False)`` instead; the exception also carries it
+as ``.result``). While the blocking libvirt call runs, a side thread polls
+``virDomainGetJobStats`` and feeds a *progress* callable with a dict (``domain``,
+``operation``, ``data_processed``, ``data_total``, ``data_remaining``, ``memory_*``,
+``time_elapsed`` …).
 
 Bulk (like libvirt-guests ``ON_SHUTDOWN=suspend``, but with a report):
 :func:`managed_save_all` / :func:`start_all` run on a thread pool, one libvirt
@@ -19,7 +21,7 @@ Example (needs a running libvirtd)::
     r = lp.managed_save(conn, "vm1", bypass_cache=True)
     print(r.ok, r.seconds, r.image, r.image_size)
     r = lp.start(conn, "vm1")
-    print(r.detail["from_managed_save"])      # True: booted from the managed-save image
+    print(r.detail["from_managed_save"], r.state)   # True running: booted from the managed-save image
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import time
 import uuid as _uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import libvirt
@@ -47,6 +48,8 @@ from virtsave.core.errors import (
     UnsupportedError,
     VirtsaveError,
 )
+from virtsave.core.operation import OpResult as OpResult  # re-exported: callers know it as lp.OpResult
+from virtsave.core.operation import domain_name
 from virtsave.core.signals import deferred_signals
 from virtsave.image.saveimage import read_header_path
 from virtsave.libvirtd import host
@@ -75,23 +78,6 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
-
-
-@dataclass
-class OpResult:
-    """Outcome of one save/restore/start on one domain."""
-
-    domain: str
-    operation: str
-    ok: bool
-    seconds: float
-    image: str | None = None
-    image_size: int | None = None
-    error: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -289,16 +275,20 @@ def _params_call(func: str, capsule: Any, capsule_name: bytes, params: dict[str,
     return int(ret)
 
 
-def _with_typed_fallback(binding_call: Callable[[], Any], direct_call: Callable[[], Any],
-                         params: dict[str, Any]) -> Any:
+def _call_params(obj: libvirt.virDomain | libvirt.virConnect, params: dict[str, Any], flags: int) -> Any:
+    """``saveParams`` of a domain / ``restoreParams`` of a connection; straight through
+    libvirt.so where the binding sends an int parameter with the wrong type."""
+    domain = isinstance(obj, libvirt.virDomain)
     try:
-        return binding_call()
+        return obj.saveParams(params, flags) if domain else obj.restoreParams(params, flags)  # type: ignore[union-attr]
     except libvirt.libvirtError as exc:
         wrong_type = (exc.get_error_code() == libvirt.VIR_ERR_INVALID_ARG
                       and "invalid type" in str(exc) and any(k in str(exc) for k in _INT_PARAMS & params.keys()))
         if not wrong_type:
             raise
-    return direct_call()
+    if domain:
+        return _params_call("virDomainSaveParams", obj._o, b"virDomainPtr", params, flags)
+    return _params_call("virDomainRestoreParams", obj._o, b"virConnectPtr", params, flags)
 
 
 # ---------------------------------------------------------------------------- operations
@@ -312,6 +302,32 @@ def _state_flags(state: str | None, running: int, paused: int) -> int:
     if state == "paused":
         return paused
     raise ValueError(f"state must be None, 'running' or 'paused', not {state!r}")
+
+
+def _save_flags(state: str | None, bypass_cache: bool) -> int:
+    """``virDomainSaveRestoreFlags`` for the options *state* and *bypass_cache*."""
+    flags = _state_flags(state, libvirt.VIR_DOMAIN_SAVE_RUNNING, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+    return flags | libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE if bypass_cache else flags
+
+
+def _check_channels(conn: libvirt.virConnect, parallel_channels: int | None) -> None:
+    if parallel_channels is not None:
+        if parallel_channels < 1:
+            raise UnsupportedError(f"--parallel-channels must be ≥ 1, not {parallel_channels}")
+        host.require_save_params(conn, "--parallel-channels")
+
+
+def _typed_params(path: str, xml: str | None, image_format: str | None = None,
+                  parallel_channels: int | None = None) -> dict[str, Any]:
+    """The typed parameters of ``virDomainSaveParams``/``virDomainRestoreParams``."""
+    params: dict[str, Any] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path}
+    if xml:
+        params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = xml
+    if image_format is not None:
+        params[libvirt.VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT] = image_format
+    if parallel_channels is not None:
+        params[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = parallel_channels
+    return params
 
 
 def abortable(call: Callable[[], Any], dom: libvirt.virDomain | None, flags: dict[str, Any]) -> Any:
@@ -367,7 +383,7 @@ def _settled_state(dom: libvirt.virDomain, was_running: bool) -> str:
 
 def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: bool,
          what: str, image: str | None = None, image_error: bool = False,
-         after_fail: Callable[[], dict[str, Any]] | None = None,
+         after_fail: Callable[[], str] | None = None,
          dom: libvirt.virDomain | None = None) -> tuple[OpResult, Any]:
     t0 = time.monotonic()
     flags: dict[str, Any] = {}
@@ -381,11 +397,11 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
         res = OpResult(name, operation, False, round(time.monotonic() - t0, 3), image, None, str(err))
         res.detail.update(flags)
         if after_fail:
-            res.detail.update(after_fail())
-            if res.detail.get("state_after"):
+            res.state = after_fail()
+            if res.state:
                 # one line, but say where the guest is: a failed save leaves it running
                 code = err.exit_code
-                err = type(err)(f"{err}; domain {name} is {res.detail['state_after']}")
+                err = type(err)(f"{err}; domain {name} is {res.state}")
                 err.exit_code = code
                 res.error = str(err)
         if raise_on_error:
@@ -408,20 +424,20 @@ def managed_save(conn: libvirt.virConnect, name: str, *, bypass_cache: bool = Fa
     dom = lookup(conn, name)
     name = dom.name()
     _require_active(dom, f"cannot managed-save {name}")
-    flags = _state_flags(state, libvirt.VIR_DOMAIN_SAVE_RUNNING, libvirt.VIR_DOMAIN_SAVE_PAUSED)
-    if bypass_cache:
-        flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
+    flags = _save_flags(state, bypass_cache)
     path = managed_save_path(conn, name)
     was_running = state_name(dom) == "running"
     with _watch(lambda: dom, name, "managed-save", progress) as last:
         res, _ = _run(name, "managed-save", lambda: dom.managedSave(flags), raise_on_error=raise_on_error,
                       what=f"managed-save of {name} failed", image=path,
-                      after_fail=lambda: {"state_after": _settled_state(dom, was_running)}, dom=dom)
+                      after_fail=lambda: _settled_state(dom, was_running), dom=dom)
     if res.ok:
         st = _stat(path)
         res.image_size = st.st_size if st else None
-        res.detail.update(has_managed_save=bool(dom.hasManagedSaveImage(0)), state_after=state_name(dom))
-    res.detail.update(flags=flags, job=dict(last))
+        res.detail["has_managed_save"] = bool(dom.hasManagedSaveImage(0))
+        res.state = state_name(dom)
+    res.detail["flags"] = flags
+    res.stats = dict(last)
     return res
 
 
@@ -437,51 +453,36 @@ def save(conn: libvirt.virConnect, name: str, path: str | os.PathLike[str], *, b
     path = os.path.abspath(os.fspath(path))
     if image_format is not None:
         host.require_format(conn, image_format)
-    if parallel_channels is not None:
-        if parallel_channels < 1:
-            raise UnsupportedError(f"--parallel-channels must be ≥ 1, not {parallel_channels}")
-        host.require_save_params(conn, "--parallel-channels")
-        if image_format != "sparse":
-            # libvirt 11.3: "Parallel save is only supported with the 'sparse' save image format"
-            raise UnsupportedError("--parallel-channels needs --image-format sparse (QEMU multifd + mapped-ram)")
+    _check_channels(conn, parallel_channels)
+    if parallel_channels is not None and image_format != "sparse":
+        # libvirt 11.3: "Parallel save is only supported with the 'sparse' save image format"
+        raise UnsupportedError("--parallel-channels needs --image-format sparse (QEMU multifd + mapped-ram)")
     dom = lookup(conn, name)
     name = dom.name()
     _require_active(dom, f"cannot save {name}")
-    flags = _state_flags(state, libvirt.VIR_DOMAIN_SAVE_RUNNING, libvirt.VIR_DOMAIN_SAVE_PAUSED)
-    if bypass_cache:
-        flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
-    if image_format is not None or parallel_channels is not None:
-        params: dict[str, Any] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path}
-        if xml:
-            params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = xml
-        if image_format is not None:
-            params[libvirt.VIR_DOMAIN_SAVE_PARAM_IMAGE_FORMAT] = image_format
-        if parallel_channels is not None:
-            params[libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS] = parallel_channels
+    flags = _save_flags(state, bypass_cache)
+    params = _typed_params(path, xml, image_format, parallel_channels)
 
-        def call() -> Any:
-            return _with_typed_fallback(
-                lambda: dom.saveParams(params, flags),
-                lambda: _params_call("virDomainSaveParams", dom._o, b"virDomainPtr", params, flags), params)
-    else:
-        def call() -> Any:
-            return dom.saveFlags(path, xml, flags)
+    def call() -> Any:
+        if image_format is not None or parallel_channels is not None:
+            return _call_params(dom, params, flags)
+        return dom.saveFlags(path, xml, flags)
 
     was_running = state_name(dom) == "running"
     with _watch(lambda: dom, name, "save", progress) as last:
         res, _ = _run(name, "save", call, raise_on_error=raise_on_error, what=f"save of {name} to {path} failed",
-                      image=path, after_fail=lambda: {"state_after": _settled_state(dom, was_running)}, dom=dom)
+                      image=path, after_fail=lambda: _settled_state(dom, was_running), dom=dom)
     if res.ok:
         st = _stat(path)
         res.image_size = st.st_size if st else None
         if st:
             res.detail["image_allocated"] = st.st_blocks * 512  # sparse images have holes
-        res.detail["state_after"] = state_name(dom)
-    res.detail.update(flags=flags, image_format=image_format, parallel_channels=parallel_channels, job=dict(last))
+        res.state = state_name(dom)
+    res.detail.update(flags=flags, image_format=image_format, parallel_channels=parallel_channels)
+    res.stats = dict(last)
     return res
 
 
-_NAME = re.compile(r"<name>\s*([^<]+?)\s*</name>")
 _UUID = re.compile(r"<uuid>\s*([^<]+?)\s*</uuid>")
 
 
@@ -495,34 +496,22 @@ def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_ca
     """
     path = os.path.abspath(os.fspath(path))
     hdr = read_header_path(path, allow_partial=False)
-    m, u = _NAME.search(hdr.xml), _UUID.search(hdr.xml)
-    name = m.group(1) if m else os.path.basename(path)
+    u = _UUID.search(hdr.xml)
+    name = domain_name(hdr.xml) or os.path.basename(path)
     dom_uuid = u.group(1) if u else None
     if dom_uuid:
         with contextlib.suppress(libvirt.libvirtError):
             existing = conn.lookupByUUIDString(dom_uuid)
             if existing.isActive():
                 raise DomainStateError(f"cannot restore {path}: domain {existing.name()} is already running")
-    if parallel_channels is not None:
-        if parallel_channels < 1:
-            raise UnsupportedError(f"--parallel-channels must be ≥ 1, not {parallel_channels}")
-        host.require_save_params(conn, "--parallel-channels")
-    flags = _state_flags(state, libvirt.VIR_DOMAIN_SAVE_RUNNING, libvirt.VIR_DOMAIN_SAVE_PAUSED)
-    if bypass_cache:
-        flags |= libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE
-    if parallel_channels is not None:
-        params: dict[str, Any] = {libvirt.VIR_DOMAIN_SAVE_PARAM_FILE: path,
-                                  libvirt.VIR_DOMAIN_SAVE_PARAM_PARALLEL_CHANNELS: parallel_channels}
-        if xml:
-            params[libvirt.VIR_DOMAIN_SAVE_PARAM_DXML] = xml
+    _check_channels(conn, parallel_channels)
+    flags = _save_flags(state, bypass_cache)
+    params = _typed_params(path, xml, parallel_channels=parallel_channels)
 
-        def call() -> Any:
-            return _with_typed_fallback(
-                lambda: conn.restoreParams(params, flags),
-                lambda: _params_call("virDomainRestoreParams", conn._o, b"virConnectPtr", params, flags), params)
-    else:
-        def call() -> Any:
-            return conn.restoreFlags(path, xml, flags)
+    def call() -> Any:
+        if parallel_channels is not None:
+            return _call_params(conn, params, flags)
+        return conn.restoreFlags(path, xml, flags)
 
     def get_dom() -> libvirt.virDomain | None:
         return conn.lookupByUUIDString(dom_uuid) if dom_uuid else conn.lookupByName(name)
@@ -533,10 +522,11 @@ def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_ca
     st = _stat(path)
     res.image_size = st.st_size if st else None
     res.detail.update(flags=flags, image_format=hdr.format, was_running=hdr.was_running,
-                      parallel_channels=parallel_channels, job=dict(last))
+                      parallel_channels=parallel_channels)
+    res.stats = dict(last)
     if res.ok:
         with contextlib.suppress(libvirt.libvirtError):
-            res.detail["state_after"] = state_name(get_dom())
+            res.state = state_name(get_dom())  # type: ignore[arg-type]
     return res
 
 
@@ -562,7 +552,8 @@ def start(conn: libvirt.virConnect, name: str, *, bypass_cache: bool = False, st
         res, _ = _run(name, "start", lambda: dom.createWithFlags(flags), raise_on_error=raise_on_error,
                       what=f"start of {name} failed", image=path, image_error=had, dom=dom)
     res.image_size = st.st_size if st else None
-    res.detail.update(from_managed_save=had, flags=flags, job=dict(last), state_after=state_name(dom))
+    res.detail.update(from_managed_save=had, flags=flags)
+    res.stats, res.state = dict(last), state_name(dom)
     return res
 
 

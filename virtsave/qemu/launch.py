@@ -627,6 +627,12 @@ class QemuProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def abort(self) -> None:
+        """End this QEMU for good (its operation failed, or its owner is done with it): SIGTERM,
+        SIGKILL after a second, and its run dir removed even where it was meant to outlive us."""
+        self.plan.owns_run_dir = True
+        self.stop(grace=1.0)
+
 
 #: Every QEMU started by this process, so callers (and tests) can kill them all.
 LAUNCHED: list[QemuProcess] = []

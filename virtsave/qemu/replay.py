@@ -11,12 +11,16 @@ of what actually went over the wire, so it can be diffed against the input.
   ``file:/dev/fdset/N,offset=…`` points at our stream offset; wait on ``MIGRATION`` events
   like libvirt; finalize the header (``LibvirtQemudSave``); ``quit`` (libvirt kills instead).
 * **restore**: launch with ``-incoming defer`` and the image fd inherited (``fd:N``) or in
-  an fdset (``-add-fd``, sparse images); ``migrate-incoming`` rewritten to it; the traced
-  ``cont`` (absent when restored paused).
+  an fdset (``-add-fd``, sparse images), compressed images through their decompressor;
+  ``migrate-incoming`` rewritten to it; the traced ``cont`` (absent when restored paused).
 * ``transport="tcp"``: QMP over 127.0.0.1, no fds: ``file:PATH,offset=N`` URIs (QEMU ≥ 8.2)
   or an ``exec:`` helper built here (older QEMU; ``exec:`` is never taken from a trace).
 * ``mode="essential"``: only commands that change state (no ``query-*``/``qom-*`` probes,
   no post-save resets of a QEMU about to quit).
+
+Which commands go out is decided here; how the image is written and read (fds, URIs, the
+transport substitution, finalizing, the failure paths) is :mod:`virtsave.qemu.migration`,
+the same steps :mod:`virtsave.qemu.direct` takes.
 
 Every deviation from the traced command is in ``phase["substitutions"]``; mode, transport,
 argv rewrites and timings in ``trace["replay"]`` (``timings.save.seconds``: first traced
@@ -42,7 +46,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,27 +54,25 @@ from typing import Any
 from virtsave.core import paths as config
 from virtsave.core.errors import (
     OperationFailed,
-    QMPError,
     TraceError,
     UnsafeTraceError,
     UnsupportedError,
     VirtsaveError,
 )
+from virtsave.core.operation import Progress
 from virtsave.image import saveimage
-from virtsave.qemu import direct, safety
 from virtsave.qemu import launch as qemu_launch
+from virtsave.qemu import migration, safety
 from virtsave.qemu.qmp import QMPSession
 from virtsave.trace import model as _trace
 
 MODES = ("faithful", "essential")
-TRANSPORTS = ("unix", "tcp")
+TRANSPORTS = migration.TRANSPORTS
 #: Read-only probes libvirt sends (skipped in essential mode).
 PROBE_PREFIXES = ("query-", "qom-get", "qom-list", "device-list-properties", "qom-list-properties")
 #: Commands whose failure fails the phase (a failed probe is recorded and passed over).
 CRITICAL = frozenset({"stop", "cont", "migrate", "migrate-incoming", "getfd", "add-fd",
                       "migrate-set-capabilities", "migrate-set-parameters"})
-Progress = Callable[[dict[str, Any]], None]
-_FDSET_URI = re.compile(r"^file:/dev/fdset/(\d+)(?:,offset=(0x[0-9a-fA-F]+|\d+))?$")
 
 
 def is_probe(execute: str) -> bool:
@@ -96,53 +98,29 @@ class _Phase:
     traced: _trace.Phase
     out: _trace.Phase
     session: QMPSession
-    transport: str
     mode: str
-    image: str
-    header: saveimage.Header
-    fd: int
-    use_exec: bool
+    stream: migration.Outgoing | migration.Incoming
     progress: Progress | None
     migration: str | None = None
     events_on: bool = False
     pid: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def transport(self) -> str:
+        return self.stream.transport
+
     def substitute(self, index: int, field_: str, original: Any, replacement: Any, reason: str) -> None:
         self.out.setdefault("substitutions", []).append(
             {"index": index, "field": field_, "original": original, "replacement": replacement, "reason": reason})
 
 
-def _offset_hex(n: int) -> str:
-    return f"{n:#x}"
-
-
-def _rewrite_uri(ph: _Phase, idx: int, uri: str, incoming: bool) -> str:
-    """Point a traced migration URI at our image."""
-    off = ph.header.stream_offset
-    if ph.transport == "tcp":
-        if ph.use_exec:
-            new = direct.exec_restore_uri(ph.image, off) if incoming else direct.exec_save_uri(ph.image, off)
-            why = "TCP QMP cannot pass fds; QEMU < 8.2 has no file: URI, so a dd helper built by virtsave"
-        else:
-            new = f"file:{ph.image},offset={_offset_hex(off)}"
-            why = "TCP QMP cannot pass fds: QEMU opens the image by path"
+def _rewrite_uri(ph: _Phase, idx: int, uri: str) -> str:
+    """Point a traced migration URI at our image (recorded as a substitution where it differs)."""
+    new, why = ph.stream.uri(uri)
+    if why is not None:
         ph.substitute(idx, "arguments.uri", uri, new, why)
-        return new
-    m = _FDSET_URI.match(uri)
-    if m:
-        new = f"file:/dev/fdset/{m.group(1)},offset={_offset_hex(off)}"
-        if new != uri:
-            ph.substitute(idx, "arguments.uri", uri, new, "our image's stream offset")
-        return new
-    if uri.startswith("fd:"):
-        if incoming:
-            new = f"fd:{ph.fd}"
-            if new != uri:
-                ph.substitute(idx, "arguments.uri", uri, new, "our image fd, inherited by QEMU at exec")
-            return new
-        return uri  # fd:NAME from getfd: the same name, our fd
-    raise UnsupportedError(f"cannot replay migration URI {uri!r} (only fd: and file:/dev/fdset/ are replayed)")
+    return new
 
 
 def _send(ph: _Phase, idx: int, execute: str, args: dict[str, Any] | None,
@@ -189,54 +167,60 @@ def _retry_known(ph: _Phase, idx: int, execute: str, args: dict[str, Any], rep: 
     return rep2
 
 
-def _wait(ph: _Phase, mark: int, incoming: bool) -> None:
-    cb = direct.migration_progress(ph.progress, "restore" if incoming else "save", pid=ph.pid, image=ph.image,
-                                   stream_offset=ph.header.stream_offset)
-    poll = None if ph.events_on else 0.2
+def _wait(ph: _Phase, mark: int) -> None:
     t0 = time.monotonic()
-    ph.migration = ph.session.wait_migration(since=mark, progress=cb, poll=poll)
-    ph.timings["migration_seconds"] = round(time.monotonic() - t0, 6)
-    if ph.migration != "completed":
-        desc = ""
-        with contextlib.suppress(QMPError):
-            desc = str((ph.session.execute("query-migrate") or {}).get("error-desc", ""))
-        raise OperationFailed(f"{ph.out['name']}: migration {ph.migration}: {desc}".rstrip(": "))
+    try:
+        migration.await_completion(ph.session, mark, what=f"{ph.out['name']}: migration",
+                                   progress=ph.stream.progress_cb(ph.progress, ph.pid),
+                                   poll=None if ph.events_on else 0.2)
+    finally:
+        ph.timings["migration_seconds"] = round(time.monotonic() - t0, 6)
+    ph.migration = "completed"
+
+
+def _skipped(ph: _Phase, idx: int, execute: str, *, incoming: bool) -> bool:
+    """Whether the traced command is not sent (recorded as a substitution where it is replaced)."""
+    if execute == "qmp_capabilities":
+        ph.substitute(idx, "execute", execute, None, "negotiated by qemu.qmp when connecting")
+        return True
+    return ph.mode == "essential" and (is_probe(execute) or (ph.migration == "completed" and not incoming))
+
+
+def _fds(ph: _Phase, idx: int, msg: _trace.Message) -> list[int] | None:
+    """The fds a traced command passes, ours in place of libvirt's; None: it is skipped (TCP)."""
+    execute = msg["execute"]
+    if not (msg.get("fds") or execute in ("getfd", "add-fd")):
+        return []
+    if ph.transport == "tcp":
+        ph.substitute(idx, "fds", msg.get("fds", 1), 0,
+                      f"{execute} skipped: TCP QMP cannot pass fds (the URI names the file instead)")
+        return None
+    ph.substitute(idx, "fds", msg.get("fds", 1), 1, "our image fd, passed by SCM_RIGHTS")
+    return [ph.stream.qemu_fd]
 
 
 def _replay_commands(ph: _Phase, *, incoming: bool) -> None:
     """Send the traced phase's commands in order (rewritten where needed)."""
-    fd_for_scm = [ph.fd]
     for idx, msg in enumerate(ph.traced["messages"]):
-        if msg.get("kind") != "command":
+        if msg.get("kind") != "command" or _skipped(ph, idx, msg["execute"], incoming=incoming):
             continue
         execute = msg["execute"]
         args = copy.deepcopy(msg.get("arguments"))
-        if execute == "qmp_capabilities":
-            ph.substitute(idx, "execute", execute, None, "negotiated by qemu.qmp when connecting")
-            continue
-        if ph.mode == "essential" and (is_probe(execute) or (ph.migration == "completed" and not incoming)):
-            continue
         if execute == "migrate-set-capabilities" and args:
-            for c in args.get("capabilities", []):
-                if c.get("capability") == "events" and c.get("state"):
-                    ph.events_on = True
-        fds: list[int] | None = None
-        if msg.get("fds") or execute in ("getfd", "add-fd"):
-            if ph.transport == "tcp":
-                ph.substitute(idx, "fds", msg.get("fds", 1), 0,
-                              f"{execute} skipped: TCP QMP cannot pass fds (the URI names the file instead)")
-                continue
-            fds = fd_for_scm
-            ph.substitute(idx, "fds", msg.get("fds", 1), 1, "our image fd, passed by SCM_RIGHTS")
+            ph.events_on |= any(c.get("capability") == "events" and c.get("state")
+                                for c in args.get("capabilities", []))
+        fds = _fds(ph, idx, msg)
+        if fds is None:
+            continue
         if execute in ("migrate", "migrate-incoming"):
             if not args or "uri" not in args:
                 raise UnsupportedError(f"{execute} without a uri (channels) cannot be replayed yet")
-            args["uri"] = _rewrite_uri(ph, idx, args["uri"], incoming)
+            args["uri"] = _rewrite_uri(ph, idx, args["uri"])
             mark = ph.session.event_mark()
-            _send(ph, idx, execute, args, fds)
-            _wait(ph, mark, incoming)
+            _send(ph, idx, execute, args, fds or None)
+            _wait(ph, mark)
             continue
-        _send(ph, idx, execute, args, fds)
+        _send(ph, idx, execute, args, fds or None)
     if ph.migration is None:
         raise TraceError(f"traced {ph.out['name']} phase has no {'migrate-incoming' if incoming else 'migrate'}")
 
@@ -256,6 +240,16 @@ def _explain(exc: BaseException, proc: qemu_launch.QemuProcess) -> str:
     if not proc.alive():
         msg += f" (QEMU exited: {proc.last_stderr(2) or 'no output'})"
     return msg
+
+
+@contextlib.contextmanager
+def _evidence(phase: _trace.Phase, proc: qemu_launch.QemuProcess) -> Iterator[None]:
+    """A failure inside marks *phase* failed, with its one-line reason."""
+    try:
+        yield
+    except BaseException as exc:
+        phase["ok"], phase["error"] = False, _explain(exc, proc)
+        raise
 
 
 def _image_format(traced: _trace.Phase) -> str:
@@ -282,115 +276,82 @@ def _wait_guest(proc: qemu_launch.QemuProcess, run_for: float, serial_pattern: s
         raise OperationFailed(f"guest never printed {serial_pattern!r} on its serial port")
 
 
-def _save_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase, image: str, *,
-                transport: str, mode: str, use_exec: bool, progress: Progress | None, run_for: float,
-                serial_pattern: str | None, serial_log: str | None, rewrites: list[Any]) -> dict[str, float]:
-    argv = trace["domain"]["argv"]
-    plan = qemu_launch.plan_launch(argv, transport=transport, paused=True, serial_log=serial_log,
-                                   allow_spawn=use_exec)
-    rewrites.extend(plan.rewrites)
+@dataclass
+class _Run:
+    """What every phase of one replay shares."""
+
+    trace: _trace.Trace
+    out: _trace.Trace
+    image: str
+    transport: str
+    mode: str
+    use_exec: bool
+    progress: Progress | None
+    serial_log: str | None
+
+    def new_phase(self, name: str, traced: _trace.Phase) -> _trace.Phase:
+        return _trace.add_phase(self.out, name, traced.get("operation", name),
+                                options=dict(traced.get("options") or {}), substitutions=[])
+
+    def rewrites(self, name: str) -> list[Any]:
+        return self.out["replay"]["argv_rewrites"].setdefault(name, [])  # type: ignore[no-any-return]
+
+
+def _save_phase(run: _Run, traced: _trace.Phase, *, run_for: float, serial_pattern: str | None) -> dict[str, float]:
+    plan = qemu_launch.plan_launch(run.trace["domain"]["argv"], transport=run.transport, paused=True,
+                                   serial_log=run.serial_log, allow_spawn=run.use_exec)
+    run.rewrites("save").extend(plan.rewrites)
     proc = qemu_launch.start(plan)
-    fd = -1
-    created = False
     try:
-        s = proc.connect()
-        with s:
+        with proc.connect() as s:
             # What libvirt does at domain start (not part of the save phase): migration events on, run.
             s.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
             s.execute("cont")
             _wait_guest(proc, run_for, serial_pattern)
-            xml = trace["domain"].get("xml") or direct.synthesize_xml(s)
-            fmt = _image_format(traced)
-            fd, hdr = direct.create_image(image, xml, None, was_running=True, image_format=fmt)
-            created = True
-            scm_fd = fd
-            if fmt == "sparse" and transport == "unix":
-                # QEMU dups fdset members by access mode: an outgoing file: URI wants O_WRONLY.
-                scm_fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
-            else:
-                os.lseek(fd, hdr.stream_offset, os.SEEK_SET)
-            phase = _trace.add_phase(out, "save", traced.get("operation", "save"),
-                                     options=dict(traced.get("options") or {}), substitutions=[])
-            ph = _Phase(traced, phase, s, transport, mode, image, hdr, scm_fd, use_exec, progress, events_on=True)
-            t0 = time.monotonic()
-            s.record_into(phase)
-            try:
-                _replay_commands(ph, incoming=False)
-            except BaseException as exc:
-                phase["ok"], phase["error"] = False, _explain(exc, proc)
-                with contextlib.suppress(QMPError):
-                    if ph.migration not in (None, "completed"):
-                        s.execute("cont")  # libvirt resumes the guest after a failed save
-                raise
-            finally:
-                if scm_fd != fd:
-                    os.close(scm_fd)
-            if use_exec:
-                direct.wait_exec_helper(image)
-            if transport == "tcp":
-                # QEMU opened the file by path (and may have truncated it): put the header back.
-                os.pwrite(fd, saveimage.encode_header(xml, None, was_running=True, image_format=fmt), 0)
-            saveimage.finalize(fd)
-            s.quit()
+            xml = run.trace["domain"].get("xml") or migration.synthesize_xml(s)
+            with migration.saving(run.image, xml, session=s, resume=True, image_format=_image_format(traced),
+                                  transport=run.transport, use_exec=run.use_exec) as out:
+                phase = run.new_phase("save", traced)
+                ph = _Phase(traced, phase, s, run.mode, out, run.progress, events_on=True)
+                t0 = time.monotonic()
+                s.record_into(phase)
+                with _evidence(phase, proc):
+                    _replay_commands(ph, incoming=False)
+                    size = out.finish()
+            migration.end_saved_qemu(s)
             s.record_into(None)
         proc.wait(15)
         seconds = time.monotonic() - t0
         phase["ok"] = True
-        size = os.fstat(fd).st_size
-        final = saveimage.read_header_path(image)
-        phase["image"] = {"path": image, "size": size, "header": final.to_dict()}
+        final = saveimage.read_header_path(run.image)
+        phase["image"] = {"path": run.image, "size": size, "header": final.to_dict()}
         return {"seconds": round(seconds, 6), **ph.timings}
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(image)
-        raise
     finally:
-        if fd >= 0:
-            os.close(fd)
         proc.stop(grace=1.0)
 
 
-def _restore_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase, image: str, *,
-                   transport: str, mode: str, use_exec: bool, progress: Progress | None,
-                   serial_log: str | None, run_after: float, keep_running: bool,
-                   rewrites: list[Any]) -> tuple[dict[str, float], qemu_launch.QemuProcess | None]:
-    argv = trace["domain"]["argv"]
-    fd, hdr = direct.open_image(image)
-    proc = None
-    try:
-        uri0 = next((((m.get("arguments") or {}).get("uri") or "") for m in _trace.iter_commands(traced)
-                     if m["execute"] == "migrate-incoming"), "")
-        add_fds: list[tuple[int, int, str]] = []
-        pass_fds: tuple[int, ...] = ()
-        if transport == "unix":
-            m = _FDSET_URI.match(uri0)
-            if m:
-                add_fds = [(int(m.group(1)), fd, "virtsave-incoming")]
-            else:
-                pass_fds = (fd,)
-        plan = qemu_launch.plan_launch(argv, incoming="defer", transport=transport, paused=True,
-                                       serial_log=serial_log, add_fds=add_fds, pass_fds=pass_fds,
-                                       allow_spawn=use_exec)
-        rewrites.extend(plan.rewrites)
-        phase = _trace.add_phase(out, "restore", traced.get("operation", "restore"),
-                                 options=dict(traced.get("options") or {}), substitutions=[])
-        if add_fds:
+def _restore_phase(run: _Run, traced: _trace.Phase, *, run_after: float,
+                   keep_running: bool) -> tuple[dict[str, float], qemu_launch.QemuProcess | None]:
+    uri0 = next((((m.get("arguments") or {}).get("uri") or "") for m in _trace.iter_commands(traced)
+                 if m["execute"] == "migrate-incoming"), "")
+    with migration.loading(run.image, transport=run.transport, use_exec=run.use_exec,
+                           wanted_uri=uri0 or None) as inc:
+        plan = inc.plan_launch(run.trace["domain"]["argv"], serial_log=run.serial_log)
+        run.rewrites("restore").extend(plan.rewrites)
+        phase = run.new_phase("restore", traced)
+        if inc.fdset is not None:
             phase["substitutions"].append({"index": None, "field": "argv", "original": None,
-                                           "replacement": f"-add-fd set={add_fds[0][0]},fd={fd}",
+                                           "replacement": f"-add-fd set={inc.fdset},fd={inc.fd}",
                                            "reason": "our image in the fdset the traced URI names"})
         t0 = time.monotonic()
-        proc = qemu_launch.start(plan)
+        proc = inc.start(plan)
         with proc.connect(phase=phase) as s:
-            ph = _Phase(traced, phase, s, transport, mode, image, hdr, fd, use_exec, progress, pid=proc.pid)
-            try:
+            ph = _Phase(traced, phase, s, run.mode, inc, run.progress, pid=inc.reader_pid())
+            with _evidence(phase, proc):
                 _replay_commands(ph, incoming=True)
-            except BaseException as exc:
-                phase["ok"], phase["error"] = False, _explain(exc, proc)
-                raise
             seconds = time.monotonic() - t0
             phase["ok"] = True
-            phase["image"] = {"path": image, "size": os.fstat(fd).st_size, "header": hdr.to_dict()}
+            phase["image"] = {"path": run.image, "size": os.fstat(inc.fd).st_size, "header": inc.header.to_dict()}
             s.record_into(None)
             if run_after > 0:
                 _wait_guest(proc, run_after, None)
@@ -398,16 +359,8 @@ def _restore_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase,
                 s.quit()
         if not keep_running:
             proc.wait(15)
-        return {"seconds": round(seconds, 6), **ph.timings}, (proc if keep_running else None)
-    except BaseException:
-        if proc is not None:
-            proc.plan.owns_run_dir = True
             proc.stop(grace=1.0)
-        raise
-    finally:
-        os.close(fd)
-        if proc is not None and not keep_running:
-            proc.stop(grace=1.0)
+    return {"seconds": round(seconds, 6), **ph.timings}, (proc if keep_running else None)
 
 
 def default_image_path(trace: _trace.Trace) -> str:
@@ -416,6 +369,17 @@ def default_image_path(trace: _trace.Trace) -> str:
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", trace["domain"].get("name") or "domain")
     return str(d / f"{name}-{os.getpid()}.save")
+
+
+def _check_choices(mode: str, transport: str, phases: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    if mode not in MODES:
+        raise UnsupportedError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if transport not in TRANSPORTS:
+        raise UnsupportedError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+    for p in phases:
+        if p not in _trace.PHASE_NAMES:
+            raise UnsupportedError(f"unknown phase {p!r} (save, restore)")
+    return tuple(phases)
 
 
 def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, transport: str = "unix",
@@ -432,14 +396,7 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     *qemu_binary* runs another QEMU build than the traced ``argv[0]`` (the caller's choice: it
     must still be a ``qemu-system-*``); the direct trace's ``domain.argv[0]`` names it.
     """
-    if mode not in MODES:
-        raise UnsupportedError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if transport not in TRANSPORTS:
-        raise UnsupportedError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-    phases = tuple(phases)
-    for p in phases:
-        if p not in _trace.PHASE_NAMES:
-            raise UnsupportedError(f"unknown phase {p!r} (save, restore)")
+    phases = _check_choices(mode, transport, phases)
     problems = _trace.validate(trace)
     if problems:
         raise TraceError(f"invalid trace: {problems[0]}")
@@ -461,16 +418,16 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     img = os.fspath(image) if image is not None else default_image_path(trace)
 
     version = qemu_launch.binary_version(argv[0])
-    use_exec = transport == "tcp" and not direct.has_file_uri(version)
     out = _trace.new_trace("direct", host={"libvirt": None, "qemu": ".".join(map(str, version)),
                                             "hostname": socket.gethostname()},
                            domain=copy.deepcopy(trace.get("domain")))
     out["replay"] = {"mode": mode, "transport": transport, "input": input_name, "image": img,
                      "argv_rewrites": {}, "timings": {}}
+    run = _Run(trace, out, img, transport, mode, transport == "tcp" and not migration.has_file_uri(version),
+               progress, serial_log)
     try:
-        _run_phases(trace, out, traced, img, phases, transport=transport, mode=mode, use_exec=use_exec,
-                    progress=progress, run_for=run_for, serial_pattern=serial_pattern, serial_log=serial_log,
-                    run_after=run_after, keep_running=keep_running)
+        _run_phases(run, traced, phases, run_for=run_for, serial_pattern=serial_pattern, run_after=run_after,
+                    keep_running=keep_running)
     except VirtsaveError as exc:
         failed = next((p for p in out["phases"] if p.get("ok") is False), None)
         msg = f"{failed['name']} phase failed: {failed['error']}" if failed else str(exc)
@@ -483,21 +440,15 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     return out
 
 
-def _run_phases(trace: _trace.Trace, out: _trace.Trace, traced: dict[str, Any], img: str, phases: tuple[str, ...],
-                *, transport: str, mode: str, use_exec: bool, progress: Progress | None, run_for: float,
-                serial_pattern: str | None, serial_log: str | None, run_after: float, keep_running: bool) -> None:
-    timings = out["replay"]["timings"]
+def _run_phases(run: _Run, traced: dict[str, Any], phases: tuple[str, ...], *, run_for: float,
+                serial_pattern: str | None, run_after: float, keep_running: bool) -> None:
+    timings = run.out["replay"]["timings"]
     if "save" in phases:
-        timings["save"] = _save_phase(trace, out, traced["save"], img, transport=transport, mode=mode,  # type: ignore[arg-type]
-                                      use_exec=use_exec, progress=progress, run_for=run_for,
-                                      serial_pattern=serial_pattern, serial_log=serial_log,
-                                      rewrites=out["replay"]["argv_rewrites"].setdefault("save", []))
+        timings["save"] = _save_phase(run, traced["save"], run_for=run_for, serial_pattern=serial_pattern)
     if "restore" in phases:
-        timings["restore"], proc = _restore_phase(
-            trace, out, traced["restore"], img, transport=transport, mode=mode,  # type: ignore[arg-type]
-            use_exec=use_exec, progress=progress, serial_log=serial_log, run_after=run_after,
-            keep_running=keep_running, rewrites=out["replay"]["argv_rewrites"].setdefault("restore", []))
+        timings["restore"], proc = _restore_phase(run, traced["restore"], run_after=run_after,
+                                                  keep_running=keep_running)
         if proc is not None:
-            out["replay"]["qemu"] = {"pid": proc.pid, "qmp": proc.qmp_address,
-                                     "serial_log": str(proc.serial_log) if proc.serial_log else None,
-                                     "run_dir": str(proc.plan.run_dir)}
+            run.out["replay"]["qemu"] = {"pid": proc.pid, "qmp": proc.qmp_address,
+                                         "serial_log": str(proc.serial_log) if proc.serial_log else None,
+                                         "run_dir": str(proc.plan.run_dir)}

@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import struct
@@ -41,8 +40,9 @@ from typing import Any
 
 from virtsave.core.errors import ImageError, LaunchError, QMPError, VirtsaveError
 from virtsave.image import saveimage
-from virtsave.qemu import direct, safety
 from virtsave.qemu import launch as qemu_launch
+from virtsave.qemu import migration, safety
+from virtsave.trace import argv as qargv
 
 __all__ = ["RestoreCheck", "argv_from_xml", "check_image", "clean_reason", "domain_name", "machine_of_argv",
            "prepare_argv", "stream_machine"]
@@ -76,11 +76,11 @@ class RestoreCheck:
 # -- what the image needs ----------------------------------------------------------------------
 def _head_bytes(path: str, header: saveimage.Header, n: int = 512) -> bytes:
     """The first *n* bytes of the QEMU stream (through the decompressor for compressed images)."""
-    if header.format in direct.DECOMPRESSORS:
+    if header.format in saveimage.DECOMPRESSORS:
         with open(path, "rb") as f:
             f.seek(header.stream_offset)
             try:
-                p = subprocess.Popen(direct.DECOMPRESSORS[header.format], stdin=f, stdout=subprocess.PIPE,
+                p = subprocess.Popen(saveimage.DECOMPRESSORS[header.format], stdin=f, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
             except OSError:
                 return b""
@@ -218,27 +218,42 @@ def _rewrite_json(opt: str, spec: dict[str, Any], files: dict[str, str]) -> dict
     return None
 
 
-def _rewrite_keyval(opt: str, val: str) -> str | None:
-    if opt == "-drive" and "file=" in val and "snapshot=on" not in val:
-        return val + ",snapshot=on"
-    if opt == "-netdev" and not val.startswith("user"):
-        nid = qemu_launch._opt_dict(qemu_launch._split_opts(val)).get("id", "net0")
-        return f"user,id={nid},restrict=on"
+def _rewrite_keyval(o: qargv.Option) -> str | None:
+    v = o.parsed
+    if o.name == "-drive" and "file" in v and v.get("snapshot") != "on":
+        return str(v.updated({"snapshot": "on"}))
+    if o.name == "-netdev" and v.kind != "user":
+        return qargv.join_keyval([(None, "user"), ("id", str(v.get("id") or "net0")), ("restrict", "on")])
     return None
 
 
-def _monitor_chardevs(ps: list[tuple[str, str | None]]) -> set[str]:
-    return {qemu_launch._opt_dict(qemu_launch._split_opts(v)).get("chardev", "") for o, v in ps
-            if o == "-mon" and v}
+def _machine_type(v: qargv.OptionValue) -> str:
+    return str(v.get("type") or "")
 
 
-def _set_machine(val: str, machine: str) -> str:
-    parts = qemu_launch._split_opts(val)
-    if "=" not in parts[0]:
-        parts[0] = machine
-    else:
-        parts = [f"type={machine}" if p.startswith("type=") else p for p in parts]
-    return ",".join(p.replace(",", ",,") for p in parts)
+def _block_files(cl: qargv.CommandLine) -> dict[str, str]:
+    """Protocol node name → the file it opens (a format node's ``file`` names such a node)."""
+    files: dict[str, str] = {}
+    for node, o in cl.block_nodes().items():
+        spec = o.parsed
+        if spec.get("driver") in _PROTOCOL_DRIVERS and isinstance(spec.get("filename"), str):
+            files[node] = spec.get("filename")
+    return files
+
+
+def _rewrite_option(o: qargv.Option, machine: str | None, files: dict[str, str]) -> tuple[str | None, str]:
+    """The restore check's value for option *o* (None: as written) and why."""
+    v = o.parsed
+    if o.name == "-machine" and machine and _machine_type(v) != machine:
+        return str(v.updated({"type": machine})), "the machine type the image's stream was saved with"
+    if o.name == "-chardev" and v.kind != "null":
+        return (qargv.join_keyval([(None, "null"), ("id", str(v.get("id") or ""))]),
+                "restore check: the guest never runs, its character devices go nowhere")
+    why = "restore check: nothing opened for writing"
+    if v.syntax == "json":
+        spec = _rewrite_json(o.name, dict(v.props), files)
+        return (qargv.format_json(spec) if spec is not None else None), why
+    return _rewrite_keyval(o), why
 
 
 def prepare_argv(argv: list[str], *, machine: str | None = None) -> tuple[list[str], list[dict[str, str]]]:
@@ -251,48 +266,28 @@ def prepare_argv(argv: list[str], *, machine: str | None = None) -> tuple[list[s
     >>> new[1:]
     ['-machine', 'pc-i440fx-7.2,usb=off', '-blockdev', '{"driver":"null-co","node-name":"n1","size":0}']
     """
-    ps = qemu_launch.pairs(argv)
-    monitors = _monitor_chardevs(ps)
-    files = {}
-    for o, v in ps:
-        if o == "-blockdev" and v and v.startswith("{"):
-            with contextlib.suppress(ValueError):
-                spec = json.loads(v)
-                if spec.get("driver") in _PROTOCOL_DRIVERS and isinstance(spec.get("filename"), str):
-                    files[str(spec.get("node-name"))] = spec["filename"]
-    out, notes = [argv[0]], []
+    cl = qargv.parse(argv)
+    monitors = {str(o.parsed.get("chardev") or "") for o in cl.find("-mon")}
+    files = _block_files(cl)
+    out: list[str] = [cl.binary or argv[0]]
+    notes: list[dict[str, str]] = []
 
     def note(opt: str, old: str | None, new: str | None, why: str) -> None:
         notes.append({"option": opt, "original": old or "", "replacement": new or "", "reason": why})
 
-    for opt, val in ps:
-        if opt == "-mon" or (opt == "-chardev" and val and
-                             qemu_launch._opt_dict(qemu_launch._split_opts(val)).get("id") in monitors):
-            note(opt, val, None, "the command line's monitor: virtsave's QMP socket replaces it")
+    for o in cl.options:
+        if o.name == "-mon" or (o.name == "-chardev" and o.parsed.get("id") in monitors):
+            note(o.word, o.value, None, "the command line's monitor: virtsave's QMP socket replaces it")
             continue
-        if val is None:
-            out.append(opt)
+        if o.value is None:
+            out.append(o.word)
             continue
-        new: str | None = None
-        why = ""
-        if opt == "-machine" and machine and qemu_launch._split_opts(val)[0].removeprefix("type=") != machine:
-            new, why = _set_machine(val, machine), "the machine type the image's stream was saved with"
-        elif opt == "-chardev" and not val.startswith("null,"):
-            cid = qemu_launch._opt_dict(qemu_launch._split_opts(val)).get("id", "")
-            new, why = f"null,id={cid}", "restore check: the guest never runs, its character devices go nowhere"
-        elif val.startswith("{"):
-            with contextlib.suppress(ValueError):
-                spec = _rewrite_json(opt, json.loads(val), files)
-                if spec is not None:
-                    new, why = json.dumps(spec, separators=(",", ":")), "restore check: nothing opened for writing"
+        new, why = _rewrite_option(o, machine, files)
+        if new is not None and new != o.value:
+            note(o.word, o.value, new, why)
+            out += [o.word, new]
         else:
-            new = _rewrite_keyval(opt, val)
-            why = "restore check: nothing opened for writing"
-        if new is not None and new != val:
-            note(opt, val, new, why)
-            out += [opt, new]
-        else:
-            out += [opt, val]
+            out += [o.word, o.value]
     return out, notes
 
 
@@ -315,25 +310,6 @@ def _warnings(proc: qemu_launch.QemuProcess) -> list[str]:
         text = proc.stderr_path.read_text(errors="replace")
         return [clean_reason(ln) for ln in text.splitlines() if "warning:" in ln]
     return []
-
-
-def _feed(hdr: saveimage.Header, fd: int) -> tuple[str, list[tuple[int, int, str]], tuple[int, ...],
-                                                    subprocess.Popen[bytes] | None, int]:
-    """How QEMU gets the stream: (uri, add_fds, pass_fds, decompressor, pipe read end or -1)."""
-    if hdr.format in direct.DECOMPRESSORS:
-        r, w = os.pipe()
-        try:
-            helper = subprocess.Popen(direct.DECOMPRESSORS[hdr.format], stdin=fd, stdout=w, stderr=subprocess.DEVNULL)
-        except OSError as exc:
-            os.close(r)
-            raise LaunchError(f"cannot run {direct.DECOMPRESSORS[hdr.format][0]} for a {hdr.format} image: "
-                              f"{exc.strerror}") from None
-        finally:
-            os.close(w)
-        return f"fd:{r}", [], (r,), helper, r
-    if hdr.format == "sparse":
-        return f"file:/dev/fdset/0,offset={hdr.stream_offset:#x}", [(0, fd, "virtsave-incoming")], (), None, -1
-    return f"fd:{fd}", [], (fd,), None, -1
 
 
 def _load(proc: qemu_launch.QemuProcess, uri: str, sparse: bool, timeout: float) -> tuple[str, str | None]:
@@ -380,17 +356,14 @@ def check_image(image: str | os.PathLike[str], argv: list[str], *, binary: str |
         res.reason = "not launched: unsafe command line: " + "; ".join(str(f) for f in findings)
         return res
     t0 = time.monotonic()
-    fd, hdr = direct.open_image(path, compressed_ok=True)
-    proc = helper = None
-    pipe_r = -1
+    proc = None
     try:
-        uri, add_fds, pass_fds, helper, pipe_r = _feed(hdr, fd)
-        plan = qemu_launch.plan_launch(new_argv, incoming="defer", paused=True, add_fds=add_fds, pass_fds=pass_fds,
-                                       binary=binary)
-        res.argv, res.rewrites = plan.argv, notes + plan.rewrites
-        proc = qemu_launch.start(plan)
-        status, failure = _load(proc, uri, hdr.format == "sparse", timeout)
-        proc.wait(15)
+        with migration.loading(path) as inc:     # the one restore step: fd, fdset or decompressor
+            plan = inc.plan_launch(new_argv, binary=binary)
+            res.argv, res.rewrites = plan.argv, notes + plan.rewrites
+            proc = inc.start(plan)
+            status, failure = _load(proc, inc.uri()[0], hdr.format == "sparse", timeout)
+            proc.wait(15)
         res.qemu_status = status or None
         if failure is None and status in ("paused", "prelaunch", "postmigrate"):
             res.status = "loads"
@@ -404,20 +377,13 @@ def check_image(image: str | os.PathLike[str], argv: list[str], *, binary: str |
         if proc is not None:
             res.warnings = _warnings(proc)
             proc.stop(grace=1.0)
-        os.close(fd)
-        if pipe_r >= 0:
-            os.close(pipe_r)
-        if helper is not None:
-            with contextlib.suppress(OSError):
-                helper.kill()
-            helper.wait()
         res.seconds = round(time.monotonic() - t0, 3)
     return res
 
 
 def machine_of_argv(argv: list[str]) -> str | None:
     """The machine type an argv asks for (first word of ``-machine``)."""
-    for o, v in qemu_launch.pairs(argv):
-        if o in ("-machine", "-M") and v:
-            return qemu_launch._split_opts(v)[0].removeprefix("type=") or None
+    for o in qargv.parse(argv).find("-machine", "-M"):
+        if o.value:
+            return _machine_type(o.parsed) or None
     return None

@@ -248,6 +248,14 @@ class PhaseFields(TypedDict, total=False):
 # -- trace-level blocks ------------------------------------------------------------------------------
 
 
+CorpusInfo = TypedDict("CorpusInfo", {
+    "name": str,
+    "scenario": str,
+    "from": list[str],
+})
+CorpusInfo.__doc__ = """What a trace of the shipped corpus (``virtsave/harness/corpus/``) was made from."""
+
+
 class LogInfo(TypedDict):
     """Where an imported trace came from (``virtsave trace --from-log``)."""
 
@@ -359,6 +367,7 @@ class Trace(TypedDict):
     phases: list[Phase]
     log: NotRequired[LogInfo]
     replay: NotRequired[ReplayInfo]
+    corpus: NotRequired[CorpusInfo]
 
 
 # --------------------------------------------------------------------------------------------------
