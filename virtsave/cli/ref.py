@@ -20,11 +20,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from virtsave.cli.progress import job_progress
 from virtsave.core.errors import OperationFailed, VirtsaveError
 from virtsave.image.saveimage import read_header_path
 from virtsave.libvirtd import host
 from virtsave.libvirtd import reference as lp
-from virtsave.cli.progress import job_progress
 
 from .common import OPTIONS, emit_json, info
 
