@@ -280,7 +280,7 @@ def _call_params(obj: libvirt.virDomain | libvirt.virConnect, params: dict[str, 
     libvirt.so where the binding sends an int parameter with the wrong type."""
     domain = isinstance(obj, libvirt.virDomain)
     try:
-        return obj.saveParams(params, flags) if domain else obj.restoreParams(params, flags)  # type: ignore[union-attr]
+        return obj.saveParams(params, flags) if domain else obj.restoreParams(params, flags)
     except libvirt.libvirtError as exc:
         wrong_type = (exc.get_error_code() == libvirt.VIR_ERR_INVALID_ARG
                       and "invalid type" in str(exc) and any(k in str(exc) for k in _INT_PARAMS & params.keys()))
@@ -526,7 +526,7 @@ def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_ca
     res.stats = dict(last)
     if res.ok:
         with contextlib.suppress(libvirt.libvirtError):
-            res.state = state_name(get_dom())  # type: ignore[arg-type]
+            res.state = state_name(get_dom())
     return res
 
 

@@ -121,7 +121,8 @@ def _xml_root(xml: str) -> Any:
 def domain_name(xml: str) -> str | None:
     """The ``<name>`` of a domain XML (None when the XML has none or is not well-formed)."""
     try:
-        return _xml_root(xml).findtext("name")
+        name = _xml_root(xml).findtext("name")
+        return str(name) if name is not None else None
     except ImageError:
         return None
 
