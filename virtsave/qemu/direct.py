@@ -383,8 +383,9 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], *, transport: s
         else:
             pass_fds = (fd,)
             uri = f"fd:{fd}"
+        # A real restore: the QEMU is the guest, its disks, NICs and displays are its own (not a replay's).
         plan = qemu_launch.plan_launch(argv, incoming="defer", transport=transport, serial_log=serial_log,
-                                       add_fds=add_fds, pass_fds=pass_fds, allow_spawn=use_exec)
+                                       add_fds=add_fds, pass_fds=pass_fds, allow_spawn=use_exec, isolated=False)
         plan.owns_run_dir = False  # QEMU keeps running after we return: its socket dir must stay
         proc = qemu_launch.start(plan)
         with proc.connect() as s:

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -284,10 +285,11 @@ def _wait_guest(proc: qemu_launch.QemuProcess, run_for: float, serial_pattern: s
 
 def _save_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase, image: str, *,
                 transport: str, mode: str, use_exec: bool, progress: Progress | None, run_for: float,
-                serial_pattern: str | None, serial_log: str | None, rewrites: list[Any]) -> dict[str, float]:
+                serial_pattern: str | None, serial_log: str | None, rewrites: list[Any],
+                overlay_dir: str | None = None) -> dict[str, float]:
     argv = trace["domain"]["argv"]
     plan = qemu_launch.plan_launch(argv, transport=transport, paused=True, serial_log=serial_log,
-                                   allow_spawn=use_exec)
+                                   allow_spawn=use_exec, overlay_dir=overlay_dir)
     rewrites.extend(plan.rewrites)
     proc = qemu_launch.start(plan)
     fd = -1
@@ -354,7 +356,8 @@ def _save_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase, im
 def _restore_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase, image: str, *,
                    transport: str, mode: str, use_exec: bool, progress: Progress | None,
                    serial_log: str | None, run_after: float, keep_running: bool,
-                   rewrites: list[Any]) -> tuple[dict[str, float], qemu_launch.QemuProcess | None]:
+                   rewrites: list[Any], overlay_dir: str | None = None
+                   ) -> tuple[dict[str, float], qemu_launch.QemuProcess | None]:
     argv = trace["domain"]["argv"]
     fd, hdr = direct.open_image(image)
     proc = None
@@ -371,7 +374,8 @@ def _restore_phase(trace: _trace.Trace, out: _trace.Trace, traced: _trace.Phase,
                 pass_fds = (fd,)
         plan = qemu_launch.plan_launch(argv, incoming="defer", transport=transport, paused=True,
                                        serial_log=serial_log, add_fds=add_fds, pass_fds=pass_fds,
-                                       allow_spawn=use_exec)
+                                       allow_spawn=use_exec, overlay_dir=overlay_dir)
+        plan.owns_overlays = keep_running  # a QEMU left running takes the overlays with it
         rewrites.extend(plan.rewrites)
         phase = _trace.add_phase(out, "restore", traced.get("operation", "restore"),
                                  options=dict(traced.get("options") or {}), substitutions=[])
@@ -459,14 +463,18 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
                            domain=copy.deepcopy(trace.get("domain")))
     out["replay"] = {"mode": mode, "transport": transport, "input": input_name, "image": img,
                      "argv_rewrites": {}, "timings": {}}
+    overlays = qemu_launch.make_run_dir()  # the disk overlays both phases write (never the original's disks)
     try:
         _run_phases(trace, out, traced, img, phases, transport=transport, mode=mode, use_exec=use_exec,
                     progress=progress, run_for=run_for, serial_pattern=serial_pattern, serial_log=serial_log,
-                    run_after=run_after, keep_running=keep_running)
+                    run_after=run_after, keep_running=keep_running, overlay_dir=str(overlays))
     except VirtsaveError as exc:
         failed = next((p for p in out["phases"] if p.get("ok") is False), None)
         msg = f"{failed['name']} phase failed: {failed['error']}" if failed else str(exc)
         raise ReplayFailed(msg, out) from None
+    finally:
+        if "qemu" not in out["replay"]:
+            shutil.rmtree(overlays, ignore_errors=True)
     if diff:
         with contextlib.suppress(ImportError):
             from virtsave.trace import diff as _diff  # type: ignore[attr-defined]
@@ -477,18 +485,21 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
 
 def _run_phases(trace: _trace.Trace, out: _trace.Trace, traced: dict[str, Any], img: str, phases: tuple[str, ...],
                 *, transport: str, mode: str, use_exec: bool, progress: Progress | None, run_for: float,
-                serial_pattern: str | None, serial_log: str | None, run_after: float, keep_running: bool) -> None:
+                serial_pattern: str | None, serial_log: str | None, run_after: float, keep_running: bool,
+                overlay_dir: str | None = None) -> None:
     timings = out["replay"]["timings"]
     if "save" in phases:
         timings["save"] = _save_phase(trace, out, traced["save"], img, transport=transport, mode=mode,  # type: ignore[arg-type]
                                       use_exec=use_exec, progress=progress, run_for=run_for,
                                       serial_pattern=serial_pattern, serial_log=serial_log,
-                                      rewrites=out["replay"]["argv_rewrites"].setdefault("save", []))
+                                      rewrites=out["replay"]["argv_rewrites"].setdefault("save", []),
+                                      overlay_dir=overlay_dir)
     if "restore" in phases:
         timings["restore"], proc = _restore_phase(
             trace, out, traced["restore"], img, transport=transport, mode=mode,  # type: ignore[arg-type]
             use_exec=use_exec, progress=progress, serial_log=serial_log, run_after=run_after,
-            keep_running=keep_running, rewrites=out["replay"]["argv_rewrites"].setdefault("restore", []))
+            keep_running=keep_running, rewrites=out["replay"]["argv_rewrites"].setdefault("restore", []),
+            overlay_dir=overlay_dir)
         if proc is not None:
             out["replay"]["qemu"] = {"pid": proc.pid, "qmp": proc.qmp_address,
                                      "serial_log": str(proc.serial_log) if proc.serial_log else None,
