@@ -22,11 +22,33 @@ that only make sense inside libvirt are rewritten by the rules of :data:`RULES`,
 ``sandbox-spawn``  ``-sandbox …,spawn=deny`` → ``spawn=allow`` when an ``exec:`` helper is needed
 =================  ================================================================================
 
+A replay (:attr:`Target.isolated`, the default) runs a throwaway copy of a domain whose original may
+still run, or hold a managed-save image: it must not touch what the original owns. These rules do
+that (for a real restore, ``isolated=False``, they rewrite only inherited fds):
+
+==================  ===============================================================================
+``disk-overlay``    a writable top ``-blockdev`` node (what a device or ``pflash1=`` uses) → a qcow2
+                    overlay of that name in a private directory over the node renamed ``vs-ro-N``
+                    (:mod:`virtsave.qemu.overlay`)
+``disk-read-only``  every other node of an original image → ``read-only``, ``force-share``
+``legacy-drive``    ``-drive``/``-hda``/``-pflash``… on a host file → kept, plus ``-snapshot``
+``nic-tap``         a NIC's tap/bridge netdev (libvirt's ``fd=N``) → a fresh tap in no bridge
+``nic-user``        a NIC's ``user`` netdev → ``restrict=on``, no forwards
+``nic-socket``      a NIC's stream/dgram/socket/vde/l2tpv3 netdev → a private listening socket
+``channel-socket``  a socket chardev a guest device reads (agent …) → a private socket
+``vnc``/``spice``   the display → a private ``unix:`` socket
+==================  ===============================================================================
+
+What no replay can run without sharing it with the original (host PCI/USB devices, vhost-user,
+virtiofs, vDPA, vsock, TPMs, shared memory, network block devices …) is in :data:`REFUSALS`: a
+replay raises :class:`LaunchError` naming the device before anything starts.
+
 Anything no rule matches stays as traced, except that an inherited ``fd=N`` or a libvirt fdset in
 it is refused (:class:`LaunchError`): an fd we do not know is not ours to give. The safety check
 (:mod:`virtsave.qemu.safety`) accepts exactly what a rule rewrites whole (:func:`rule_for`), so the
-two cannot drift. :func:`rewrite_argv` is the pure rewrite; :func:`plan_launch` adds the run dir,
-the key file and the checks that the binary and guest files (kernel, initrd, disks) exist. Every
+two cannot drift; what a rule rewrites in part (a disk keeps its path) it still judges.
+:func:`rewrite_argv` is the pure rewrite; :func:`plan_launch` adds the run dir, the key file, the
+disk overlays and the checks that the binary and guest files (kernel, initrd, disks) exist. Every
 rewrite is listed in :attr:`LaunchPlan.rewrites`.
 
 Example::
@@ -232,9 +254,9 @@ class _Rewriting:
 class Rule:
     """One rewrite of the launcher: it applies to *option* values of kind *backends* (any when empty)
     for which *matches* holds; *rewrite* gives the replacement words (``[]``: dropped; None: kept as
-    is). *whole*: the traced value never reaches QEMU, so the safety check need not judge it.
-    *reason* is recorded with each rewrite (nothing recorded when empty), with *shows* as the
-    replacement when the new words alone would not say it."""
+    is). *whole*: in a replay the traced value never reaches QEMU, so the safety check need not judge
+    it. *reason* is recorded with each rewrite (nothing recorded when empty), with *shows* as the
+    replacement when the new words alone would not say it. *also*: more option names it looks at."""
 
     name: str
     option: str

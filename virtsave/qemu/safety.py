@@ -33,12 +33,21 @@ Refused (each a finding):
   ``image.path``; guest files outside :data:`EXPECTED_PREFIXES`; image paths under
   :data:`DENY_PREFIXES` (``/etc``, ``/dev``, ``/proc`` …).
 
+* devices no replay can run without sharing them with the original domain (the launcher's
+  :data:`~virtsave.qemu.launch.REFUSALS`: host PCI/USB/SCSI devices, vhost-user and virtiofs, vDPA,
+  vsock, TPMs, shared-memory backends, network block devices, host NICs, D-Bus helpers), marked
+  ``unreplayable``: the launcher refuses them even when ``--allow-unsafe`` lets the rest through;
+* a ``-blockdev`` child naming no declared node (``"file":"libvirt-1-storage"`` names a node: not a
+  path; ``file.filename`` is one).
+
 Not findings: what the launcher rewrites whole, taken from its own rule table
 (:data:`virtsave.qemu.launch.RULES` through :func:`~virtsave.qemu.launch.rule_for`), so the two cannot
 drift — libvirt's monitor chardev on ``fd=N``, its master-key secret, the serial/console chardevs
 (``pty``/``vc``/``stdio``/``pipe``, ``file`` on libvirt's fdset) and chardevs logged through libvirt's
 fdsets, ``-add-fd`` sets only those (or the restore's ``migrate-incoming``) use, libvirt's
-``-incoming``, ``-pidfile``, ``-daemonize``. Nothing of those reaches the QEMU a replay starts.
+``-incoming``, ``-pidfile``, ``-daemonize``; the NICs, guest channel sockets and displays of a real
+guest (private in a replay). Nothing of those reaches the QEMU a replay starts. Disks are rewritten in
+part (read-only, under overlays): their paths are still judged.
 
 Example::
 
