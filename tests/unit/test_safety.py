@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -491,3 +494,38 @@ def test_replay_of_unreplayable_device_exits_2_nothing_started(cli, tmp_path, qe
     assert "cannot replay" in line and "-device vfio-pci (hostdev0)" in line and "host PCI" in line, line
     assert not record.exists(), f"QEMU was launched: {record.read_text()}"
     assert not image.exists()
+
+
+@pytest.mark.skipif(not (Path("/usr/bin/qemu-system-x86_64").exists() and shutil.which("qemu-img")),
+                    reason="needs qemu-system-x86_64 and qemu-img (package qemu-utils) installed")
+def test_plan_launch_makes_private_overlays_of_the_traced_size_and_the_next_phase_reuses_them(tmp_path):
+    """No QEMU machine starts here: only ``qemu-img`` makes the overlay files."""
+    disk, vars_fd = tmp_path / "d.raw", tmp_path / "VARS.fd"
+    disk.write_bytes(b"\x11" * (3 << 20))
+    vars_fd.write_bytes(b"\x22" * 540672)
+    argv = ["/usr/bin/qemu-system-x86_64", "-machine", "q35,pflash1=libvirt-pflash1-storage",
+            "-blockdev", json.dumps({"driver": "file", "filename": str(vars_fd),
+                                     "node-name": "libvirt-pflash1-storage", "read-only": False}),
+            "-blockdev", json.dumps({"driver": "file", "filename": str(disk), "node-name": "libvirt-1-storage"}),
+            "-blockdev", json.dumps({"driver": "raw", "file": "libvirt-1-storage", "node-name": "libvirt-1-format"}),
+            "-device", "virtio-blk-pci,drive=libvirt-1-format,id=virtio-disk0"]
+    shared = tmp_path / "overlays"
+    plans = [qemu_launch.plan_launch(argv, overlay_dir=shared)]
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shared.iterdir()}
+    plans.append(qemu_launch.plan_launch(argv, overlay_dir=shared))     # the restore phase of the same replay
+    try:
+        made = sorted(shared.iterdir())
+        assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in made} == first   # reused, not remade
+        assert [p.name for p in made] == ["libvirt-1-format.qcow2", "libvirt-pflash1-storage.qcow2"]
+        for p, size in zip(made, (3 << 20, 540672), strict=True):
+            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(p)], capture_output=True,
+                                             text=True, check=True).stdout)
+            assert info["format"] == "qcow2" and info["virtual-size"] == size and "backing-filename" not in info
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600
+        assert [str(p) in " ".join(plans[0].argv) for p in made] == [True, True]
+        assert plans[0].argv == [a.replace(str(plans[1].run_dir), str(plans[0].run_dir)) for a in plans[1].argv]
+        assert disk.read_bytes() == b"\x11" * (3 << 20) and vars_fd.read_bytes() == b"\x22" * 540672
+        assert plans[0].env["TMPDIR"] == str(plans[0].run_dir)
+    finally:
+        for p in plans:
+            shutil.rmtree(p.run_dir, ignore_errors=True)
