@@ -172,9 +172,14 @@ def _stop(proc: qemu_launch.QemuProcess) -> None:
     assert overlays is not None and not overlays.exists(), overlays
 
 
-def _taps() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    return set(re.findall(r"^\d+: (vs[a-z0-9_]+)[:@]", out, re.M))
+def _netdev(pid: int) -> dict[str, Any]:
+    """The (JSON) ``-netdev`` a replayed QEMU runs with."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return dict(json.loads(argv[argv.index(b"-netdev") + 1]))
+
+
+def _link_exists(ifname: str) -> bool:
+    return subprocess.run(["ip", "link", "show", ifname], capture_output=True).returncode == 0
 
 
 # ----------------------------------------------------------------------------------- 1-3: the original is safe
@@ -188,17 +193,18 @@ def test_replay_never_writes_the_originals_running_or_managed_saved(cli, conn, r
     disk, nvram = guest.disk_path(name), guest.nvram_path(dom)
     assert nvram is not None and nvram.is_file()
     originals = {p: _sha(p) for p in (disk, nvram)}
-    taps = _taps()
 
     # -- the original runs: the replay writes its own disk and NVRAM, the original's stay as they were
     out, proc = _replay_and_write(t, workdir, "running")
     rewrites = out["replay"]["argv_rewrites"]["restore"]
     assert any(r["option"] == "-blockdev" and "overlay" in r["reason"] for r in rewrites), rewrites
     assert any(".qcow2" in r["replacement"] and "vs-ovl-" in r["replacement"] for r in rewrites)
+    tap = _netdev(proc.pid)["ifname"]
+    assert _link_exists(tap)
     _stop(proc)
     assert {p: _sha(p) for p in (disk, nvram)} == originals
     assert dom.isActive() and guest.wait_tick(name, guest.last_tick(name) + 1, timeout=30)
-    assert _taps() == taps      # the replay's tap went with its QEMU
+    assert not _link_exists(tap)      # the replay's tap went with its QEMU
 
     # -- the original is shut off with a managed-save image: a replay must not spoil its next start
     dom.managedSave(0)
@@ -240,8 +246,7 @@ def test_replayed_devices_are_the_originals_and_reach_nothing_of_the_host(cli, c
         assert "fd" not in ours["charchannel0"]
         vnc = s.execute("query-vnc")
         assert vnc.get("enabled") and vnc.get("family") == "unix" and run_dir in str(vnc.get("service")), vnc
-    argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-    netdev = json.loads(argv[argv.index(b"-netdev") + 1])
+    netdev = _netdev(proc.pid)
     assert netdev["type"] == "tap" and netdev["script"] == "no" and "fd" not in netdev, netdev
     link = subprocess.run(["ip", "-d", "link", "show", netdev["ifname"]], capture_output=True, text=True).stdout
     assert "master" not in link and "state DOWN" in link and "inet" not in link, link   # in no bridge, down
