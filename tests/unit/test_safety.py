@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -205,6 +208,15 @@ def test_libvirt_11_serial_log_and_incoming_fdsets(base):
 MINI = ["/usr/bin/qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "64", "-nodefaults", "-display", "none"]
 SERIAL_DEV = ["-device", '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}']
 MON = ["-mon", "chardev=charmonitor,id=monitor,mode=control"]
+NIC = ["-device", '{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"52:54:00:30:f7:2a"}']
+AGENT = ["-device", '{"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,"chardev":"charchannel0",'
+                    '"id":"channel0","name":"org.qemu.guest_agent.0"}']
+#: libvirt's qcow2 disk: protocol node, format node, device.
+DISK = ["-blockdev", '{"driver":"file","filename":"/var/lib/libvirt/images/g.qcow2","node-name":"libvirt-1-storage",'
+                     '"auto-read-only":true,"discard":"unmap"}',
+        "-blockdev", '{"node-name":"libvirt-1-format","read-only":false,"discard":"unmap","driver":"qcow2",'
+                     '"file":"libvirt-1-storage","backing":null}',
+        "-device", '{"driver":"virtio-blk-pci","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}']
 #: rule → ([(words the rule rewrites, the option it rewrites, QMP fdsets)], near miss or None).
 #: A near miss is the closest item no rule rewrites; None only where a rule takes every use of a
 #: flag or option (nothing near it is left as traced) or only loosens the launcher's own sandbox.
@@ -244,12 +256,52 @@ RULE_CASES: dict[str, tuple[list[tuple[list[str], str, set[str]]], list[str] | N
     "no-acpi": ([(["-no-acpi"], "-no-acpi", set())], None),
     "sandbox-spawn": ([(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"],
                         "-sandbox", set())], None),
+    # -- what libvirt generates for real guests (issue 16); the first option named is the one rewritten
+    "disk-overlay": ([(["-blockdev", '{"driver":"file","filename":"/var/lib/libvirt/qemu/nvram/g_VARS.fd",'
+                                     '"node-name":"libvirt-pflash1-storage","read-only":false}'], "-blockdev", set()),
+                      (["-blockdev", "driver=file,filename=/var/lib/libvirt/images/d.img,node-name=d",
+                        "-device", "virtio-blk-pci,drive=d,id=virtio-disk0"], "-blockdev", set())],
+                     ["-blockdev", '{"driver":"file","filename":"/dev/fdset/7","node-name":"d"}']),
+    "disk-read-only": ([(DISK, "-blockdev", set()),
+                        (["-blockdev", '{"driver":"file","filename":"/usr/share/OVMF/OVMF_CODE_4M.fd","node-name":'
+                                       '"libvirt-pflash0-storage","auto-read-only":true,"discard":"unmap"}',
+                          "-blockdev", '{"node-name":"libvirt-pflash0-format","read-only":true,"driver":"raw",'
+                                       '"file":"libvirt-pflash0-storage"}'], "-blockdev", set())],
+                       ["-blockdev", '{"driver":"file","filename":"/dev/fdset/7","node-name":"s"}',
+                        "-blockdev", '{"driver":"qcow2","node-name":"f","file":"s"}']),
+    "legacy-drive": ([(["-drive", "file=/var/lib/libvirt/images/d.qcow2,format=qcow2,if=virtio"], "-drive", set()),
+                      (["-hda", "/var/tmp/d.img"], "-hda", set())],
+                     ["-drive", "file=/dev/fdset/3,format=raw,if=virtio"]),
+    "nic-tap": ([(["-netdev", '{"type":"tap","fd":"33","id":"hostnet0"}', *NIC], "-netdev", set()),
+                 (["-netdev", "tap,id=hostnet0,fds=33:34,vhost=on,vhostfds=35:36", *NIC], "-netdev", set()),
+                 (["-netdev", "bridge,id=hostnet0,br=virbr0,helper=/usr/lib/qemu/qemu-bridge-helper", *NIC],
+                  "-netdev", set())],
+                ["-netdev", "tap,id=n0,fd=41"]),                                  # no NIC uses it
+    "nic-user": ([(["-netdev", '{"type":"user","id":"hostnet0"}', *NIC], "-netdev", set()),
+                  (["-netdev", "user,id=hostnet0,hostfwd=tcp::2222-:22,smb=/srv", *NIC], "-netdev", set())],
+                 ["-netdev", "user,id=n2,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh"]),
+    "nic-socket": ([(["-netdev", '{"type":"stream","addr":{"type":"unix","path":"/run/libvirt/qemu/passt/3-g-net0.'
+                                 'socket"},"server":false,"reconnect-ms":5000,"id":"hostnet0"}', *NIC],
+                     "-netdev", set()),
+                    (["-netdev", "socket,id=hostnet0,mcast=230.0.0.1:5558", *NIC], "-netdev", set())],
+                   ["-netdev", '{"type":"stream","addr":{"type":"unix","path":"/run/x.socket"},"id":"n7"}']),
+    "channel-socket": ([(["-chardev", "socket,id=charchannel0,fd=41,server=on,wait=off", *AGENT], "-chardev", set()),
+                        (["-chardev", "socket,id=charchannel0,path=/var/lib/libvirt/qemu/channel/target/domain-1-g/"
+                                      "org.qemu.guest_agent.0,server=on,wait=off", *AGENT], "-chardev", set()),
+                        (["-chardev", "socket,id=charchannel0,host=127.0.0.1,port=4555,server=on,wait=off", *AGENT],
+                         "-chardev", set())],
+                       ["-chardev", "socket,id=other,fd=42,server=on,wait=off"]),   # no device reads it
+    "vnc": ([(["-vnc", "127.0.0.1:0,audiodev=audio1"], "-vnc", set()),
+             (["-vnc", "0.0.0.0:0,websocket=5700,password=on,tls-creds=vnc-tls-creds0"], "-vnc", set())], None),
+    "spice": ([(["-spice", "port=5900,addr=127.0.0.1,disable-ticketing=on,seamless-migration=on"], "-spice",
+                set())], None),
 }
 _TARGET = qemu_launch.Target(Path("/run/virtsave/rule-walk"), paused=False, allow_spawn=True)
 
 
-#: Rules without a near miss: they take every use of their option (flags; -pidfile whatever its path) …
-TAKES_EVERY_USE = {"pidfile", "daemonize", "freeze", "no-acpi"}
+#: Rules without a near miss: they take every use of their option (flags; -pidfile whatever its path;
+#: a display's listening address) …
+TAKES_EVERY_USE = {"pidfile", "daemonize", "freeze", "no-acpi", "vnc", "spice"}
 #: … or only loosen the launcher's own sandbox when virtsave needs an exec: helper (never unsafe as traced).
 LOOSENS_ONLY = {"sandbox-spawn"}
 
@@ -277,15 +329,15 @@ def test_rule_rewrites_what_safety_accepts(name):
         argv = MINI + words
         assert safety.check_argv(argv, qmp) == [], (name, words)
         ctx = qemu_launch.context(argv, qmp)
-        (target,) = [o for o in ctx.cmdline.find(option)]
+        target = ctx.cmdline.find(option)[0]
         assert qemu_launch.rule_for(target, ctx) is rule
         res = qemu_launch.rewrite_argv(argv, _TARGET, qmp_fdsets=qmp)
         assert rule.name in res.applied
         if rule.whole:
             assert target.words()[-1] not in res.argv, (name, res.argv)
-        else:
-            assert res.argv != qemu_launch.rewrite_argv(argv, qemu_launch.Target(_TARGET.run_dir, paused=False),
-                                                        qmp_fdsets=qmp).argv
+        else:   # a rule that changes only a replay's copy (or the launcher's own sandbox) changes it
+            plain = qemu_launch.Target(_TARGET.run_dir, paused=False, isolated=False)
+            assert res.argv != qemu_launch.rewrite_argv(argv, plain, qmp_fdsets=qmp).argv
     if near is None:
         return
     argv = MINI + near
@@ -297,3 +349,183 @@ def test_rule_rewrites_what_safety_accepts(name):
     except errors.LaunchError:
         return      # refused by the launcher too: not rewritten
     assert rule.name not in res.applied and near[1] in res.argv
+
+
+# ------------------------------------------------------------------ devices no replay runs (issue 16)
+
+#: REFUSALS entry → the lines libvirt writes for such a device (the last option is the refused one).
+REFUSAL_CASES: dict[str, list[list[str]]] = {
+    "host-pci": [["-device", '{"driver":"vfio-pci","host":"0000:01:00.0","id":"hostdev0","bus":"pci.5","addr":"0x0"}']],
+    "host-usb": [["-device", '{"driver":"usb-host","hostdevice":"/dev/bus/usb/001/002","id":"hostdev1",'
+                             '"bus":"usb.0","port":"2"}']],
+    "virtiofs": [["-chardev", "socket,id=chr-vu-fs0,path=/var/lib/libvirt/qemu/domain-1-g/fs0-fs.sock",
+                  "-device", '{"driver":"vhost-user-fs-pci","id":"fs0","chardev":"chr-vu-fs0","tag":"share"}']],
+    "vhost-user": [["-chardev", "socket,id=charnet1,path=/var/lib/libvirt/qemu/vhost-user1",
+                    "-netdev", '{"type":"vhost-user","chardev":"charnet1","id":"hostnet1"}'],
+                   ["-chardev", "socket,id=chr-vu-blk0,path=/var/lib/libvirt/qemu/vhost-blk.sock",
+                    "-device", '{"driver":"vhost-user-blk-pci","chardev":"chr-vu-blk0","id":"virtio-disk1"}']],
+    "vhost-vdpa": [["-netdev", '{"type":"vhost-vdpa","vhostdev":"/dev/vhost-vdpa-0","id":"hostnet2"}'],
+                   ["-device", '{"driver":"vhost-vdpa-device-pci","vhostdev":"/dev/vhost-vdpa-1","id":"vdpa0"}']],
+    "host-scsi": [["-device", '{"driver":"vhost-scsi-pci","wwpn":"naa.5001405df3e54061","vhostfd":"31",'
+                              '"id":"hostdev2"}']],
+    "vsock": [["-device", '{"driver":"vhost-vsock-pci","id":"vsock0","guest-cid":3,"vhostfd":"28"}']],
+    "tpm": [["-chardev", "socket,id=chrtpm,path=/run/libvirt/qemu/swtpm/1-g-swtpm.sock",
+             "-tpmdev", "emulator,id=tpm-tpm0,chardev=chrtpm"],
+            ["-tpmdev", "passthrough,id=tpm-tpm1,path=/dev/tpm0,cancel-path=/sys/class/tpm/tpm0/device/cancel"]],
+    "shared-memory": [["-object", '{"qom-type":"memory-backend-file","id":"pc.ram","mem-path":"/dev/shm/g",'
+                                  '"share":true,"size":268435456}'],
+                      ["-device", '{"driver":"ivshmem-plain","id":"shmem0","memdev":"shmmem-shmem0"}']],
+    "network-block": [["-blockdev", '{"driver":"nbd","server":{"type":"inet","host":"10.0.0.1","port":"10809"},'
+                                    '"export":"d","node-name":"libvirt-2-storage"}'],
+                      ["-drive", "file=nbd:10.0.0.1:10809,format=raw,if=virtio"]],
+    "host-nic": [["-netdev", "af-xdp,id=hostnet3,ifname=eth0"]],
+    "dbus": [["-display", "dbus,p2p=no,addr=unix:path=/run/libvirt/qemu/dbus/1-g-dbus.sock"],
+             ["-object", '{"qom-type":"dbus-vmstate","id":"dbus-vmstate0","addr":"unix:path=/run/x.sock"}']],
+}
+_REFUSAL_PARAMS = [(name, i, words) for name, cases in REFUSAL_CASES.items() for i, words in enumerate(cases)]
+
+
+def test_every_refusal_has_a_case():
+    assert set(REFUSAL_CASES) == {r.name for r in qemu_launch.REFUSALS}
+
+
+@pytest.mark.parametrize(("name", "i", "words"), _REFUSAL_PARAMS, ids=[f"{n}-{i}" for n, i, _ in _REFUSAL_PARAMS])
+def test_unreplayable_device_named_in_one_line_and_refused_by_the_launcher(name, i, words):
+    argv = MINI + words
+    ctx = qemu_launch.context(argv)
+    device = ctx.cmdline.options[-1]
+    refusal = qemu_launch.refusal_for(device, ctx)
+    assert refusal is not None and refusal.name == name
+    desc = refusal.describe(device)
+    assert desc.startswith(f"{device.name} {device.parsed.kind}")
+    found = [f for f in safety.check_argv(argv) if f.unreplayable]
+    assert [(f.item, f.where) for f in found] == [(desc, f"argv[{device.index}]")]
+    msg = safety.refusal_message(safety.check_argv(argv))
+    assert "\n" not in msg and msg.startswith("cannot replay") and desc in msg and "nothing was started" in msg
+    with pytest.raises(errors.LaunchError, match="cannot replay") as ei:
+        qemu_launch.rewrite_argv(argv, _TARGET)
+    assert desc in str(ei.value) and refusal.reason in str(ei.value)
+    # A real restore (the QEMU *is* the guest, the original is gone) is not a replay: not refused as one.
+    try:
+        qemu_launch.rewrite_argv(argv, qemu_launch.Target(_TARGET.run_dir, isolated=False))
+    except errors.LaunchError as exc:
+        assert "cannot replay" not in str(exc)
+
+
+def test_libvirt_blockdev_graph_is_no_path_and_bad_references_are_named():
+    assert safety.check_argv(MINI + DISK) == []
+    bad = [*MINI, "-blockdev", '{"node-name":"f","driver":"qcow2","file":"no-such-node"}']
+    (f,) = safety.check_argv(bad)
+    assert "no-such-node" in f.reason and "names no -blockdev node" in f.reason
+    dotted = [*MINI, "-blockdev", "driver=qcow2,node-name=f,file.driver=file,file.filename=/etc/shadow"]
+    assert any("/etc/shadow" in f.reason and "outside" in f.reason for f in safety.check_argv(dotted))
+
+
+def test_replay_copy_of_a_disk_keeps_node_names_devices_and_order():
+    """The devices, the machine and the node names they use are as traced; every original file is
+    opened read-only and shared; the writable tops are qcow2 overlays in the run dir."""
+    nvram = ["-blockdev", '{"driver":"file","filename":"/var/lib/libvirt/qemu/nvram/g_VARS.fd",'
+                          '"node-name":"libvirt-pflash1-storage","read-only":false}']
+    code = RULE_CASES["disk-read-only"][0][1][0]
+    machine = ["-machine", "pc-q35-10.0,pflash0=libvirt-pflash0-format,pflash1=libvirt-pflash1-storage"]
+    argv = [*MINI[:1], *machine, *code, *nvram, *DISK, *MINI[3:]]
+    res = qemu_launch.rewrite_argv(argv, _TARGET)
+    out = qargv.parse(res.argv)
+    traced = qargv.parse(argv)
+    kept = ("-device", "-machine")
+    assert [o.words() for o in out.find(*kept)] == [o.words() for o in traced.find(*kept)]
+    nodes = out.block_nodes()
+    names = list(nodes)
+    for n in traced.block_nodes():        # every traced name is still there, in the traced order
+        assert n in nodes
+    assert [n for n in names if n in traced.block_nodes()] == list(traced.block_nodes())
+    for n, o in nodes.items():
+        v = o.parsed
+        fn = v.get("filename")
+        if isinstance(fn, str) and not fn.startswith(str(_TARGET.run_dir)):
+            assert v.get("read-only") is True and v.get("force-share") is True and "auto-read-only" not in v, n
+    for top in ("libvirt-pflash1-storage", "libvirt-1-format"):
+        v = nodes[top].parsed
+        assert v.kind == "qcow2" and nodes[v.get("file")].parsed.get("filename") == \
+            str(_TARGET.run_dir / f"{top}.qcow2")
+        base = nodes[v.get("backing")].parsed
+        assert base.get("read-only") is True
+    assert [ov.node for ov in res.overlays] == ["libvirt-pflash1-storage", "libvirt-1-format"]
+    # A real restore keeps the disks as they are.
+    plain = qemu_launch.rewrite_argv(argv, qemu_launch.Target(_TARGET.run_dir, paused=False, isolated=False))
+    assert [o for o in qargv.parse(plain.argv).options if o.name == "-blockdev"] == traced.find("-blockdev")
+
+
+def test_nic_keeps_model_and_mac_and_reaches_no_host_network():
+    argv = [*MINI, "-netdev", '{"type":"tap","fd":"33","vhost":true,"vhostfd":"34","id":"hostnet0"}', *NIC]
+    res = qemu_launch.rewrite_argv(argv, _TARGET)
+    out = qargv.parse(res.argv)
+    assert [o.words() for o in out.find("-device")] == [NIC]
+    (nd,) = out.find("-netdev")
+    assert nd.parsed.props == {"type": "tap", "id": "hostnet0", "ifname": _TARGET.tap_name(1), "script": "no",
+                               "downscript": "no", "vhost": True}
+    assert len(_TARGET.tap_name(99)) <= 15
+    user = qemu_launch.rewrite_argv(argv, qemu_launch.Target(_TARGET.run_dir, nic="user"))
+    assert qargv.parse(user.argv).find("-netdev")[0].parsed.props == {"type": "user", "id": "hostnet0",
+                                                                       "restrict": True}
+    assert {r["option"] for r in res.rewrites} >= {"-netdev"}
+
+
+@pytest.fixture
+def qemu_wrapper(tmp_path):
+    from badinput import kill_recorded, make_qemu_wrapper
+
+    wrapper, record = make_qemu_wrapper(tmp_path)
+    yield wrapper, record
+    kill_recorded(record)
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["checked", "allow-unsafe"])
+def test_replay_of_unreplayable_device_exits_2_nothing_started(cli, tmp_path, qemu_wrapper, allow):
+    from badinput import assert_clean_error, synthetic_trace, write_trace
+
+    wrapper, record = qemu_wrapper
+    t = synthetic_trace(argv0=str(wrapper))
+    t["domain"]["argv"] += REFUSAL_CASES["host-pci"][0]
+    path = write_trace(tmp_path / "vfio.json", t)
+    image = tmp_path / "x.save"
+    proc = cli("replay", str(path), "--image", str(image), "--run-for", "0", *(["--allow-unsafe"] if allow else []))
+    line = assert_clean_error(proc, allow_info=("warning: unsafe trace item", "replaying "))
+    assert "cannot replay" in line and "-device vfio-pci (hostdev0)" in line and "host PCI" in line, line
+    assert not record.exists(), f"QEMU was launched: {record.read_text()}"
+    assert not image.exists()
+
+
+@pytest.mark.skipif(not (Path("/usr/bin/qemu-system-x86_64").exists() and shutil.which("qemu-img")),
+                    reason="needs qemu-system-x86_64 and qemu-img (package qemu-utils) installed")
+def test_plan_launch_makes_private_overlays_of_the_traced_size_and_the_next_phase_reuses_them(tmp_path):
+    """No QEMU machine starts here: only ``qemu-img`` makes the overlay files."""
+    disk, vars_fd = tmp_path / "d.raw", tmp_path / "VARS.fd"
+    disk.write_bytes(b"\x11" * (3 << 20))
+    vars_fd.write_bytes(b"\x22" * 540672)
+    argv = ["/usr/bin/qemu-system-x86_64", "-machine", "q35,pflash1=libvirt-pflash1-storage",
+            "-blockdev", json.dumps({"driver": "file", "filename": str(vars_fd),
+                                     "node-name": "libvirt-pflash1-storage", "read-only": False}),
+            "-blockdev", json.dumps({"driver": "file", "filename": str(disk), "node-name": "libvirt-1-storage"}),
+            "-blockdev", json.dumps({"driver": "raw", "file": "libvirt-1-storage", "node-name": "libvirt-1-format"}),
+            "-device", "virtio-blk-pci,drive=libvirt-1-format,id=virtio-disk0"]
+    shared = tmp_path / "overlays"
+    plans = [qemu_launch.plan_launch(argv, overlay_dir=shared)]
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shared.iterdir()}
+    plans.append(qemu_launch.plan_launch(argv, overlay_dir=shared))     # the restore phase of the same replay
+    try:
+        made = sorted(shared.iterdir())
+        assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in made} == first   # reused, not remade
+        assert [p.name for p in made] == ["libvirt-1-format.qcow2", "libvirt-pflash1-storage.qcow2"]
+        for p, size in zip(made, (3 << 20, 540672), strict=True):
+            info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(p)], capture_output=True,
+                                             text=True, check=True).stdout)
+            assert info["format"] == "qcow2" and info["virtual-size"] == size and "backing-filename" not in info
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600
+        assert [str(p) in " ".join(plans[0].argv) for p in made] == [True, True]
+        assert plans[0].argv == [a.replace(str(plans[1].run_dir), str(plans[0].run_dir)) for a in plans[1].argv]
+        assert disk.read_bytes() == b"\x11" * (3 << 20) and vars_fd.read_bytes() == b"\x22" * 540672
+        assert plans[0].env["TMPDIR"] == str(plans[0].run_dir)
+    finally:
+        for p in plans:
+            shutil.rmtree(p.run_dir, ignore_errors=True)

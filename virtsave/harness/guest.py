@@ -4,6 +4,13 @@ The guest (built by ``scripts/build-guest``) fills N MiB of RAM and prints ``tic
 on its serial port each second; the serial output is appended to a per-domain log,
 so a restored guest shows its counter continuing instead of starting again at 1.
 
+Two shapes boot it: :func:`create` defines the bare disk-less guest (``guest.xml``: pc machine,
+serial only — the fastest); :func:`create_real` one shaped as virt-install makes a Linux guest
+(``realguest.xml``: q35, UEFI with per-domain NVRAM from Debian's ``ovmf``, a qcow2 virtio disk made
+here, a virtio NIC on libvirt's ``default`` network, a guest-agent channel, VNC on 127.0.0.1 with
+virtio video, USB tablet, virtio RNG, balloon, pty serial). Firmware boot under TCG makes the real
+shape slower to reach its first tick (≈ 15 s here against ≈ 3 s).
+
 Example (needs a running libvirtd)::
 
     import libvirt
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import time
 import uuid as _uuid
 from dataclasses import dataclass
@@ -32,6 +40,14 @@ from virtsave.core.paths import GUEST_DIR
 
 SERIAL_LOG_DIR = Path("/var/log/libvirt/qemu")
 _TICK = re.compile(rb"^tick (\d+)\r?$", re.M)
+#: Debian's ``ovmf``: the UEFI code (shared, read-only) and the variable store template libvirt copies
+#: into each domain's NVRAM file.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+#: Where :func:`create_real` makes the guests' qcow2 disks (removed by :func:`remove`).
+DISK_DIR = GUEST_DIR.parent / "disks"
+#: libvirt's NAT network on 192.168.122.0/24 (``scripts/setup`` starts it); it carries only test guests.
+NETWORK = "default"
 
 
 def accel() -> str:
@@ -47,12 +63,16 @@ def serial_log(name: str) -> Path:
     return SERIAL_LOG_DIR / f"{name}-serial.log"
 
 
-def guest_xml(name: str, memory_mib: int = 256, fill_mib: int = 64, vcpus: int = 1,
-              domain_uuid: str | None = None) -> str:
-    """The domain XML of a test guest (template ``conf/guest.xml``)."""
+def _require_built() -> None:
     for f in ("vmlinuz", "initrd.gz"):
         if not (GUEST_DIR / f).is_file():
             raise LaunchError(f"test guest not built ({GUEST_DIR / f} missing): run scripts/setup")
+
+
+def guest_xml(name: str, memory_mib: int = 256, fill_mib: int = 64, vcpus: int = 1,
+              domain_uuid: str | None = None) -> str:
+    """The domain XML of a test guest (template ``conf/guest.xml``)."""
+    _require_built()
     template = (resources.files("virtsave.harness") / "guest.xml").read_text()
     template = re.sub(r"<!--.*?-->\s*", "", template, flags=re.S)
     return template.format(
@@ -66,6 +86,72 @@ def guest_xml(name: str, memory_mib: int = 256, fill_mib: int = 64, vcpus: int =
         fill_mib=fill_mib,
         serial_log=serial_log(name),
     )
+
+
+def disk_path(name: str) -> Path:
+    """The qcow2 disk :func:`create_real` makes for *name*."""
+    return DISK_DIR / f"{name}.qcow2"
+
+
+def real_guest_xml(name: str, disk: str | os.PathLike[str], memory_mib: int = 256, fill_mib: int = 32,
+                   vcpus: int = 1, domain_uuid: str | None = None, network: str = NETWORK) -> str:
+    """The domain XML of a guest shaped like a real one (template ``realguest.xml``) on *disk*."""
+    for f in (OVMF_CODE, OVMF_VARS):
+        if not f.is_file():
+            raise LaunchError(f"UEFI firmware missing ({f}; Debian package ovmf): run scripts/setup")
+    _require_built()
+    template = (resources.files("virtsave.harness") / "realguest.xml").read_text()
+    template = re.sub(r"<!--.*?-->\s*", "", template, flags=re.S)
+    return template.format(
+        name=name, uuid=domain_uuid or str(_uuid.uuid4()),
+        domain_type="kvm" if accel() == "kvm" else "qemu", memory_mib=memory_mib, vcpus=vcpus,
+        kernel=GUEST_DIR / "vmlinuz", initrd=GUEST_DIR / "initrd.gz", fill_mib=fill_mib,
+        serial_log=serial_log(name), loader=OVMF_CODE, vars_template=OVMF_VARS, disk=os.fspath(disk),
+        network=network)
+
+
+def make_disk(path: str | os.PathLike[str], size_mib: int = 64) -> None:
+    """An empty qcow2 disk of *size_mib* MiB at *path* (``qemu-img create``)."""
+    Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.fspath(path), f"{size_mib}M"],
+                       check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"cannot create the test disk {path}: {exc}") from None
+
+
+def nvram_path(dom: libvirt.virDomain) -> Path | None:
+    """The domain's UEFI variable store (libvirt made it from the template), if it has one."""
+    m = re.search(r"<nvram[^>]*>([^<]+)</nvram>", dom.XMLDesc(0))
+    return Path(m.group(1)) if m else None
+
+
+def _require_network(conn: libvirt.virConnect, network: str) -> None:
+    try:
+        active = conn.networkLookupByName(network).isActive()
+    except libvirt.libvirtError:
+        active = False
+    if not active:
+        raise LaunchError(f"libvirt network {network!r} is not active: run scripts/setup (it starts it)")
+
+
+def create_real(conn: libvirt.virConnect, name: str, memory_mib: int = 256, fill_mib: int = 32, vcpus: int = 1,
+                disk_mib: int = 64, start: bool = True) -> libvirt.virDomain:
+    """Define (persistent) and optionally start a guest shaped like a real one, with a fresh
+    *disk_mib* MiB qcow2 disk (:func:`disk_path`); :func:`remove` takes it all away again."""
+    _require_network(conn, NETWORK)
+    xml = real_guest_xml(name, disk_path(name), memory_mib, fill_mib, vcpus)
+    with contextlib.suppress(FileNotFoundError):
+        serial_log(name).unlink()
+    make_disk(disk_path(name), disk_mib)
+    try:
+        dom = conn.defineXML(xml)
+        if start:
+            dom.create()
+    except libvirt.libvirtError:
+        remove(conn, name)
+        raise
+    return dom
 
 
 def create(conn: libvirt.virConnect, name: str, memory_mib: int = 256, fill_mib: int = 64,
@@ -84,7 +170,8 @@ def create(conn: libvirt.virConnect, name: str, memory_mib: int = 256, fill_mib:
 
 
 def remove(conn: libvirt.virConnect, name: str) -> None:
-    """Destroy and undefine *name* with its managed-save image and serial log; quiet if gone."""
+    """Destroy and undefine *name* with its managed-save image, NVRAM, serial log and the disk
+    :func:`create_real` made; quiet if gone."""
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError:
@@ -93,11 +180,12 @@ def remove(conn: libvirt.virConnect, name: str) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             if dom.isActive():
                 dom.destroy()
-        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA \
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         with contextlib.suppress(libvirt.libvirtError):
             dom.undefineFlags(flags)
     # libvirt keeps the domain's QEMU log after undefine; a throwaway guest leaves nothing behind.
-    for log in (serial_log(name), SERIAL_LOG_DIR / f"{name}.log"):
+    for log in (serial_log(name), SERIAL_LOG_DIR / f"{name}.log", disk_path(name)):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             log.unlink()
 

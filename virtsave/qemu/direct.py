@@ -157,7 +157,8 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], options: SaveOp
     binary_ver = qemu_launch.binary_version(argv[0] if argv else "qemu-system-x86_64")
     use_exec = transport == "tcp" and not migration.has_file_uri(binary_ver)
     with migration.loading(image, transport=transport, use_exec=use_exec) as inc:
-        plan = inc.plan_launch(argv, serial_log=serial_log)
+        # A real restore: the QEMU is the guest, its disks, NICs and displays are its own (not a replay's).
+        plan = inc.plan_launch(argv, serial_log=serial_log, isolated=False)
         plan.owns_run_dir = False  # QEMU keeps running after we return: its socket dir must stay
         proc = inc.start(plan)
         with proc.connect() as s:

@@ -22,11 +22,33 @@ that only make sense inside libvirt are rewritten by the rules of :data:`RULES`,
 ``sandbox-spawn``  ``-sandbox …,spawn=deny`` → ``spawn=allow`` when an ``exec:`` helper is needed
 =================  ================================================================================
 
+A replay (:attr:`Target.isolated`, the default) runs a throwaway copy of a domain whose original may
+still run, or hold a managed-save image: it must not touch what the original owns. These rules do
+that (for a real restore, ``isolated=False``, they rewrite only inherited fds):
+
+==================  ===============================================================================
+``disk-overlay``    a writable top ``-blockdev`` node (what a device or ``pflash1=`` uses) → a qcow2
+                    overlay of that name in a private directory over the node renamed ``vs-ro-N``
+                    (:mod:`virtsave.qemu.overlay`)
+``disk-read-only``  every other node of an original image → ``read-only``, ``force-share``
+``legacy-drive``    ``-drive``/``-hda``/``-pflash``… on a host file → kept, plus ``-snapshot``
+``nic-tap``         a NIC's tap/bridge netdev (libvirt's ``fd=N``) → a fresh tap in no bridge
+``nic-user``        a NIC's ``user`` netdev → ``restrict=on``, no forwards
+``nic-socket``      a NIC's stream/dgram/socket/vde/l2tpv3 netdev → a private listening socket
+``channel-socket``  a socket chardev a guest device reads (agent …) → a private socket
+``vnc``/``spice``   the display → a private ``unix:`` socket
+==================  ===============================================================================
+
+What no replay can run without sharing it with the original (host PCI/USB devices, vhost-user,
+virtiofs, vDPA, vsock, TPMs, shared memory, network block devices …) is in :data:`REFUSALS`: a
+replay raises :class:`LaunchError` naming the device before anything starts.
+
 Anything no rule matches stays as traced, except that an inherited ``fd=N`` or a libvirt fdset in
 it is refused (:class:`LaunchError`): an fd we do not know is not ours to give. The safety check
 (:mod:`virtsave.qemu.safety`) accepts exactly what a rule rewrites whole (:func:`rule_for`), so the
-two cannot drift. :func:`rewrite_argv` is the pure rewrite; :func:`plan_launch` adds the run dir,
-the key file and the checks that the binary and guest files (kernel, initrd, disks) exist. Every
+two cannot drift; what a rule rewrites in part (a disk keeps its path) it still judges.
+:func:`rewrite_argv` is the pure rewrite; :func:`plan_launch` adds the run dir, the key file, the
+disk overlays and the checks that the binary and guest files (kernel, initrd, disks) exist. Every
 rewrite is listed in :attr:`LaunchPlan.rewrites`.
 
 Example::
@@ -66,15 +88,17 @@ from typing import Any
 
 from virtsave.core.errors import LaunchError
 from virtsave.core.files import open_private
+from virtsave.qemu import overlay
 from virtsave.qemu.qmp import QMPSession
 from virtsave.trace import argv as qargv
 from virtsave.trace import model as tr
-from virtsave.trace.argv import CommandLine, Option
+from virtsave.trace.argv import BlockGraph, CommandLine, Option, OptionValue
 
 __all__ = [
-    "LAUNCHED", "MASTER_KEY_GLOBS", "RULES", "RUN_BASE", "SERIAL_DEVICES", "ArgvContext", "LaunchPlan",
-    "QemuProcess", "Rewritten", "Rule", "Target", "binary_version", "context", "free_tcp_port",
-    "is_qemu_binary", "make_run_dir", "plan_launch", "rewrite_argv", "rule_for", "start", "stop_all",
+    "LAUNCHED", "MASTER_KEY_GLOBS", "REFUSALS", "RULES", "RUN_BASE", "SERIAL_DEVICES", "ArgvContext", "LaunchPlan",
+    "QemuProcess", "Refusal", "Rewritten", "Rule", "Target", "binary_version", "context", "free_tcp_port",
+    "is_qemu_binary", "make_run_dir", "nic_backend", "plan_launch", "refusal_for", "rewrite_argv", "rule_for",
+    "start", "stop_all",
 ]
 
 RUN_BASE = Path(os.environ.get("VIRTSAVE_RUN_DIR", "/run/virtsave"))
@@ -105,6 +129,13 @@ class ArgvContext:
     fdsets: Mapping[str, Option]
     fdset_users: Mapping[str, tuple[Option, ...]]
     qmp_fdsets: frozenset[str] | None = None
+    #: The ``-blockdev`` graph; its writable tops on local files (overlaid in a replay) and the nodes below them.
+    graph: BlockGraph = field(default_factory=lambda: BlockGraph({}, {}))
+    writable_tops: frozenset[str] = frozenset()
+    under_writable: frozenset[str] = frozenset()
+    #: Chardevs a guest device reads (``-device …,chardev=``, ``-serial chardev:``), netdevs a NIC uses.
+    device_chardevs: frozenset[str] = frozenset()
+    nic_netdevs: frozenset[str] = frozenset()
 
     def declared_fdset(self, path: Any) -> bool:
         """True when *path* is exactly ``/dev/fdset/N`` of a set an ``-add-fd`` declares."""
@@ -119,6 +150,10 @@ def _serial_chardevs(cl: CommandLine) -> frozenset[str]:
     return frozenset(ids)
 
 
+def _device_props(cl: CommandLine, prop: str) -> frozenset[str]:
+    return frozenset(str(o.parsed.get(prop)) for o in cl.find("-device") if isinstance(o.parsed.get(prop), str))
+
+
 def context(cmdline: CommandLine | Iterable[str], qmp_fdsets: Iterable[str] | None = None) -> ArgvContext:
     """The :class:`ArgvContext` of a command line (words or parsed)."""
     cl = cmdline if isinstance(cmdline, CommandLine) else qargv.parse(cmdline)
@@ -130,8 +165,14 @@ def context(cmdline: CommandLine | Iterable[str], qmp_fdsets: Iterable[str] | No
         if o.value is not None and o.name != "-add-fd":
             for s in dict.fromkeys(qargv.fdset_references(o.value)):
                 users.setdefault(s, []).append(o)
-    return ArgvContext(cl, monitor, _serial_chardevs(cl), fdsets, {s: tuple(u) for s, u in users.items()},
-                       None if qmp_fdsets is None else frozenset(qmp_fdsets))
+    graph = cl.block_graph()
+    tops = frozenset(t for t in graph.tops() if not graph.read_only(t) and overlay.local_chain(graph, t))
+    below = frozenset(n for t in tops for n in graph.below(t))
+    serial = _serial_chardevs(cl)
+    chardevs = _device_props(cl, "chardev") | serial
+    return ArgvContext(cl, monitor, serial, fdsets, {s: tuple(u) for s, u in users.items()},
+                       None if qmp_fdsets is None else frozenset(qmp_fdsets), graph, tops, below - tops,
+                       chardevs, _device_props(cl, "netdev"))
 
 
 # ----------------------------------------------------------------------------------------- targets
@@ -147,6 +188,26 @@ class Target:
     paused: bool = True
     allow_spawn: bool = False
     qmp_port: int = 0
+    #: A throwaway copy of a domain (a replay): it must not touch what the original owns — disks go
+    #: through overlays, NICs, channels and displays become private. False for a real restore (the
+    #: restored QEMU *is* the guest): only what cannot work outside libvirt (inherited fds) is rewritten.
+    isolated: bool = True
+    #: The NIC backend replacing the host's network: ``tap`` (a fresh tap device in no bridge, link
+    #: down: same virtio offloads as libvirt's tap) or ``user`` (``restrict=on``; when no tap can be made).
+    nic: str = "tap"
+    #: Where disk overlays go (default: the run dir); the phases of one replay share it.
+    overlay_dir: Path | None = None
+
+    @property
+    def overlays(self) -> Path:
+        return self.overlay_dir or self.run_dir
+
+    def tap_name(self, n: int) -> str:
+        """A host interface name for the *n*-th NIC (≤ 15 characters, unique per run dir)."""
+        return f"vs{re.sub(r'[^a-z0-9]', '', self.run_dir.name.lower())[-8:]}{n}"
+
+    def socket_path(self, kind: str, ident: str) -> Path:
+        return self.run_dir / f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', ident)[:40]}.sock"
 
     @property
     def master_key(self) -> Path:
@@ -173,6 +234,9 @@ class _Rewriting:
     serial_used: Path | None = None
     acpi_off: bool = False
     have_qmp: bool = False
+    overlays: list[overlay.Overlay] = field(default_factory=list)
+    nics: int = 0
+    legacy_snapshot: bool = False
 
     def output_file(self, cid: str, serial: bool) -> Path:
         """The serial log for the first serial chardev (or the first output at all when nothing is a
@@ -190,9 +254,9 @@ class _Rewriting:
 class Rule:
     """One rewrite of the launcher: it applies to *option* values of kind *backends* (any when empty)
     for which *matches* holds; *rewrite* gives the replacement words (``[]``: dropped; None: kept as
-    is). *whole*: the traced value never reaches QEMU, so the safety check need not judge it.
-    *reason* is recorded with each rewrite (nothing recorded when empty), with *shows* as the
-    replacement when the new words alone would not say it."""
+    is). *whole*: in a replay the traced value never reaches QEMU, so the safety check need not judge
+    it. *reason* is recorded with each rewrite (nothing recorded when empty), with *shows* as the
+    replacement when the new words alone would not say it. *also*: more option names it looks at."""
 
     name: str
     option: str
@@ -202,9 +266,14 @@ class Rule:
     reason: str
     whole: bool = True
     shows: str = ""
+    also: tuple[str, ...] = ()
+
+    def applies_to(self, name: str) -> bool:
+        """The rule looks at options named *name*."""
+        return name == self.option or name in self.also
 
     def applies(self, opt: Option, ctx: ArgvContext) -> bool:
-        return opt.name == self.option and (not self.backends or opt.parsed.kind in self.backends) \
+        return self.applies_to(opt.name) and (not self.backends or opt.parsed.kind in self.backends) \
             and self.matches(opt, ctx)
 
 
@@ -287,6 +356,155 @@ def _new_key(o: Option, st: _Rewriting) -> list[str]:
     return [o.word, str(o.parsed.updated({"file": str(st.target.master_key)}))]
 
 
+# -- disks (a replay never opens an original image for writing) ------------------------------------
+
+
+def _is_writable_top(o: Option, ctx: ArgvContext) -> bool:
+    return o.parsed.get("node-name") in ctx.writable_tops
+
+
+def _to_overlay(o: Option, st: _Rewriting) -> list[str] | None:
+    if not st.target.isolated:
+        return None
+    node = str(o.parsed.get("node-name"))
+    ov = overlay.Overlay(node, len(st.overlays) + 1, st.target.overlays / overlay.file_name(node),
+                         overlay.size_query(st.ctx.graph, node))
+    st.overlays.append(ov)
+    return [w for v in overlay.overlay_words(o.parsed, ov) for w in (o.word, v)]
+
+
+def _is_original_node(o: Option, ctx: ArgvContext) -> bool:
+    node = o.parsed.get("node-name")
+    if not isinstance(node, str) or node in ctx.writable_tops or node not in ctx.graph.nodes:
+        return False
+    if node in ctx.under_writable:
+        return True
+    return ctx.graph.protocol(node) and not ctx.graph.read_only(node) and overlay.local_chain(ctx.graph, node)
+
+
+def _read_only_node(o: Option, st: _Rewriting) -> list[str] | None:
+    if not st.target.isolated:
+        return None
+    return [o.word, overlay.read_only(o.parsed).text]
+
+
+_LEGACY_DISKS = ("-drive", "-hda", "-hdb", "-hdc", "-hdd", "-pflash", "-mtdblock", "-sd", "-fda", "-fdb")
+
+
+def _is_legacy_disk(o: Option, ctx: ArgvContext) -> bool:
+    f = o.parsed.get("file") if o.name == "-drive" else o.value
+    return isinstance(f, str) and f.startswith("/") and not f.startswith("/dev/fdset/")
+
+
+def _legacy_snapshot(o: Option, st: _Rewriting) -> list[str] | None:
+    if not st.target.isolated:
+        return None
+    st.legacy_snapshot = True
+    return o.words()
+
+
+# -- NICs (no host network) ----------------------------------------------------------------------
+
+
+def _is_nic(o: Option, ctx: ArgvContext) -> bool:
+    return o.parsed.get("id") in ctx.nic_netdevs
+
+
+def _json_or_keyval(v: OptionValue, props: dict[str, Any]) -> str:
+    if v.syntax == "json":
+        return qargv.format_json(props)
+    def word(x: Any) -> str:
+        return ("on" if x else "off") if isinstance(x, bool) else str(x)
+    return qargv.join_keyval([(None, word(props.pop("type")))] + [(k, word(x)) for k, x in props.items()])
+
+
+def _truthy(x: Any) -> bool:
+    return x is True or x in ("on", "true", "yes", "")
+
+
+def _private_tap(o: Option, st: _Rewriting) -> list[str] | None:
+    v = o.parsed
+    if not st.target.isolated and not qargv.fd_references(v):
+        return None
+    st.nics += 1
+    ident = str(v.get("id"))
+    if st.target.nic == "user":
+        return [o.word, _json_or_keyval(v, {"type": "user", "id": ident, "restrict": True})]
+    props: dict[str, Any] = {"type": "tap", "id": ident, "ifname": st.target.tap_name(st.nics),
+                             "script": "no", "downscript": "no"}
+    fds = str(v.get("fds") or "")
+    if fds:
+        props["queues"] = len(fds.split(":")) if v.syntax == "keyval" else str(len(fds.split(":")))
+    if _truthy(v.get("vhost")) and "vhost" in v:
+        props["vhost"] = True
+    if "vnet_hdr" in v:
+        props["vnet_hdr"] = _truthy(v.get("vnet_hdr"))
+    if v.syntax == "json" and "queues" in props:
+        props["queues"] = int(props["queues"])
+    return [o.word, _json_or_keyval(v, props)]
+
+
+def _restricted_user(o: Option, st: _Rewriting) -> list[str] | None:
+    if not st.target.isolated:
+        return None
+    drop = {k: None for k in ("hostfwd", "guestfwd", "smb", "smbserver", "tftp", "bootfile", "tftp-server-name")}
+    return [o.word, o.parsed.updated({**drop, "restrict": True if o.parsed.syntax == "json" else "on"}).text]
+
+
+def _private_stream(o: Option, st: _Rewriting) -> list[str] | None:
+    v = o.parsed
+    if not st.target.isolated and not qargv.fd_references(v):
+        return None
+    path = str(st.target.socket_path("net", str(v.get("id"))))
+    if v.syntax == "json":
+        return [o.word, qargv.format_json({"type": "stream", "id": v.get("id"), "server": True,
+                                           "addr": {"type": "unix", "path": path}})]
+    return [o.word, qargv.join_keyval([(None, "stream"), ("id", str(v.get("id"))), ("server", "on"),
+                                       ("addr.type", "unix"), ("addr.path", path)])]
+
+
+# -- chardevs and displays -------------------------------------------------------------------------
+
+
+def _is_device_socket(o: Option, ctx: ArgvContext) -> bool:
+    cid = o.parsed.get("id")
+    return cid != ctx.monitor and cid in ctx.device_chardevs
+
+
+def _private_socket(o: Option, st: _Rewriting) -> list[str] | None:
+    v = o.parsed
+    if not st.target.isolated and not qargv.fd_references(v):
+        return None
+    cid = str(v.get("id"))
+    return [o.word, f"socket,id={cid},path={st.target.socket_path('chr', cid)},server=on,wait=off"]
+
+
+#: ``-vnc``/``-spice`` keys kept (what the display looks like, not where it listens or whose keys it reads).
+_VNC_KEEP = ("id", "display", "head", "audiodev", "password", "password-secret", "share", "lossy", "non-adaptive",
+             "key-delay-ms", "power-control")
+_SPICE_KEEP = ("disable-ticketing", "password-secret", "image-compression", "jpeg-wan-compression",
+               "zlib-glz-wan-compression", "streaming-video", "agent-mouse", "playback-compression",
+               "seamless-migration", "disable-copy-paste", "disable-agent-file-xfer", "gl", "rendernode",
+               "video-codecs")
+
+
+def _private_vnc(o: Option, st: _Rewriting) -> list[str] | None:
+    if not st.target.isolated:
+        return None
+    v = o.parsed
+    where = "none" if v.get("vnc") == "none" else f"unix:{st.target.socket_path('vnc', 'display')}"
+    return [o.word, qargv.join_keyval([(None, where)] + [(k, x) for k, x in v.parts if k in _VNC_KEEP])]
+
+
+def _private_spice(o: Option, st: _Rewriting) -> list[str] | None:
+    if not st.target.isolated:
+        return None
+    v = o.parsed
+    kept = [(k, x) for k, x in v.parts if k in _SPICE_KEEP]
+    where = [("unix", "on"), ("addr", str(st.target.socket_path("spice", "display")))]
+    return [o.word, qargv.join_keyval(where + kept)]
+
+
 #: What the launcher rewrites: the one table (the safety check reads it too).
 RULES: tuple[Rule, ...] = (
     Rule("monitor", "-chardev", ("socket",), _is_monitor, _new_monitor,
@@ -308,8 +526,103 @@ RULES: tuple[Rule, ...] = (
          shows="-machine …,acpi=off"),
     Rule("sandbox-spawn", "-sandbox", (), lambda o, c: o.parsed.get("spawn") == "deny", _sandbox,
          "exec: migration needs QEMU to spawn a helper", whole=False),
+    Rule("disk-overlay", "-blockdev", (), _is_writable_top, _to_overlay,
+         "writable disk/NVRAM → a throwaway qcow2 overlay in the run dir over the original, opened read-only",
+         whole=False),
+    Rule("disk-read-only", "-blockdev", (), _is_original_node, _read_only_node,
+         "an original image: read-only, sharing the lock of a running original", whole=False),
+    Rule("legacy-drive", "-drive", (), _is_legacy_disk, _legacy_snapshot,
+         "legacy drive: QEMU's own temporary overlays (-snapshot, in the run dir)", whole=False,
+         shows="as traced, plus -snapshot", also=_LEGACY_DISKS[1:]),
+    Rule("nic-tap", "-netdev", ("tap", "bridge"), _is_nic, _private_tap,
+         "host network → a tap device of our own in no bridge (same NIC model, MAC and offloads)"),
+    Rule("nic-user", "-netdev", ("user",), _is_nic, _restricted_user,
+         "user networking → restrict=on, no forwards (no host connectivity)"),
+    Rule("nic-socket", "-netdev", ("stream", "dgram", "socket", "vde", "l2tpv3"), _is_nic, _private_stream,
+         "host socket network → a private listening socket nobody connects to"),
+    Rule("channel-socket", "-chardev", ("socket",), _is_device_socket, _private_socket,
+         "guest channel socket (agent …) → a private socket in the run dir"),
+    Rule("vnc", "-vnc", (), _any, _private_vnc, "VNC → a private socket in the run dir (no TCP port)"),
+    Rule("spice", "-spice", (), _any, _private_spice, "SPICE → a private socket in the run dir (no TCP port)"),
 )
-_BY_OPTION: dict[str, tuple[Rule, ...]] = {r.option: tuple(x for x in RULES if x.option == r.option) for r in RULES}
+_BY_OPTION: dict[str, tuple[Rule, ...]] = {
+    name: tuple(r for r in RULES if r.applies_to(name)) for name in {n for r in RULES for n in (r.option, *r.also)}}
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A device no replay can run without sharing what belongs to the original domain: *option* values
+    whose kind matches one of *kinds* (shell patterns; any kind when empty) and *matches*."""
+
+    name: str
+    option: str
+    kinds: tuple[str, ...]
+    reason: str
+    matches: Callable[[Option, ArgvContext], bool] = _any
+
+    def applies(self, opt: Option, ctx: ArgvContext) -> bool:
+        kind = opt.parsed.kind
+        return opt.name == self.option and (not self.kinds or any(fnmatch.fnmatchcase(kind, k) for k in self.kinds)) \
+            and self.matches(opt, ctx)
+
+    @staticmethod
+    def describe(opt: Option) -> str:
+        """``-device vfio-pci (hostdev0)``: the option, its kind and its id, for one line."""
+        v = opt.parsed
+        ident = v.get("id") or v.get("node-name")
+        return f"{opt.name} {v.kind or (opt.value or '')[:40]}" + (f" ({ident})" if ident else "")
+
+
+def _shared(o: Option, ctx: ArgvContext) -> bool:
+    return _truthy(o.parsed.get("share", "off"))
+
+
+def _network_drive(o: Option, ctx: ArgvContext) -> bool:
+    v = o.parsed
+    f = v.get("file")
+    drivers = {str(v.get("driver", "")), str(v.get("file.driver", ""))}
+    return (isinstance(f, str) and f.split(":", 1)[0] in ("nbd", "iscsi", "rbd", "gluster", "ssh", "http", "https",
+                                                          "ftp", "ftps", "nfs")) or bool(drivers & overlay.NETWORK)
+
+
+_HOST_OWNED = "belongs to the original domain"
+#: What a replay refuses, first match wins: one line naming the device, nothing started.
+REFUSALS: tuple[Refusal, ...] = (
+    Refusal("host-pci", "-device", ("vfio-*",), f"host PCI/mediated device passthrough: the device {_HOST_OWNED}"),
+    Refusal("host-usb", "-device", ("usb-host",), f"host USB device passthrough: the device {_HOST_OWNED}"),
+    Refusal("virtiofs", "-device", ("vhost-user-fs*",),
+            "virtiofs: a virtiofsd process of the original domain shares a host directory"),
+    Refusal("vhost-user", "-device", ("vhost-user-*",),
+            f"vhost-user: the device runs in a host process that {_HOST_OWNED}"),
+    Refusal("vhost-user", "-netdev", ("vhost-user",), f"vhost-user: the NIC runs in a host process that {_HOST_OWNED}"),
+    Refusal("vhost-vdpa", "-netdev", ("vhost-vdpa",), f"vDPA: a host device that {_HOST_OWNED}"),
+    Refusal("vhost-vdpa", "-device", ("vhost-vdpa-*",), f"vDPA: a host device that {_HOST_OWNED}"),
+    Refusal("host-scsi", "-device", ("scsi-generic", "scsi-block", "vhost-scsi*"),
+            f"host SCSI device or kernel SCSI target: {_HOST_OWNED}"),
+    Refusal("vsock", "-device", ("vhost-vsock*",),
+            "vsock: the guest's context id belongs to the original domain and reaches host processes"),
+    Refusal("tpm", "-tpmdev", (), "TPM: its state lives in the original domain's swtpm process or the host's TPM"),
+    Refusal("shared-memory", "-object", ("memory-backend-file",),
+            "shared memory backend: the file is mapped shared with the original QEMU or other processes",
+            _shared),
+    Refusal("shared-memory", "-device", ("ivshmem*",), "inter-VM shared memory: shared with the original and peers"),
+    Refusal("network-block", "-blockdev", tuple(sorted(overlay.NETWORK)),
+            "network block device: a remote server the original domain uses"),
+    Refusal("network-block", "-drive", (), "network block device: a remote server the original domain uses",
+            _network_drive),
+    Refusal("host-nic", "-netdev", ("af-xdp", "netmap"), f"a host network interface that {_HOST_OWNED}"),
+    Refusal("dbus", "-display", ("dbus",), "D-Bus display: talks to the original domain's D-Bus daemon"),
+    Refusal("dbus", "-object", ("dbus-vmstate",),
+            "D-Bus vmstate: helper processes of the original domain carry part of its state"),
+)
+
+
+def refusal_for(opt: Option, ctx: ArgvContext) -> Refusal | None:
+    """The :data:`REFUSALS` entry *opt* falls under, or None."""
+    return next((r for r in REFUSALS if r.applies(opt, ctx)), None)
 
 
 def rule_for(opt: Option, ctx: ArgvContext) -> Rule | None:
@@ -334,6 +647,7 @@ class Rewritten:
     rewrites: list[dict[str, str]] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     serial_log: Path | None = None
+    overlays: list[overlay.Overlay] = field(default_factory=list)
 
     def note(self, opt: str, old: str | None, new: str | None, why: str) -> None:
         self.rewrites.append({"option": opt, "original": old or "", "replacement": new or "", "reason": why})
@@ -373,6 +687,8 @@ def _apply_rules(ctx: ArgvContext, st: _Rewriting, res: Rewritten) -> int | None
                 machine = len(res.argv) + 1
             res.argv += o.words()
             continue
+        if not rule.whole:
+            _refuse_foreign(o, ctx)     # the traced value still reaches QEMU
         res.applied.append(rule.name)
         if rule.reason:
             res.note(o.name, o.value, rule.shows or " ".join(new[1:]), rule.reason)
@@ -392,10 +708,18 @@ def rewrite_argv(argv: list[str], target: Target, *, binary: str | None = None, 
     if cl.binary is None:
         raise LaunchError("QEMU command line does not start with a binary")
     ctx = context(cl, qmp_fdsets)
+    if target.isolated:
+        for o in cl.options:
+            refusal = refusal_for(o, ctx)
+            if refusal is not None:
+                raise LaunchError(f"cannot replay {refusal.describe(o)} (argv[{o.index}]): {refusal.reason}")
     st = _Rewriting(target, ctx)
     res = Rewritten([binary or cl.binary])
     machine = _apply_rules(ctx, st, res)
     out = res.argv
+    if st.legacy_snapshot and not cl.find("-snapshot"):
+        out.append("-snapshot")
+    res.overlays = st.overlays
     if st.acpi_off:
         if machine is not None:
             out[machine] = str(qargv.parse_value(out[machine], "-machine").updated({"acpi": "off"}))
@@ -429,6 +753,10 @@ class LaunchPlan:
     rewrites: list[dict[str, str]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     owns_run_dir: bool = True
+    #: Disk overlays outside the run dir (:func:`plan_launch`'s *overlay_dir*), removed by
+    #: :meth:`QemuProcess.stop` only when *owns_overlays* (the last phase of a replay).
+    overlay_dir: Path | None = None
+    owns_overlays: bool = False
 
 
 def free_tcp_port() -> int:
@@ -521,35 +849,49 @@ def plan_launch(argv: list[str], **kw: Any) -> LaunchPlan:
     return plan
 
 
+def nic_backend() -> str:
+    """``tap`` when this process can create tap devices (root and ``/dev/net/tun``), else ``user``."""
+    return "tap" if os.geteuid() == 0 and os.path.exists("/dev/net/tun") else "user"
+
+
 def _plan_launch(argv: list[str], *, incoming: str | None = None, transport: str = "unix",
                  paused: bool = True, serial_log: str | os.PathLike[str] | None = None,
                  add_fds: list[tuple[int, int, str]] | None = None, pass_fds: tuple[int, ...] = (),
                  allow_spawn: bool = False, binary: str | None = None,
-                 run_dir: Path | None = None) -> LaunchPlan:
+                 run_dir: Path | None = None, isolated: bool = True,
+                 overlay_dir: str | os.PathLike[str] | None = None) -> LaunchPlan:
     """:func:`rewrite_argv` plus what it needs on the host: the run dir, the master key file, the
-    checks that the binary and the guest files exist.
+    disk overlays, the checks that the binary and the guest files exist.
 
     *incoming*: ``-incoming`` value (``defer`` for restores) or None. *add_fds*: extra
     ``-add-fd`` (set, fd, opaque) entries, whose fds are inherited. *allow_spawn*: let QEMU
-    run helpers (needed only for ``exec:`` migration URIs). Nothing is started here.
+    run helpers (needed only for ``exec:`` migration URIs). *isolated*: see :class:`Target` (False
+    for a real restore). *overlay_dir*: where disk overlays go, reused when there (default: the run
+    dir). Nothing is started here.
     """
     if not argv:
         raise LaunchError("empty QEMU command line (trace has no domain argv)")
     resolved = _resolve_binary(binary or argv[0])
     own_dir = run_dir is None
     rdir = run_dir or make_run_dir()
+    odir = Path(overlay_dir) if overlay_dir is not None else None
     target = Target(rdir, transport, Path(serial_log) if serial_log else None, paused, allow_spawn,
-                    free_tcp_port() if transport == "tcp" else 0)
+                    free_tcp_port() if transport == "tcp" else 0, isolated, nic_backend(), odir)
     res = rewrite_argv(argv, target, binary=resolved, incoming=incoming, add_fds=add_fds or ())
+    ours = {str(ov.path) for ov in res.overlays}
     for o in qargv.parse(res.argv).options:
         for f in _guest_files(o):
-            if not os.path.exists(f):
+            if f not in ours and not os.path.exists(f):
                 raise LaunchError(f"guest file missing: {f} (from {o.name})")
+    if res.overlays:
+        target.overlays.mkdir(mode=0o700, parents=True, exist_ok=True)
+        overlay.create(res.overlays, resolved)
     if "master-key" in res.applied:
         _write_key(target.master_key)
     fds = tuple(sorted({*pass_fds, *(fd for _, fd, _ in add_fds or ())}))
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(rdir)}
-    return LaunchPlan(res.argv, rdir, target.qmp_address, res.serial_log, fds, res.rewrites, env, own_dir)
+    # TMPDIR: where -snapshot puts QEMU's temporary overlays of legacy drives.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(rdir), "TMPDIR": str(rdir)}
+    return LaunchPlan(res.argv, rdir, target.qmp_address, res.serial_log, fds, res.rewrites, env, own_dir, odir)
 
 class QemuProcess:
     """A running QEMU started by :func:`start`; kill it with :meth:`stop` (or a ``with`` block)."""
@@ -620,6 +962,8 @@ class QemuProcess:
         if self.plan.owns_run_dir:
             # Everything in the run dir goes (pass serial_log= elsewhere to keep the guest output).
             shutil.rmtree(self.plan.run_dir, ignore_errors=True)
+        if self.plan.owns_overlays and self.plan.overlay_dir is not None:
+            shutil.rmtree(self.plan.overlay_dir, ignore_errors=True)
 
     def __enter__(self) -> QemuProcess:
         return self

@@ -435,14 +435,16 @@ class Incoming(_Stream):
         return super().uri(wanted)
 
     def plan_launch(self, argv: list[str], *, serial_log: str | os.PathLike[str] | None = None,
-                    binary: str | None = None) -> qemu_launch.LaunchPlan:
+                    binary: str | None = None, isolated: bool = True,
+                    overlay_dir: str | os.PathLike[str] | None = None) -> qemu_launch.LaunchPlan:
         """A paused ``-incoming defer`` launch of *argv* (run by *binary*, default ``argv[0]``) that
-        gives QEMU this image."""
+        gives QEMU this image; *isolated* and *overlay_dir* as :func:`virtsave.qemu.launch.plan_launch`."""
         add_fds = [(self.fdset, self.fd, "virtsave-incoming")] if self.fdset is not None else []
         pass_fds = (self.qemu_fd,) if self.helper is not None or (self.transport == "unix" and not add_fds) else ()
         return qemu_launch.plan_launch(argv, incoming="defer", transport=self.transport, paused=True,
                                        serial_log=serial_log, add_fds=add_fds, pass_fds=pass_fds,
-                                       allow_spawn=self.use_exec, binary=binary)
+                                       allow_spawn=self.use_exec, binary=binary, isolated=isolated,
+                                       overlay_dir=overlay_dir)
 
     def start(self, plan: qemu_launch.LaunchPlan) -> qemu_launch.QemuProcess:
         """Launch *plan*; this QEMU is killed if the load fails (see :func:`loading`)."""

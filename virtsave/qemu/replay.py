@@ -44,6 +44,7 @@ import contextlib
 import copy
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -288,6 +289,8 @@ class _Run:
     use_exec: bool
     progress: Progress | None
     serial_log: str | None
+    #: The disk overlays both phases write (a replay never writes the original's disks).
+    overlays: Path = field(default_factory=qemu_launch.make_run_dir)
 
     def new_phase(self, name: str, traced: _trace.Phase) -> _trace.Phase:
         return _trace.add_phase(self.out, name, traced.get("operation", name),
@@ -299,7 +302,7 @@ class _Run:
 
 def _save_phase(run: _Run, traced: _trace.Phase, *, run_for: float, serial_pattern: str | None) -> dict[str, float]:
     plan = qemu_launch.plan_launch(run.trace["domain"]["argv"], transport=run.transport, paused=True,
-                                   serial_log=run.serial_log, allow_spawn=run.use_exec)
+                                   serial_log=run.serial_log, allow_spawn=run.use_exec, overlay_dir=run.overlays)
     run.rewrites("save").extend(plan.rewrites)
     proc = qemu_launch.start(plan)
     try:
@@ -336,7 +339,8 @@ def _restore_phase(run: _Run, traced: _trace.Phase, *, run_after: float,
                  if m["execute"] == "migrate-incoming"), "")
     with migration.loading(run.image, transport=run.transport, use_exec=run.use_exec,
                            wanted_uri=uri0 or None) as inc:
-        plan = inc.plan_launch(run.trace["domain"]["argv"], serial_log=run.serial_log)
+        plan = inc.plan_launch(run.trace["domain"]["argv"], serial_log=run.serial_log, overlay_dir=run.overlays)
+        plan.owns_overlays = keep_running  # a QEMU left running takes the overlays with it
         run.rewrites("restore").extend(plan.rewrites)
         phase = run.new_phase("restore", traced)
         if inc.fdset is not None:
@@ -432,6 +436,9 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
         failed = next((p for p in out["phases"] if p.get("ok") is False), None)
         msg = f"{failed['name']} phase failed: {failed['error']}" if failed else str(exc)
         raise ReplayFailed(msg, out) from None
+    finally:
+        if "qemu" not in out["replay"]:
+            shutil.rmtree(run.overlays, ignore_errors=True)
     if diff:
         with contextlib.suppress(ImportError):
             from virtsave.trace import diff as _diff  # type: ignore[attr-defined]

@@ -33,12 +33,21 @@ Refused (each a finding):
   ``image.path``; guest files outside :data:`EXPECTED_PREFIXES`; image paths under
   :data:`DENY_PREFIXES` (``/etc``, ``/dev``, ``/proc`` …).
 
+* devices no replay can run without sharing them with the original domain (the launcher's
+  :data:`~virtsave.qemu.launch.REFUSALS`: host PCI/USB/SCSI devices, vhost-user and virtiofs, vDPA,
+  vsock, TPMs, shared-memory backends, network block devices, host NICs, D-Bus helpers), marked
+  ``unreplayable``: the launcher refuses them even when ``--allow-unsafe`` lets the rest through;
+* a ``-blockdev`` child naming no declared node (``"file":"libvirt-1-storage"`` names a node: not a
+  path; ``file.filename`` is one).
+
 Not findings: what the launcher rewrites whole, taken from its own rule table
 (:data:`virtsave.qemu.launch.RULES` through :func:`~virtsave.qemu.launch.rule_for`), so the two cannot
 drift — libvirt's monitor chardev on ``fd=N``, its master-key secret, the serial/console chardevs
 (``pty``/``vc``/``stdio``/``pipe``, ``file`` on libvirt's fdset) and chardevs logged through libvirt's
 fdsets, ``-add-fd`` sets only those (or the restore's ``migrate-incoming``) use, libvirt's
-``-incoming``, ``-pidfile``, ``-daemonize``. Nothing of those reaches the QEMU a replay starts.
+``-incoming``, ``-pidfile``, ``-daemonize``; the NICs, guest channel sockets and displays of a real
+guest (private in a replay). Nothing of those reaches the QEMU a replay starts. Disks are rewritten in
+part (read-only, under overlays): their paths are still judged.
 
 Example::
 
@@ -92,22 +101,38 @@ _FDSET = re.compile(r"/dev/fdset/(\d+)")
 
 @dataclass(frozen=True)
 class Finding:
-    """One unsafe item: *item* (what, short), *where* (``argv[12]``, ``save.messages[3]`` …), *reason*."""
+    """One unsafe item: *item* (what, short), *where* (``argv[12]``, ``save.messages[3]`` …), *reason*.
+    *unreplayable*: a device no replay runs (:data:`virtsave.qemu.launch.REFUSALS`), trusted or not."""
 
     item: str
     where: str
     reason: str
+    unreplayable: bool = False
 
     def __str__(self) -> str:
         return f"{self.item} ({self.where}): {self.reason}"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
 def refusal_message(findings: Iterable[Finding]) -> str:
-    """One line naming every finding, for :class:`UnsafeTraceError` and the CLI."""
+    """One line naming every finding, for :class:`UnsafeTraceError` and the CLI.
+
+    >>> refusal_message([Finding("-device vfio-pci (hostdev0)", "argv[9]", "host PCI device passthrough",
+    ...                          unreplayable=True)])
+    'cannot replay 1 device: -device vfio-pci (hostdev0) (argv[9]): host PCI device passthrough (nothing was started)'
+    """
     fs = list(findings)
-    items = "; ".join(str(f) for f in fs)
-    return (f"unsafe trace, {len(fs)} item{'s' if len(fs) != 1 else ''} refused: {items} "
-            "(replay only traces you trust, or pass --allow-unsafe)")
+    devices = [f for f in fs if f.unreplayable]
+    rest = [f for f in fs if not f.unreplayable]
+    unsafe = (f"unsafe trace, {_plural(len(rest), 'item')} refused: {'; '.join(str(f) for f in rest)}"
+              if rest else "")
+    if not devices:
+        return f"{unsafe} (replay only traces you trust, or pass --allow-unsafe)"
+    head = f"cannot replay {_plural(len(devices), 'device')}: {'; '.join(str(f) for f in devices)}"
+    return f"{head}{'; also ' + unsafe if unsafe else ''} (nothing was started)"
 
 
 def require_safe(trace: dict[str, Any], allow_unsafe: bool = False) -> list[Finding]:
@@ -251,9 +276,14 @@ def _check_mon(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
     return []
 
 
+def _rewritten_whole(o: Option, ctx: qemu_launch.ArgvContext) -> bool:
+    rule = qemu_launch.rule_for(o, ctx)
+    return rule is not None and rule.whole
+
+
 def _check_add_fd(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
     s = str(v.get("set", ""))
-    bad = [u for u in scan.ctx.fdset_users.get(s, ()) if qemu_launch.rule_for(u, scan.ctx) is None]
+    bad = [u for u in scan.ctx.fdset_users.get(s, ()) if not _rewritten_whole(u, scan.ctx)]
     if bad:
         return [f"fdset {s} is used by {bad[0].name} (argv[{bad[0].index}]), which the launcher cannot rewrite"]
     return [f"fdset {s} passes an fd nothing rewritable uses"]
@@ -318,19 +348,37 @@ _PATH_OPTIONS = frozenset({"-kernel", "-initrd", "-dtb", "-bios", "-L", "-option
 _OPTION_WORD = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*")
 
 
+def _blockdev_paths(v: OptionValue, scan: _Scan) -> tuple[list[str], list[str]]:
+    """A ``-blockdev``'s host paths (``filename``, also dotted ``file.filename``), and its problems: a
+    child named by reference (``"file":"libvirt-1-storage"``) is a node, never a path, but must name
+    a node the command line declares."""
+    refs = {id(x) for _, x in qargv.block_children(v) if isinstance(x, str)}
+    paths = [x for k, x in qargv.walk_items(v.props) if k.rsplit(".", 1)[-1] == "filename" and isinstance(x, str)]
+    nodes = scan.ctx.graph.nodes
+    problems = [f"{k} {x}: names no -blockdev node (a -blockdev child is a node, not a path)"
+                for k, x in qargv.block_children(v) if x not in nodes]
+    inline = [x for k, x in qargv.walk_items(v.props)
+              if k.rsplit(".", 1)[-1] in ("file",) and isinstance(x, str) and id(x) not in refs]
+    return paths + inline, problems
+
+
 def _guest_paths(o: Option, v: OptionValue) -> list[str]:
     if o.name in _PATH_OPTIONS:
         return [o.value or ""]
-    if o.name in ("-drive", "-blockdev", "-fw_cfg", "-device") and v.props:
+    if o.name in ("-drive", "-fw_cfg", "-device") and v.props:
         return [x for k, x in qargv.walk_items(v.props) if k in ("file", "filename", "romfile") and isinstance(x, str)]
     if o.name == "-audiodev" and isinstance(v.get("path"), str):
         return [str(v.get("path"))]      # the wav backend writes there
     return []
 
 
-def _path_problems(o: Option, v: OptionValue, prefixes: tuple[str, ...]) -> list[str]:
-    out = []
-    for p in _guest_paths(o, v):
+def _path_problems(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
+    out: list[str] = []
+    paths = _guest_paths(o, v)
+    if o.name == "-blockdev":
+        paths, out = _blockdev_paths(v, scan)
+    prefixes = scan.prefixes
+    for p in paths:
         if not p or _FDSET.fullmatch(p):
             continue
         if o.name in ("-device", "-option-rom"):
@@ -361,7 +409,7 @@ def _generic_problems(o: Option, v: OptionValue, scan: _Scan) -> list[str]:
         if fds:
             out.append(f"{fds[0][0]}= passes an inherited fd the launcher cannot rewrite")
         out += _fdset_use_problems(o, scan)
-    return out + _path_problems(o, v, scan.prefixes)
+    return out + _path_problems(o, v, scan)
 
 
 def _option_problems(o: Option, scan: _Scan) -> list[str]:
@@ -392,6 +440,9 @@ def check_argv(argv: list[str], incoming_fdsets: Iterable[str] | None = None,
                                                           "executed"))
     scan = _Scan(ctx, prefixes)
     for o in cl.options:
+        refusal = qemu_launch.refusal_for(o, ctx)
+        if refusal is not None:
+            out.append(Finding(refusal.describe(o), f"argv[{o.index}]", refusal.reason, unreplayable=True))
         rule = qemu_launch.rule_for(o, ctx)
         if rule is not None and rule.whole:
             continue

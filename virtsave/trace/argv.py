@@ -44,9 +44,11 @@ __all__ = [
     "FD_KEYS",
     "FLAG_OPTIONS",
     "IMPLIED_KEYS",
+    "BlockGraph",
     "CommandLine",
     "Option",
     "OptionValue",
+    "block_children",
     "blockdev_references",
     "fd_references",
     "fdset_references",
@@ -302,6 +304,69 @@ def blockdev_references(value: OptionValue) -> dict[str, str]:
     return {k: x for k, x in value.props.items() if k in BLOCKDEV_REFERENCE_KEYS and isinstance(x, str)}
 
 
+def block_children(value: OptionValue) -> list[tuple[str, str]]:
+    """``(key, node name)`` for every child of a ``-blockdev`` named by reference, lists too (a
+    quorum's ``children``), in written order.
+
+    >>> block_children(parse_value('{"driver":"quorum","node-name":"q","children":["a","b"],"vote-threshold":1}'))
+    [('children', 'a'), ('children', 'b')]
+    """
+    out: list[tuple[str, str]] = []
+    for k, x in value.props.items():
+        if k not in BLOCKDEV_REFERENCE_KEYS:
+            continue
+        if isinstance(x, str):
+            out.append((k, x))
+        elif isinstance(x, list):
+            out += [(k, c) for c in x if isinstance(c, str)]
+    return out
+
+
+@dataclass(frozen=True)
+class BlockGraph:
+    """The ``-blockdev`` nodes of a command line: *nodes* (node name → option, in written order) and
+    *children* (node name → the ``(key, node)`` references it makes). A *top* is a node no other
+    node references: what a device, the machine (``pflash1=``) or nothing uses.
+
+    >>> g = parse(["qemu", "-blockdev", '{"driver":"file","filename":"/d.qcow2","node-name":"s"}',
+    ...            "-blockdev", '{"driver":"qcow2","node-name":"f","file":"s","backing":null}']).block_graph()
+    >>> g.tops(), g.below("f"), g.read_only("f"), g.protocol("s")
+    (['f'], ['s'], False, True)
+    """
+
+    nodes: Mapping[str, Option]
+    children: Mapping[str, tuple[tuple[str, str], ...]]
+
+    #: Drivers whose ``filename`` is a host file or device (the protocol layer of a local disk).
+    LOCAL_PROTOCOLS = frozenset({"file", "host_device", "host_cdrom"})
+
+    def tops(self) -> list[str]:
+        """The nodes nothing else references, in written order."""
+        referenced = {c for refs in self.children.values() for _, c in refs}
+        return [n for n in self.nodes if n not in referenced]
+
+    def below(self, node: str) -> list[str]:
+        """Every node *node* reaches through its references (not itself), each once, depth first."""
+        seen: list[str] = []
+        stack = [c for _, c in reversed(self.children.get(node, ()))]
+        while stack:
+            n = stack.pop()
+            if n in seen or n == node:
+                continue
+            seen.append(n)
+            stack += [c for _, c in reversed(self.children.get(n, ()))]
+        return seen
+
+    def read_only(self, node: str) -> bool:
+        """The node is opened read-only as written (``"read-only": true``)."""
+        v = self.nodes[node].parsed.get("read-only")
+        return v is True or v in ("on", "true", "yes")
+
+    def protocol(self, node: str) -> bool:
+        """The node reads a local host file or device by name (``file``/``host_device``/``host_cdrom``)."""
+        return self.nodes[node].parsed.kind in self.LOCAL_PROTOCOLS
+
+
 # ----------------------------------------------------------------------------------------- options
 
 
@@ -368,6 +433,16 @@ class CommandLine:
     def find(self, *names: str) -> list[Option]:
         """The options named *names* (``-chardev`` …), in order."""
         return [o for o in self.options if o.name in names]
+
+    def users(self, prop: str, ident: str, options: tuple[str, ...] = ("-device",)) -> list[Option]:
+        """The *options* (``-device`` by default) whose property *prop* is *ident*: the devices
+        fed by a ``-netdev`` (``netdev=``), a ``-chardev`` (``chardev=``) or a node (``drive=``)."""
+        return [o for o in self.find(*options) if o.parsed.get(prop) == ident]
+
+    def block_graph(self) -> BlockGraph:
+        """The :class:`BlockGraph` of the ``-blockdev`` options."""
+        nodes = self.block_nodes()
+        return BlockGraph(nodes, {n: tuple(block_children(o.parsed)) for n, o in nodes.items()})
 
     def block_nodes(self) -> dict[str, Option]:
         """``-blockdev`` node name → its option (to tell a node reference from a path)."""
