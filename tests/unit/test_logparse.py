@@ -415,6 +415,21 @@ def test_generate_log_and_benchmark_helpers(tmp_path):
     assert trace.validate(tr) == [] and tr["log"]["skipped"] == 0
 
 
+def test_bench_p5_times_the_parser_against_grep(tmp_path):
+    """P5's measurement: grep, the summary and the import on the same generated log, pairwise; log removed."""
+    from virtsave.harness import bench
+
+    s = bench.parser_samples()
+    bench.measure_parser(tmp_path / "p5.log", 2, 2, s)
+    assert not (tmp_path / "p5.log").exists()
+    for what in ("grep -c QEMU_MONITOR", "log summary", "log import"):
+        assert len(s[f"{what} (CPU)"].values) == len(s[f"{what} (wall)"].values) == 2
+        assert all(v >= 0 for v in s[f"{what} (wall)"].values)
+    assert all(r > 1e6 for r in s["log import rate (CPU)"].values)
+    ratios = bench.parser_ratios(s)
+    assert set(ratios) == {"P5", "P5b"} and set(bench.GOALS) >= {"P5", "P5b"}
+
+
 def test_restore_then_save_on_one_instance(tmp_path):
     """The 9.0 fixtures managedsave-restore and save-bypass-cache are one monitor instance, recorded in a row."""
     text = read("libvirt-9.0/managedsave-restore.log") + read("libvirt-9.0/save-bypass-cache.log")

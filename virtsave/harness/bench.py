@@ -155,8 +155,8 @@ def measure_parser(path: Path, size_mb: float, repeats: int, s: dict[str, Sample
             for what, (wall, cpu) in (("grep -c QEMU_MONITOR", grep), ("log summary", summary), ("log import", full)):
                 s[f"{what} (wall)"].values.append(wall)
                 s[f"{what} (CPU)"].values.append(cpu)
-            s["log summary rate (CPU)"].values.append(size / summary[1])
-            s["log import rate (CPU)"].values.append(size / full[1])
+            s["log summary rate (CPU)"].values.append(size / max(summary[1], 1e-9))
+            s["log import rate (CPU)"].values.append(size / max(full[1], 1e-9))
     finally:
         path.unlink(missing_ok=True)
 
@@ -164,10 +164,12 @@ def measure_parser(path: Path, size_mb: float, repeats: int, s: dict[str, Sample
 def parser_ratios(s: dict[str, Samples]) -> dict[str, float]:
     """P5 and P5b: median of the per-repetition ratios (each pair ran back to back with its grep)."""
     grep = s["grep -c QEMU_MONITOR (CPU)"].values
-    return {
-        "P5": statistics.median(a / g for a, g in zip(s["log import (CPU)"].values, grep, strict=True)),
-        "P5b": statistics.median(a / g for a, g in zip(s["log summary (CPU)"].values, grep, strict=True)),
-    }
+
+    def ratio(name: str) -> float:
+        pairs = [a / g for a, g in zip(s[name].values, grep, strict=True) if g > 0]
+        return statistics.median(pairs) if pairs else float("nan")
+
+    return {"P5": ratio("log import (CPU)"), "P5b": ratio("log summary (CPU)")}
 
 
 def machine_description() -> str:

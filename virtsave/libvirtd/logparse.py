@@ -304,7 +304,7 @@ class _Lexer:
         self.rx = _RX_ALL if stats or "write" in wanted else _RX_SUMMARY
         self.fast: list[tuple[Any, ...] | None] = [None] * (self.rx.groups + 1)
         for mark, (kind, gp, gj, gx, gc) in _FAST.items():
-            self.fast[mark] = (self.on[kind], gc, (gp, gj, gx) if gx else (gp, gj))
+            self.fast[mark] = (self.on[kind], gc, gp, gj, gx)
         self.clock = _Clock()
         self.stats = LogStats(bytes=self.size) if stats else None
         self.sides: list[int] = []        # heap of line starts of candidate non-probe lines
@@ -344,6 +344,7 @@ class _Lexer:
         buf, clock, fast = self.buf, self.clock, self.fast
         stamps, rfind, find = clock.stamps, buf.rfind, buf.find
         side = self.sides[0] if self.sides else _END
+        first_only = self.rx is _RX_SUMMARY     # it skips IO_WRITE, whose payload may hold probe text
         last = -1
         for mt in self.rx.finditer(buf, lo, hi):
             s = mt.start()
@@ -354,8 +355,8 @@ class _Lexer:
             if side < ls:
                 side = self._sides_before(ls)
             spec = fast[mt.lastindex]  # type: ignore[index]   # every alternative closes a group
-            if spec is None or find(b"QEMU_MONITOR_", ls, s) >= 0:     # not the line's first probe text
-                self._exact(ls, hi)
+            if spec is None or (first_only and find(b"QEMU_MONITOR_", ls, s) >= 0):
+                self._exact(ls, hi)                 # a rare kind, an odd line, or not the line's first probe
                 side = self.sides[0] if self.sides else _END
                 continue
             stamp = buf[ls:ls + 28]
@@ -365,11 +366,11 @@ class _Lexer:
             if t is None:
                 self._malformed(ls, hi)
                 continue
-            handler, gc, groups = spec
+            handler, gc, gp, gj, gx = spec
             if gc and mt.group(gc) is not None:
                 self.conts += 1
             if handler is not None:
-                handler(ls, t, mt.end(), *mt.group(*groups))
+                handler(ls, t, mt.end(), mt.group(gp), mt.group(gj), mt.group(gx) if gx else None)
 
     def _exact(self, ls: int, hi: int) -> None:
         """The per-line rules, for a line the fast patterns did not take apart (odd, malformed, rare kinds)."""
@@ -871,24 +872,20 @@ class _Machine:
         if tr.replay is not None:
             job = next(tr.replay, None)
         else:
-            job = self._sender_job(m, ls) if self.tid_job else None
+            job = self.tid_job.get(self._thread(ls)) if self.tid_job else None
             runs = tr.runs
             if runs and runs[-1][0] is job:
                 runs[-1][1] += 1
-            else:
+            else:                                   # another job's commands begin
                 runs.append([job, 1])
+                if job is not None:
+                    self._attribute(m, job.vm, job.name)
+                    if job.api not in m.operations:
+                        m.operations.append(job.api)
         if ex is None or ex in _NOTABLE_B:
             _note_command(m, payload)
         if tr.msgs is not None:
             self._command(tr, payload, t, job, end)
-
-    def _sender_job(self, m: Monitor, ls: int) -> _Job | None:
-        job = self.tid_job.get(self._thread(ls))
-        if job is not None:
-            self._attribute(m, job.vm, job.name)
-            if job.api not in m.operations:
-                m.operations.append(job.api)
-        return job
 
     def _thread(self, ls: int) -> int:
         key = self.buf[ls + 30:ls + 44]
