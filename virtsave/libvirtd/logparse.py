@@ -169,7 +169,7 @@ _KINDS = {b"SEND_MSG": "send", b"IO_WRITE": "write", b"IO_SEND_FD": "sendfd", b"
           b"RECV_EVENT": "event", b"NEW": "new", b"CLOSE": "close"}
 _PAYLOAD_KEY = {"send": b" msg=", "write": b" buf=", "reply": b" reply=", "event": b" event="}
 _CONTINUED = frozenset({"send", "write"})       # probes followed by a continuation line
-PROBES = tuple(_KINDS.values())
+_PROBES = tuple(_KINDS.values())
 
 # Anchors of the other lines that matter: every line a rule below acts on holds one of them.
 _ANCHOR_ATTRIBUTION = re.compile(rb"vm[:=]0x")          # mon:0x… vm:0x…, vm=0x… name=…
@@ -283,28 +283,27 @@ class LogStats:
 class _Lexer:
     """Finds the lines that matter in a mapped log and hands them, parsed, to a sink in file order.
 
-    The sink has one method per token kind it wants: the probes ``send write sendfd reply event new
-    close`` — ``(ls, t, end, pointer, payload, execute=None)``: line start, epoch time, the line's end,
-    ``b"0x…"``, the JSON payload bytes (for kinds without one, the rest of the line), the command name
-    when the pattern saw it — and
-    ``monvm named job jobend error version greeting`` (see :meth:`_side`). Non-probe lines are
-    found through *anchors* (compiled patterns, one search of the chunk each). *kinds*: the probes to
-    deliver; *rules*: False to deliver no other line. *stats*: count lines, garbage and malformed
-    probes (whole file).
+    The sink has one method per token kind it wants. Probes (``send write sendfd reply event new
+    close``) come as ``(ls, t, pointer, payload, execute=None)``: line start, epoch time, ``b"0x…"``,
+    the JSON payload bytes (for kinds without one, the rest of the line) and the command's name when
+    the pattern saw it. Other lines (``monvm named jobend error version greeting``) come as
+    ``(ls, *fields)``, the fields their parser in :data:`_SIDE_PARSERS` returns; they are found through
+    *anchors* (compiled patterns, one search of each chunk). *kinds*: the probes to deliver; *rules*:
+    False to deliver no other line. *stats*: count lines, garbage and malformed probes (whole file).
     """
 
     def __init__(self, buf: Any, sink: Any, *, anchors: Iterable[re.Pattern[bytes]] = (),
-                 kinds: Iterable[str] = PROBES, rules: bool = True, stats: bool = False) -> None:
+                 kinds: Iterable[str] = _PROBES, rules: bool = True, stats: bool = False) -> None:
         self.buf, self.size, self.sink = buf, len(buf), sink
         self.anchors = tuple(anchors)
         wanted = frozenset(kinds)
         self.on: dict[str, Callable[..., None] | None] = {
-            k: getattr(sink, k, None) if k in wanted else None for k in PROBES}
+            k: getattr(sink, k, None) if k in wanted else None for k in _PROBES}
         self.side_handlers = {r: h for _, r in _RULES if rules and (h := getattr(sink, r, None)) is not None}
         self.rx = _RX_ALL if stats or "write" in wanted else _RX_SUMMARY
         self.fast: list[tuple[Any, ...] | None] = [None] * (self.rx.groups + 1)
         for mark, (kind, gp, gj, gx, gc) in _FAST.items():
-            self.fast[mark] = (self.on[kind], gc, gp, gj, gx)
+            self.fast[mark] = (self.on[kind], gc, (gp, gj, gx) if gx else (gp, gj))
         self.clock = _Clock()
         self.stats = LogStats(bytes=self.size) if stats else None
         self.sides: list[int] = []        # heap of line starts of candidate non-probe lines
@@ -345,6 +344,7 @@ class _Lexer:
         stamps, rfind, find = clock.stamps, buf.rfind, buf.find
         side = self.sides[0] if self.sides else _END
         first_only = self.rx is _RX_SUMMARY     # it skips IO_WRITE, whose payload may hold probe text
+        counting = self.stats is not None
         last = -1
         for mt in self.rx.finditer(buf, lo, hi):
             s = mt.start()
@@ -366,11 +366,11 @@ class _Lexer:
             if t is None:
                 self._malformed(ls, hi)
                 continue
-            handler, gc, gp, gj, gx = spec
-            if gc and mt.group(gc) is not None:
+            handler, gc, groups = spec
+            if gc and counting and mt.group(gc) is not None:
                 self.conts += 1
             if handler is not None:
-                handler(ls, t, mt.end(), mt.group(gp), mt.group(gj), mt.group(gx) if gx else None)
+                handler(ls, t, *mt.group(*groups))
 
     def _exact(self, ls: int, hi: int) -> None:
         """The per-line rules, for a line the fast patterns did not take apart (odd, malformed, rare kinds)."""
@@ -392,7 +392,7 @@ class _Lexer:
             self.conts += 1
         handler = self.on[kind]
         if handler is not None:
-            handler(ls, t, le, m.group(2), payload)
+            handler(ls, t, m.group(2), payload)
 
     def _malformed(self, ls: int, hi: int) -> None:
         self.bad_probes += 1
@@ -465,7 +465,7 @@ def _release(buf: Any, lo: int, hi: int) -> None:
 
 def _rule(line: bytes) -> str | None:
     """The rule a log line falls under (None for probe lines, garbage and lines no rule is about)."""
-    if b"QEMU_MONITOR_" in line or not _shaped(line):
+    if line[4:5] != b"-" or line[19:20] != b"." or line[10:11] != b" " or b"QEMU_MONITOR_" in line:
         return None
     for needle, rule in _RULES:
         if needle in line:
@@ -511,7 +511,7 @@ def _parse_named(line: bytes, clock: _Clock) -> tuple[Any, ...] | None:
     job = _RE_JOB.search(line)
     if job:
         return "job", t, _tid(line), job.group(1).decode(), vm, name, b"job=async nested" in line
-    path = _RE_PATH.search(line)
+    path = _RE_PATH.search(line) if b"ath=" in line else None
     return "vm", t, vm, name, _dec(path.group(1)) if path else None
 
 
@@ -598,36 +598,32 @@ class _Records:
         self.buf = buf
         self.out: list[Record] = []
 
-    def _cont(self, end: int, rx: re.Pattern[bytes]) -> int | None:
-        if self.buf[end + 1:end + 2] != b" ":
-            return None
-        le = self.buf.find(b"\n", end + 1)
-        m = rx.search(self.buf[end + 1:le if le >= 0 else len(self.buf)])
-        return int(m.group(1)) if m else None
+    def _cont(self, ls: int, rx: re.Pattern[bytes]) -> int | None:
+        return _continuation(self.buf, ls, rx)
 
     def _probe(self, kind: str, ls: int, ptr: bytes, t: float, payload: bytes, tid: int = 0, **kw: Any) -> None:
         self.out.append(Record(kind, t, tid, mon=ptr.decode(), payload=payload, offset=ls, **kw))
 
-    def send(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
-        self._probe("send", ls, ptr, t, payload, fd=self._cont(end, _RE_FD), tid=_tid(self.buf[ls:ls + 64]))
+    def send(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        self._probe("send", ls, ptr, t, payload, fd=self._cont(ls, _RE_FD), tid=_tid(_line_at(self.buf, ls)))
 
-    def write(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
-        self._probe("write", ls, ptr, t, payload, ret=self._cont(end, _RE_ERRNO))
+    def write(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        self._probe("write", ls, ptr, t, payload, ret=self._cont(ls, _RE_ERRNO))
 
-    def sendfd(self, ls: int, t: float, end: int, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+    def sendfd(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
         m = _RE_FD.search(rest)
         self._probe("sendfd", ls, ptr, t, b"", fd=int(m.group(1)) if m else None)
 
-    def reply(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+    def reply(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
         self._probe("reply", ls, ptr, t, payload)
 
-    def event(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+    def event(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
         self._probe("event", ls, ptr, t, payload)
 
-    def new(self, ls: int, t: float, end: int, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+    def new(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
         self._probe("new", ls, ptr, t, b"")
 
-    def close(self, ls: int, t: float, end: int, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+    def close(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
         self._probe("close", ls, ptr, t, b"")
 
     def monvm(self, ls: int, ptr: bytes, vm: str) -> None:
@@ -860,7 +856,7 @@ class _Machine:
 
     # -- probes ------------------------------------------------------------------------------------
 
-    def send(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+    def send(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
         if self.windowed and not self._inside(t):
             return
         tr = self.cur.get(ptr) or self._instance(ptr, ls)
@@ -885,7 +881,7 @@ class _Machine:
         if ex is None or ex in _NOTABLE_B:
             _note_command(m, payload)
         if tr.msgs is not None:
-            self._command(tr, payload, t, job, end)
+            self._command(tr, payload, t, job, ls)
 
     def _thread(self, ls: int) -> int:
         key = self.buf[ls + 30:ls + 44]
@@ -897,7 +893,7 @@ class _Machine:
             tid = self.tids[key] = _tid(self.buf[ls:ls + 44])
         return tid
 
-    def reply(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+    def reply(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
         if self.windowed and not self._inside(t):
             return
         tr = self.cur.get(ptr) or self._instance(ptr, ls)
@@ -911,7 +907,7 @@ class _Machine:
         if tr.msgs is not None:
             self._reply(tr, payload, t)
 
-    def event(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+    def event(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
         if self.windowed and not self._inside(t):
             return
         tr = self.cur.get(ptr) or self._instance(ptr, ls)
@@ -927,34 +923,34 @@ class _Machine:
         if tr.msgs is not None:
             self._event(tr, payload, t)
 
-    def write(self, ls: int, t: float, end: int, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+    def write(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
         if self.windowed and not self._inside(t):
             return
         tr = self._live(ptr, ls)
         if tr.msgs is not None and tr.last_cmd is not None:
-            errno = _continuation(self.buf, end, _RE_ERRNO)
+            errno = _continuation(self.buf, ls, _RE_ERRNO)
             if errno:
                 tr.last_cmd.errno = errno
 
-    def sendfd(self, ls: int, t: float, end: int, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+    def sendfd(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
         if self.windowed and not self._inside(t):
             return
         tr = self._live(ptr, ls)
         if tr.msgs is not None and tr.last_cmd is not None:
             tr.last_cmd.fdsent += 1
 
-    def new(self, ls: int, t: float, end: int, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+    def new(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
         tr = self._instance(ptr, ls)
         tr.mon.opened = t
         self.last_new = tr.mon
 
-    def close(self, ls: int, t: float, end: int, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+    def close(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
         tr = self.cur.pop(ptr, None)
         if tr is None:
             return
         m = tr.mon
         m.closed = t
-        le = self.buf.find(b"\n", end)
+        le = self.buf.find(b"\n", ls)
         tr.end = le + 1 if le >= 0 else len(self.buf)
         if m.vm and m in self.vm_live.get(m.vm, ()):
             self.vm_live[m.vm].remove(m)
@@ -1007,7 +1003,7 @@ class _Machine:
 
     # -- messages (collect pass) -------------------------------------------------------------------
 
-    def _command(self, tr: _Track, payload: bytes, t: float, job: _Job | None, end: int) -> None:
+    def _command(self, tr: _Track, payload: bytes, t: float, job: _Job | None, ls: int) -> None:
         obj = _loads(payload)
         execute = (obj.get("execute") or obj.get("exec-oob")) if isinstance(obj, dict) else None
         if not isinstance(execute, str):
@@ -1017,7 +1013,7 @@ class _Machine:
         if "arguments" in obj:
             body["arguments"] = obj["arguments"]
         body["id"] = obj.get("id")
-        fd = _continuation(self.buf, end, _RE_FD)
+        fd = _continuation(self.buf, ls, _RE_FD)
         msg = _Msg(body, t, job=job, fds=1 if fd is not None and fd >= 0 else 0)
         tr.msgs.append(msg)  # type: ignore[union-attr]
         tr.last_cmd = msg
@@ -1064,12 +1060,18 @@ def _note_command(m: Monitor, payload: bytes) -> None:
             m.migrate_uris.append(_dec(u.group(1)))
 
 
-def _continuation(buf: Any, end: int, rx: re.Pattern[bytes]) -> int | None:
-    """The number *rx* finds on the continuation line after the line ending at *end* (`` fd=…``)."""
-    if buf[end + 1:end + 2] != b" ":
+def _line_at(buf: Any, ls: int) -> bytes:
+    """The line starting at *ls*, with its newline."""
+    le = buf.find(b"\n", ls)
+    return buf[ls:le + 1 if le >= 0 else len(buf)]  # type: ignore[no-any-return]
+
+
+def _continuation(buf: Any, ls: int, rx: re.Pattern[bytes]) -> int | None:
+    """The number *rx* finds on the continuation line after the line at *ls* (`` fd=…``, `` errno=…``)."""
+    end = buf.find(b"\n", ls)
+    if end < 0 or buf[end + 1:end + 2] != b" ":
         return None
-    le = buf.find(b"\n", end + 1)
-    m = rx.search(buf[end + 1:le if le >= 0 else len(buf)])
+    m = rx.search(_line_at(buf, end + 1))
     return int(m.group(1)) if m else None
 
 
