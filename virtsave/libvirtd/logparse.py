@@ -1,4 +1,4 @@
-"""Streaming parser for libvirtd debug logs: QMP conversations per monitor, attributed to domains.
+"""Parse libvirtd debug logs: the QMP conversation of every QEMU monitor, attributed to its domain.
 
 libvirtd logs every monitor probe (filter ``1:monitor``)::
 
@@ -21,7 +21,7 @@ again after ``QEMU_MONITOR_CLOSE`` (or a second ``QEMU_MONITOR_NEW``) starts a n
 first instance of a pointer is keyed by the pointer itself (``0x7f06e4005180``), later ones get a
 ``#N`` suffix (``0x7f06e4005180#2``).
 
-Phases (see :func:`build_phases` and :func:`_spans`):
+Phases (see :func:`_spans`):
 
 * save phase — anchored on a ``migrate`` command. With job lines in the log it runs from the first to
   the last command the same libvirt job (e.g. ``remoteDispatchDomainManagedSave``) sent, including
@@ -45,10 +45,16 @@ fixture tests assert it is 0.
 Host versions: libvirt's banner (``libvirt version: …``, ``hostname: …``, logged when an output opens
 and by each QEMU child before exec) and the QMP greeting libvirt logs as ``Line [{"QMP": …}]``.
 
-Memory and speed: :func:`iter_records` is a generator over the file's lines; :func:`scan` (the same
-logic inlined, checked against the record-based reference in the tests) keeps one small summary per
-monitor instance; :func:`trace_from_log` makes two passes and keeps only the selected monitors'
-messages. :func:`parse_bytes_per_second` and :func:`generate_log` serve the benchmark.
+How it works. A tokenizer (:class:`_Lexer`) maps the file and finds the lines that matter with
+compiled patterns: monitor probes (one pattern that also checks the payload's shape and notes a
+following continuation line), and a few anchors for the rarer attribution, job and banner lines; every
+other line is skipped without being looked at in Python. It parses each such line into a token and
+hands the tokens, in file order, to ONE state machine (:class:`_Machine`: monitor instances, pointer
+reuse, jobs, attribution, and, for the chosen instances, their messages). :func:`list_monitors` is
+one summary pass. :func:`trace_from_log` is a summary pass (which also counts garbage, notes each
+instance's byte range and the runs of jobs that sent its commands) followed by a pass over only the
+chosen instances' byte ranges, the only place where JSON payloads are decoded. Memory stays constant:
+the file is mapped, not read, and the summary keeps one small record per monitor instance.
 
 Example::
 
@@ -61,16 +67,23 @@ from __future__ import annotations
 
 import calendar
 import datetime as _dt
+import heapq
 import json
+import mmap
 import os
 import re
-import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from virtsave.core.errors import AmbiguousMonitor, LogError
 from virtsave.trace import model as _trace
+
+__all__ = [
+    "NOTABLE", "OPERATIONS", "RESTORE_TAIL", "SAVE_PREP", "SAVE_TAIL", "LogStats", "Monitor", "Record", "Scan",
+    "iter_records", "list_monitors", "scan", "trace_from_log",
+]
 
 # Job API (remote dispatcher name) → virtsave operation name.
 OPERATIONS = {
@@ -106,11 +119,14 @@ NOTABLE = frozenset({
     "migrate_cancel", "human-monitor-command", "system_reset", "system_powerdown",
 })
 
+
+# --------------------------------------------------------------------------------------------------
+# Lines and their parts
+
 _NOTABLE_B = frozenset(n.encode() for n in NOTABLE)
 _RE_EXEC = re.compile(rb'"exec(?:ute|-oob)"\s*:\s*"([^"]+)"')
 _RE_URI = re.compile(rb'"uri"\s*:\s*"([^"]*)"')
 _RE_STATUS = re.compile(rb'"status"\s*:\s*"([^"]*)"')
-_RE_EVNAME = re.compile(rb'"event"\s*:\s*"([^"]+)"')
 _RE_VMNAME = re.compile(rb"vm=(0x[0-9a-fA-F]+),? name=([^ ,)\r\n]+)")
 _RE_MONVM = re.compile(rb"mon:(0x[0-9a-fA-F]+) vm:(0x[0-9a-fA-F]+|\(nil\))")
 _RE_JOB = re.compile(rb"Starting job: API=(\w+)")
@@ -121,55 +137,444 @@ _RE_QEMU_VERSION = re.compile(rb"qemu version: ([0-9][0-9.]*[0-9])")
 _RE_HOSTNAME = re.compile(rb"hostname: (\S+)")
 _RE_ERRNO = re.compile(rb"errno=(-?\d+)")
 _RE_FD = re.compile(rb"fd=(-?\d+)")
+_RE_MON = re.compile(rb"QEMU_MONITOR_([A-Z_]+): mon=(0x[0-9a-fA-F]+)")   # a line's probe: its first match
+
+# The probe patterns of the fast path. Their literal head (``Q``) lets the regex engine jump from
+# candidate to candidate; an alternative takes a well-formed payload probe apart in one go: pointer, a
+# payload that is one ``{…}`` up to the end of the line, the command's name when it comes first, and
+# whether a continuation line (`` fd=…``/`` len=…``) follows. The group a match closes last
+# (``lastindex``) tells the alternative. Any other ``QEMU_MONITOR_`` (``NEW``/``CLOSE``/``IO_SEND_FD``,
+# an odd or malformed probe) and ``QMP"`` (libvirt's echo of the QMP greeting) go the exact per-line
+# path, :meth:`_Lexer._exact`. The summary pattern never matches ``IO_WRITE`` (nothing to summarize).
+_PTR = rb"(0x[0-9a-fA-F]+)"
+_JSON_EOL = rb"(\{[^\n]*\})\r*(?=\n|\Z)"
+_JSON_CONT = rb"(\{[^\n]*\})\r*(?:(?=\n( ))|(?=\n|\Z))"
+
+
+def _probe_pattern(writes: bool) -> re.Pattern[bytes]:
+    return re.compile(
+        rb"Q(?:EMU_MONITOR_(?:"
+        rb"SEND_MSG: mon=" + _PTR + rb' msg=(\{(?:"execute":"([^"]+)")?[^\n]*\})\r*(?:(?=\n( ))|(?=\n|\Z))()'
+        rb"|RECV_REPLY: mon=" + _PTR + rb" reply=" + _JSON_EOL + rb"()"
+        rb"|RECV_EVENT: mon=" + _PTR + rb" event=" + _JSON_EOL + rb"()"
+        + (rb"|" if writes else rb"|(?!)") + rb"IO_WRITE: mon=" + _PTR + rb" buf=" + _JSON_CONT + rb"()"
+        + (rb"|()" if writes else rb"|(?!IO_WRITE: )()")
+        + rb')|MP"())')
+
+
+_RX_ALL, _RX_SUMMARY = _probe_pattern(True), _probe_pattern(False)
+# lastindex → (kind, pointer group, payload group, command-name group, continuation group)
+_FAST = {5: ("send", 1, 2, 3, 4), 8: ("reply", 6, 7, 0, 0), 11: ("event", 9, 10, 0, 0), 15: ("write", 12, 13, 0, 14)}
+_KINDS = {b"SEND_MSG": "send", b"IO_WRITE": "write", b"IO_SEND_FD": "sendfd", b"RECV_REPLY": "reply",
+          b"RECV_EVENT": "event", b"NEW": "new", b"CLOSE": "close"}
+_PAYLOAD_KEY = {"send": b" msg=", "write": b" buf=", "reply": b" reply=", "event": b" event="}
+_CONTINUED = frozenset({"send", "write"})       # probes followed by a continuation line
+_PROBES = tuple(_KINDS.values())
+
+# Anchors of the other lines that matter: every line a rule below acts on holds one of them.
+_ANCHOR_ATTRIBUTION = re.compile(rb"vm[:=]0x")          # mon:0x… vm:0x…, vm=0x… name=…
+_ANCHOR_JOBEND = re.compile(rb"finished job")
+_ANCHOR_ERROR = re.compile(rb" error : ")
+_ANCHOR_BANNER = (re.compile(rb"libvirt version:"), re.compile(rb"hostname:"))
+_SUMMARY_ANCHORS = (_ANCHOR_ATTRIBUTION, _ANCHOR_JOBEND)
+_ALL_ANCHORS = (*_SUMMARY_ANCHORS, _ANCHOR_ERROR, *_ANCHOR_BANNER)
+
+# Which rule a non-probe log line falls under: the first needle it holds decides (libvirt's message
+# kinds never mix, but a hostile line might: the order is part of the contract).
+_RULES = ((b" : Line [", "greeting"), (b"mon:0x", "monvm"), (b"name=", "named"), (b"finished job", "jobend"),
+          (b" error : ", "error"), (b"libvirt version:", "version"), (b"hostname:", "version"),
+          (b'"QMP"', "greeting"))
+
+# Line statistics: what follows each newline (a log line's shape, a continuation, anything else).
+_RX_LINE_HEADS = re.compile(rb"\n(?:[^\n]{4}-[^\n]{5} [^\n]{8}\.|(.)|)")
+_RX_ODD_LINES = re.compile(rb"\n(?![^\n]{4}-[^\n]{5} [^\n]{8}\.)(?=[^ \n])")
+_CHUNK = 8 << 20
+_MISS = object()
+_END = float("inf")
+
+
+def _shaped(line: bytes) -> bool:
+    """Does *line* look like ``YYYY-MM-DD HH:MM:SS.mmm…`` (the test libvirt's lines pass)?"""
+    return line[4:5] == b"-" and line[19:20] == b"." and line[10:11] == b" "
+
+
+def _dec(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def _tid(line: bytes) -> int:
+    """The thread id of a log line (``YYYY-MM-DD HH:MM:SS.mmm+0000: <tid>: …``; column 30 on)."""
+    end = line.find(b":", 30)
+    try:
+        return int(line[30:end])
+    except ValueError:
+        return 0
+
+
+def _loads(b: bytes) -> Any:
+    try:
+        return json.loads(b.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _greeting_version(line: bytes) -> str | None:
+    """QEMU version ("10.0.2") from a logged QMP greeting line (``Line [{"QMP": {"version": …}}]``)."""
+    i = line.find(b'{"QMP"')
+    j = line.rfind(b"}")
+    obj = _loads(line[i:j + 1]) if 0 <= i < j else None
+    try:
+        q = obj["QMP"]["version"]["qemu"]  # type: ignore[index]
+        return f"{int(q['major'])}.{int(q['minor'])}.{int(q['micro'])}"
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 class _Clock:
-    """Log timestamp → epoch float, caching the per-second part (the expensive one)."""
+    """Log timestamp (a line's first 28 bytes) → epoch float; caches whole stamps and seconds."""
 
     def __init__(self) -> None:
-        self.cache: dict[bytes, int] = {}
-        self.ms: dict[bytes, float | None] = {}     # whole "YYYY-MM-DD HH:MM:SS.mmm+ZZZZ" → epoch
+        self.stamps: dict[bytes, float | None] = {}
+        self.seconds: dict[bytes, int] = {}
 
-    def __call__(self, line: bytes) -> float | None:
-        stamp = line[:28]
-        t = self.ms.get(stamp, -1.0)
-        if t != -1.0:
-            return t
-        if len(self.ms) > 20_000:
-            self.ms.clear()
-        t = self.ms[stamp] = self._slow(line)
-        return t
+    def __call__(self, stamp: bytes) -> float | None:
+        t = self.stamps.get(stamp, _MISS)
+        if t is _MISS:
+            if len(self.stamps) > 20_000:
+                self.stamps.clear()
+            t = self.stamps[stamp] = self._parse(stamp)
+        return t  # type: ignore[return-value]
 
-    def _slow(self, line: bytes) -> float | None:
-        key = line[:19] + line[23:28]
-        base = self.cache.get(key)
+    def _parse(self, s: bytes) -> float | None:
+        key = s[:19] + s[23:28]
+        base = self.seconds.get(key)
         if base is None:
             try:
-                y, mo, d = int(line[0:4]), int(line[5:7]), int(line[8:10])
-                h, mi, s = int(line[11:13]), int(line[14:16]), int(line[17:19])
-                off = line[23:28]
+                off = s[23:28]
                 sign = -1 if off[:1] == b"-" else 1
                 offs = sign * (int(off[1:3]) * 3600 + int(off[3:5]) * 60) if len(off) == 5 else 0
-                base = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offs
+                fields = (int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]), int(s[14:16]), int(s[17:19]))
+                base = calendar.timegm((*fields, 0, 0, 0)) - offs
             except ValueError:
                 return None
-            if len(self.cache) > 10_000:
-                self.cache.clear()
-            self.cache[key] = base
+            if len(self.seconds) > 10_000:
+                self.seconds.clear()
+            self.seconds[key] = base
         try:
-            return base + int(line[20:23]) / 1000.0
+            return base + int(s[20:23]) / 1000.0
         except ValueError:
             return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+@dataclass
+class LogStats:
+    """Counters of one pass over a whole log."""
+
+    lines: int = 0
+    bytes: int = 0
+    skipped: int = 0        # garbage: neither a log line nor a known continuation line
+    malformed: int = 0      # monitor probes whose JSON or fields cannot be parsed
+
+
+class _Lexer:
+    """Finds the lines that matter in a mapped log and hands them, parsed, to a sink in file order.
+
+    The sink has one method per token kind it wants. Probes (``send write sendfd reply event new
+    close``) come as ``(ls, t, pointer, payload, execute=None)``: line start, epoch time, ``b"0x…"``,
+    the JSON payload bytes (for kinds without one, the rest of the line) and the command's name when
+    the pattern saw it. Other lines (``monvm named jobend error version greeting``) come as
+    ``(ls, *fields)``, the fields their parser in :data:`_SIDE_PARSERS` returns; they are found through
+    *anchors* (compiled patterns, one search of each chunk). *kinds*: the probes to deliver; *rules*:
+    False to deliver no other line. *stats*: count lines, garbage and malformed probes (whole file).
+    """
+
+    def __init__(self, buf: Any, sink: Any, *, anchors: Iterable[re.Pattern[bytes]] = (),
+                 kinds: Iterable[str] = _PROBES, rules: bool = True, stats: bool = False) -> None:
+        self.buf, self.size, self.sink = buf, len(buf), sink
+        self.anchors = tuple(anchors)
+        wanted = frozenset(kinds)
+        self.on: dict[str, Callable[..., None] | None] = {
+            k: getattr(sink, k, None) if k in wanted else None for k in _PROBES}
+        self.side_handlers = {r: h for _, r in _RULES if rules and (h := getattr(sink, r, None)) is not None}
+        self.rx = _RX_ALL if stats or "write" in wanted else _RX_SUMMARY
+        self.fast: list[tuple[Any, ...] | None] = [None] * (self.rx.groups + 1)
+        for mark, (kind, gp, gj, gx, gc) in _FAST.items():
+            self.fast[mark] = (self.on[kind], gc, (gp, gj, gx) if gx else (gp, gj))
+        self.clock = _Clock()
+        self.stats = LogStats(bytes=self.size) if stats else None
+        self.sides: list[int] = []        # heap of line starts of candidate non-probe lines
+        self.side_last = -1
+        self.newlines = self.spaces = self.garbage = self.conts = self.bad_probes = 0
+
+    def run(self, lo: int = 0, hi: int | None = None) -> LogStats | None:
+        """Tokenize bytes [lo, hi) (line boundaries), chunk by chunk; returns the stats when counting."""
+        hi = self.size if hi is None else hi
+        pos = lo
+        while pos < hi:
+            end = self._chunk_end(pos, hi)
+            if self.stats is not None:
+                self._count_lines(pos, end)
+            self.sides = sorted({self._line_start(pos, m.start()) for rx in self.anchors
+                                 for m in rx.finditer(self.buf, pos, end)})
+            self.side_last = -1
+            self._probes(pos, end)
+            self._sides_before(end)
+            _release(self.buf, pos, end)
+            pos = end
+        return self._finish_stats()
+
+    def _chunk_end(self, pos: int, hi: int) -> int:
+        if hi - pos <= _CHUNK:
+            return hi
+        e = self.buf.find(b"\n", pos + _CHUNK, hi)
+        while e >= 0 and self.buf[e + 1:e + 2] == b" ":     # keep a probe with its continuation line
+            e = self.buf.find(b"\n", e + 1, hi)
+        return hi if e < 0 else e + 1
+
+    def _line_start(self, lo: int, pos: int) -> int:
+        return self.buf.rfind(b"\n", lo, pos) + 1 or lo
+
+    def _probes(self, lo: int, hi: int) -> None:
+        """The hot loop: every probe candidate of [lo, hi); the fast path for well-formed payload probes."""
+        buf, clock, fast = self.buf, self.clock, self.fast
+        stamps, rfind, find = clock.stamps, buf.rfind, buf.find
+        side = self.sides[0] if self.sides else _END
+        first_only = self.rx is _RX_SUMMARY     # it skips IO_WRITE, whose payload may hold probe text
+        counting = self.stats is not None
+        last = -1
+        for mt in self.rx.finditer(buf, lo, hi):
+            s = mt.start()
+            ls = rfind(b"\n", lo, s) + 1 or lo
+            if ls == last:          # a later match inside a line already handled (payload text)
+                continue
+            last = ls
+            if side < ls:
+                side = self._sides_before(ls)
+            spec = fast[mt.lastindex]  # type: ignore[index]   # every alternative closes a group
+            if spec is None or (first_only and find(b"QEMU_MONITOR_", ls, s) >= 0):
+                self._exact(ls, hi)                 # a rare kind, an odd line, or not the line's first probe
+                side = self.sides[0] if self.sides else _END
+                continue
+            stamp = buf[ls:ls + 28]
+            t = stamps.get(stamp, _MISS)
+            if t is _MISS:
+                t = clock(stamp)
+            if t is None:
+                self._malformed(ls, hi)
+                continue
+            handler, gc, groups = spec
+            if gc and counting and mt.group(gc) is not None:
+                self.conts += 1
+            if handler is not None:
+                handler(ls, t, *mt.group(*groups))
+
+    def _exact(self, ls: int, hi: int) -> None:
+        """The per-line rules, for a line the fast patterns did not take apart (odd, malformed, rare kinds)."""
+        buf = self.buf
+        le = buf.find(b"\n", ls, hi)
+        le = hi if le < 0 else le
+        line = buf[ls:le + 1]
+        if b"QEMU_MONITOR_" not in line:          # a QMP greeting echo: a non-probe line
+            heapq.heappush(self.sides, ls)
+            return
+        m = _RE_MON.search(line)
+        kind = _KINDS.get(m.group(1)) if m else None
+        payload = _payload(line, m.end(), kind) if m and kind else None
+        t = self.clock(line[:28])
+        if m is None or kind is None or payload is None or t is None:
+            self._malformed(ls, hi)
+            return
+        if kind in _CONTINUED and buf[le + 1:le + 2] == b" ":
+            self.conts += 1
+        handler = self.on[kind]
+        if handler is not None:
+            handler(ls, t, m.group(2), payload)
+
+    def _malformed(self, ls: int, hi: int) -> None:
+        self.bad_probes += 1
+        report = getattr(self.sink, "malformed", None)
+        if report is not None:
+            le = self.buf.find(b"\n", ls, hi)
+            report(ls, self.buf[ls:le if le >= 0 else hi])
+
+    def _sides_before(self, ls: int) -> float:
+        """Hand over the candidate non-probe lines before *ls*; returns the next one's start."""
+        sides = self.sides
+        while sides and sides[0] < ls:
+            pos = heapq.heappop(sides)
+            if pos != self.side_last:
+                self.side_last = pos
+                self._side(pos)
+        return sides[0] if sides else _END
+
+    def _side(self, ls: int) -> None:
+        """One non-probe log line: the first rule whose needle it holds decides what it means."""
+        le = self.buf.find(b"\n", ls)
+        line = self.buf[ls:le + 1 if le >= 0 else self.size]
+        rule = _rule(line)
+        handler = self.side_handlers.get(rule) if rule else None
+        if handler is not None:
+            parsed = _SIDE_PARSERS[rule](line, self.clock)  # type: ignore[index]
+            if parsed is not None:
+                handler(ls, *parsed)
+
+    # -- statistics ------------------------------------------------------------------------------
+
+    def _count_lines(self, lo: int, hi: int) -> None:
+        """Count newlines, continuation-looking lines and garbage of the lines starting in [lo, hi)."""
+        start = max(lo - 1, 0)
+        heads = _RX_LINE_HEADS.findall(self.buf, start, hi - 1)
+        self.newlines += len(heads)
+        kinds = Counter(heads)
+        self.spaces += kinds.pop(b" ", 0)
+        kinds.pop(b"", None)
+        if kinds:                                   # lines of another shape: look at each (rare)
+            for m in _RX_ODD_LINES.finditer(self.buf, start, hi - 1):
+                self._judge(m.start() + 1)
+        if lo == 0 and self.size:
+            self._judge(0)
+
+    def _judge(self, ls: int) -> None:
+        le = self.buf.find(b"\n", ls)
+        line = self.buf[ls:le + 1 if le >= 0 else self.size]
+        if line[:1] == b" ":
+            self.spaces += 1
+        elif b"QEMU_MONITOR_" not in line and not _shaped(line) and line.strip():
+            self.garbage += 1
+
+    def _finish_stats(self) -> LogStats | None:
+        st = self.stats
+        if st is not None:
+            st.lines = self.newlines + (1 if self.size else 0)
+            st.skipped = self.spaces - self.conts + self.garbage
+            st.malformed = self.bad_probes
+        return st
+
+
+def _release(buf: Any, lo: int, hi: int) -> None:
+    """Unmap the pages of [lo, hi) from this process once read: memory stays flat however large the log
+    (the pages stay in the page cache; touching them again maps them back)."""
+    if isinstance(buf, mmap.mmap) and hi - lo >= _CHUNK:
+        start = lo - lo % mmap.PAGESIZE
+        buf.madvise(mmap.MADV_DONTNEED, start, hi - start)
+
+
+def _rule(line: bytes) -> str | None:
+    """The rule a log line falls under (None for probe lines, garbage and lines no rule is about)."""
+    if line[4:5] != b"-" or line[19:20] != b"." or line[10:11] != b" " or b"QEMU_MONITOR_" in line:
+        return None
+    for needle, rule in _RULES:
+        if needle in line:
+            return rule
+    return None
+
+
+def _payload(line: bytes, e: int, kind: str) -> bytes | None:
+    """The JSON payload after the probe's key (``msg=``, ``reply=`` …), None when it is not one ``{…}``;
+    for kinds without payload the rest of the line."""
+    key = _PAYLOAD_KEY.get(kind)
+    if key is None:
+        return line[e:]
+    if not line.startswith(key, e):
+        e = line.find(key, e)
+        if e < 0:
+            return None
+    payload = line[e + len(key):].rstrip(b"\r\n")
+    return payload if payload.startswith(b"{") and payload.endswith(b"}") else None
+
+
+# Parsers of the non-probe rules: line → the sink method's arguments (after the line start), or None.
+
+def _parse_greeting(line: bytes, clock: _Clock) -> tuple[str] | None:
+    v = _greeting_version(line)
+    return (v,) if v else None
+
+
+def _parse_monvm(line: bytes, clock: _Clock) -> tuple[bytes, str] | None:
+    m = _RE_MONVM.search(line)
+    if m is None or m.group(2) == b"(nil)" or clock(line[:28]) is None:
+        return None
+    return m.group(1), m.group(2).decode()
+
+
+def _parse_named(line: bytes, clock: _Clock) -> tuple[Any, ...] | None:
+    """``vm=0x… name=N``: a job start (``Starting job: API=…``) or a process line (maybe an image path)."""
+    m = _RE_VMNAME.search(line)
+    t = clock(line[:28]) if m else None
+    if m is None or t is None:
+        return None
+    vm, name = m.group(1).decode(), _dec(m.group(2))
+    job = _RE_JOB.search(line)
+    if job:
+        return "job", t, _tid(line), job.group(1).decode(), vm, name, b"job=async nested" in line
+    path = _RE_PATH.search(line) if b"ath=" in line else None
+    return "vm", t, vm, name, _dec(path.group(1)) if path else None
+
+
+def _parse_jobend(line: bytes, clock: _Clock) -> tuple[float, int, str, int] | None:
+    m = _RE_JOBEND.search(line)
+    t = clock(line[:28]) if m else None
+    if m is None or t is None:
+        return None
+    return t, int(m.group(1)), m.group(2).decode(), int(m.group(3))
+
+
+def _parse_error(line: bytes, clock: _Clock) -> tuple[float, int, str] | None:
+    t = clock(line[:28])
+    return None if t is None else (t, _tid(line), _dec(line.split(b" : ", 2)[-1]).strip())
+
+
+def _parse_version(line: bytes, clock: _Clock) -> tuple[str | None, str | None, str | None]:
+    lv, qv, hn = _RE_LIBVIRT_VERSION.search(line), _RE_QEMU_VERSION.search(line), _RE_HOSTNAME.search(line)
+    return (lv.group(1).decode() if lv else None, qv.group(1).decode() if qv else None,
+            _dec(hn.group(1)) if hn else None)
+
+
+_SIDE_PARSERS: dict[str, Callable[[bytes, _Clock], Any]] = {
+    "greeting": _parse_greeting, "monvm": _parse_monvm, "named": _parse_named, "jobend": _parse_jobend,
+    "error": _parse_error, "version": _parse_version,
+}
+
+
+class _Mapped:
+    """A log file mapped read-only (an empty or unmappable file is read instead)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                try:
+                    self.buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (ValueError, OSError):          # empty, or a pipe/special file
+                    self.buf = f.read()
+        except OSError as exc:
+            raise LogError(f"cannot read log {self.path}: {exc.strerror or exc}") from None
+
+    def __enter__(self) -> _Mapped:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Records: the tokens, one object each (for reading a log by hand)
 
 
 @dataclass(slots=True)
 class Record:
     """One parsed log fact. ``kind`` is one of:
 
-    ``send`` (mon, payload=raw JSON bytes, fd), ``write`` (mon, errno), ``sendfd`` (mon, fd),
+    ``send`` (mon, payload=raw JSON bytes, fd), ``write`` (mon, payload, errno), ``sendfd`` (mon, fd),
     ``reply``/``event`` (mon, payload), ``new``/``close`` (mon), ``monvm`` (mon, vm),
-    ``vmname`` (vm, name, path), ``job`` (api, vm, name), ``jobend`` (api, ret; tid = the job's thread),
-    ``error`` (text), ``version`` (libvirt, qemu, hostname) and ``malformed`` (text).
+    ``vmname`` (vm, name, text=image path), ``job`` (api, vm, name, tid, text="nested" or None),
+    ``jobend`` (api, ret; tid = the job's thread), ``error`` (tid, text), ``version`` (vm=libvirt,
+    name=qemu, text=hostname), ``greeting`` (text=QEMU version) and ``malformed`` (text).
     """
 
     kind: str
@@ -183,200 +588,96 @@ class Record:
     api: str | None = None
     ret: int | None = None
     text: str | None = None
-    lineno: int = 0
+    offset: int = 0
 
 
-@dataclass
-class LogStats:
-    """Counters of one pass over a log."""
+class _Records:
+    """Sink turning tokens into :class:`Record` objects."""
 
-    lines: int = 0
-    bytes: int = 0
-    log_lines: int = 0
-    skipped: int = 0        # garbage: neither a log line nor a known continuation line
-    malformed: int = 0      # monitor probes whose JSON or fields cannot be parsed
-    monitor_lines: int = 0
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+        self.out: list[Record] = []
+
+    def _cont(self, ls: int, rx: re.Pattern[bytes]) -> int | None:
+        return _continuation(self.buf, ls, rx)
+
+    def _probe(self, kind: str, ls: int, ptr: bytes, t: float, payload: bytes, tid: int = 0, **kw: Any) -> None:
+        self.out.append(Record(kind, t, tid, mon=ptr.decode(), payload=payload, offset=ls, **kw))
+
+    def send(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        self._probe("send", ls, ptr, t, payload, fd=self._cont(ls, _RE_FD), tid=_tid(_line_at(self.buf, ls)))
+
+    def write(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        self._probe("write", ls, ptr, t, payload, ret=self._cont(ls, _RE_ERRNO))
+
+    def sendfd(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+        m = _RE_FD.search(rest)
+        self._probe("sendfd", ls, ptr, t, b"", fd=int(m.group(1)) if m else None)
+
+    def reply(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        self._probe("reply", ls, ptr, t, payload)
+
+    def event(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        self._probe("event", ls, ptr, t, payload)
+
+    def new(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+        self._probe("new", ls, ptr, t, b"")
+
+    def close(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+        self._probe("close", ls, ptr, t, b"")
+
+    def monvm(self, ls: int, ptr: bytes, vm: str) -> None:
+        self.out.append(Record("monvm", 0.0, 0, mon=ptr.decode(), vm=vm, offset=ls))
+
+    def named(self, ls: int, what: str, t: float, *rest: Any) -> None:
+        if what == "job":
+            tid, api, vm, name, nested = rest
+            self.out.append(Record("job", t, tid, vm=vm, name=name, api=api, text="nested" if nested else None,
+                                   offset=ls))
+        else:
+            vm, name, path = rest
+            self.out.append(Record("vmname", t, 0, vm=vm, name=name, text=path, offset=ls))
+
+    def jobend(self, ls: int, t: float, tid: int, api: str, ret: int) -> None:
+        self.out.append(Record("jobend", t, tid, api=api, ret=ret, offset=ls))
+
+    def error(self, ls: int, t: float, tid: int, text: str) -> None:
+        self.out.append(Record("error", t, tid, text=text, offset=ls))
+
+    def version(self, ls: int, libvirt: str | None, qemu: str | None, hostname: str | None) -> None:
+        self.out.append(Record("version", 0.0, 0, vm=libvirt, name=qemu, text=hostname, offset=ls))
+
+    def greeting(self, ls: int, version: str) -> None:
+        self.out.append(Record("greeting", 0.0, 0, text=version, offset=ls))
+
+    def malformed(self, ls: int, line: bytes) -> None:
+        self.out.append(Record("malformed", 0.0, 0, text=_dec(line[:200]).rstrip(), offset=ls))
 
 
-def _open(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
-    try:
-        return open(path, "rb", buffering=1 << 20)
-    except OSError as exc:
-        raise LogError(f"cannot read log {os.fspath(path)}: {exc.strerror or exc}") from None
+def iter_records(path: str | os.PathLike[str], stats: LogStats | None = None) -> Iterator[Record]:
+    """Yield the :class:`Record` s of the libvirtd log at *path* in file order, chunk by chunk.
 
-
-def _dec(b: bytes) -> str:
-    return b.decode("utf-8", "replace")
-
-
-def iter_records(path: str | os.PathLike[str], stats: LogStats | None = None, *,
-                 writes: bool = True) -> Iterator[Record]:
-    """Yield the :class:`Record` s of the libvirtd log at *path*, streaming (constant memory).
-
-    Lines that are neither log lines (``YYYY-MM-DD HH:MM:SS.mmm+ZZZZ: tid: level : …``) nor the
-    continuation lines of ``SEND_MSG``/``IO_WRITE`` are skipped and counted in ``stats.skipped``;
-    monitor lines that cannot be parsed yield a ``malformed`` record and count in ``stats.malformed``.
-    Non-UTF-8 bytes are replaced. ``writes=False`` skips ``IO_WRITE`` records (faster summary pass).
-    Raises :class:`LogError` when the file cannot be read.
+    Lines that are neither log lines nor continuation lines count in ``stats.skipped``; monitor probes
+    that cannot be parsed yield a ``malformed`` record and count in ``stats.malformed``. Raises
+    :class:`LogError` when the file cannot be read.
     """
-    st = stats if stats is not None else LogStats()
-    clock = _Clock()
-    pending: Record | None = None   # SEND_MSG / IO_WRITE waiting for its continuation line
-    with _open(path) as f:
-        try:
-            lineno = 0
-            for lineno, line in enumerate(f, 1):
-                if line[:1] == b" ":
-                    if pending is _SKIP_WRITE:
-                        pending = None
-                    elif pending is not None:
-                        if pending.kind == "send":
-                            m = _RE_FD.search(line)
-                            pending.fd = int(m.group(1)) if m else None
-                        else:
-                            m = _RE_ERRNO.search(line)
-                            pending.ret = int(m.group(1)) if m else None
-                        yield pending
-                        pending = None
-                    else:
-                        st.skipped += 1
-                    continue
-                if pending is not None:   # continuation missing (truncated or interleaved): emit as is
-                    if pending is not _SKIP_WRITE:
-                        yield pending
-                    pending = None
-                # Fast prefilter: everything below needs one of these substrings. Monitor probes are
-                # checked first; a broken header there makes the probe malformed (not skipped).
-                is_mon = b"QEMU_MONITOR_" in line
-                if not is_mon and (line[4:5] != b"-" or line[19:20] != b"." or line[10:11] != b" "):
-                    if line.strip():
-                        st.skipped += 1
-                    continue
-                st.log_lines += 1
-                if is_mon:
-                    st.monitor_lines += 1
-                    if not writes and b"MONITOR_IO_WRITE:" in line:
-                        pending = _SKIP_WRITE
-                        continue
-                    rec = _parse_monitor(line, clock, lineno, writes)
-                    if rec is None:
-                        st.malformed += 1
-                        t = clock(line)
-                        yield Record("malformed", t or 0.0, 0, text=_dec(line[:200]).rstrip(), lineno=lineno)
-                    elif rec.kind in ("send", "write", "skip"):
-                        pending = rec
-                    else:
-                        yield rec
-                elif b" : Line [" in line:      # libvirt's echo of every QMP line: only the greeting matters
-                    if b'"QMP"' in line:
-                        v = _greeting_version(line)
-                        if v:
-                            yield Record("greeting", 0.0, 0, text=v, lineno=lineno)
-                elif b"mon:0x" in line:
-                    m = _RE_MONVM.search(line)
-                    if m and m.group(2) != b"(nil)":
-                        t = clock(line)
-                        if t is not None:
-                            yield Record("monvm", t, _tid(line), mon=m.group(1).decode(), vm=m.group(2).decode(),
-                                         lineno=lineno)
-                elif b"name=" in line:
-                    m = _RE_VMNAME.search(line)
-                    if m:
-                        t = clock(line)
-                        if t is None:
-                            continue
-                        vm, name = m.group(1).decode(), _dec(m.group(2))
-                        tid = _tid(line)
-                        j = _RE_JOB.search(line)
-                        if j:
-                            yield Record("job", t, tid, vm=vm, name=name, api=j.group(1).decode(),
-                                         text="nested" if b"job=async nested" in line else None, lineno=lineno)
-                        else:
-                            p = _RE_PATH.search(line)
-                            yield Record("vmname", t, tid, vm=vm, name=name,
-                                         text=_dec(p.group(1)) if p else None, lineno=lineno)
-                elif b"finished job" in line:
-                    m = _RE_JOBEND.search(line)
-                    t = clock(line)
-                    if m and t is not None:
-                        yield Record("jobend", t, int(m.group(1)), api=m.group(2).decode(), ret=int(m.group(3)),
-                                     lineno=lineno)
-                elif b" error : " in line:
-                    t = clock(line)
-                    if t is not None:
-                        parts = line.split(b" : ", 2)
-                        yield Record("error", t, _tid(line), text=_dec(parts[-1]).strip(), lineno=lineno)
-                elif b"libvirt version:" in line or b"hostname:" in line:
-                    t = clock(line)
-                    lv, qv, hn = (_RE_LIBVIRT_VERSION.search(line), _RE_QEMU_VERSION.search(line),
-                                  _RE_HOSTNAME.search(line))
-                    yield Record("version", t or 0.0, 0, vm=lv.group(1).decode() if lv else None,
-                                 name=qv.group(1).decode() if qv else None,
-                                 text=_dec(hn.group(1)) if hn else None, lineno=lineno)
-                elif b'"QMP"' in line:
-                    v = _greeting_version(line)
-                    if v:
-                        yield Record("greeting", 0.0, 0, text=v, lineno=lineno)
-            st.lines = lineno
-            st.bytes = f.tell()
-        except OSError as exc:
-            raise LogError(f"cannot read log {os.fspath(path)}: {exc.strerror or exc}") from None
-    if pending is not None and pending is not _SKIP_WRITE:
-        yield pending
-
-
-def _tid(line: bytes) -> int:
-    # "YYYY-MM-DD HH:MM:SS.mmm+0000: <tid>: …" — tid starts at column 30.
-    end = line.find(b":", 30)
-    try:
-        return int(line[30:end])
-    except ValueError:
-        return 0
-
-
-_KINDS = {b"SEND_MSG": "send", b"IO_WRITE": "write", b"IO_SEND_FD": "sendfd", b"RECV_REPLY": "reply",
-          b"RECV_EVENT": "event", b"NEW": "new", b"CLOSE": "close"}
-_PAYLOAD_KEY = {"send": b" msg=", "write": b" buf=", "reply": b" reply=", "event": b" event="}
-
-
-_RE_MON = re.compile(rb"QEMU_MONITOR_([A-Z_]+): mon=(0x[0-9a-fA-F]+)")
-
-
-def _parse_monitor(line: bytes, clock: _Clock, lineno: int, writes: bool = True) -> Record | None:
-    m = _RE_MON.search(line)
-    if m is None:
-        return None
-    kind = _KINDS.get(m.group(1))
-    if kind is None:
-        return None
-    if kind == "write" and not writes:
-        return _SKIP_WRITE
-    t = clock(line)
-    if t is None:
-        return None
-    rec = Record(kind, t, _tid(line) if kind == "send" else 0, mon=m.group(2).decode(), lineno=lineno)
-    key = _PAYLOAD_KEY.get(kind)
-    e = m.end()
-    if key is not None:
-        if not line.startswith(key, e):
-            p = line.find(key, e)
-            if p < 0:
-                return None
-            e = p
-        rec.payload = line[e + len(key):].rstrip(b"\r\n")
-        if not (rec.payload.startswith(b"{") and rec.payload.endswith(b"}")):   # truncated or not JSON
-            return None
-    elif kind == "sendfd":
-        f = _RE_FD.search(line, e)
-        rec.fd = int(f.group(1)) if f else None
-    return rec
-
-
-_SKIP_WRITE = Record("skip", 0.0, 0)
+    with _Mapped(path) as log:
+        sink = _Records(log.buf)
+        lexer = _Lexer(log.buf, sink, anchors=_ALL_ANCHORS, stats=stats is not None)
+        pos, size = 0, len(log.buf)
+        while pos < size:
+            end = lexer._chunk_end(pos, size)
+            lexer.run(pos, end)
+            yield from sink.out
+            sink.out.clear()
+            pos = end
+        if stats is not None and lexer.stats is not None:
+            for k, v in vars(lexer._finish_stats()).items():
+                setattr(stats, k, v)
 
 
 # --------------------------------------------------------------------------------------------------
-# Monitor instances and one pass over the log
+# The state machine
 
 
 @dataclass
@@ -435,8 +736,11 @@ class Monitor:
         return f"{self.key} ({self.role}{dom}, {self.commands} commands{': ' + what if what else ''}, {span})"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
+    """A libvirt job: from its ``Starting job`` line (offset *line*) until it ends or another job of its
+    thread replaces it (offset *stop*; -1 while it runs)."""
+
     tid: int
     api: str
     vm: str | None
@@ -446,22 +750,622 @@ class _Job:
     ret: int | None = None
     error: str | None = None
     index: int = 0
+    line: int = 0
+    stop: int = -1
+
+
+@dataclass(slots=True, eq=False)
+class _Msg:
+    """A collected message: its public fields (*body*) and what only the parser needs."""
+
+    body: dict[str, Any]
+    t: float
+    job: _Job | None = None
+    replies_to: str | None = None      # replies: the command they answer
+    fds: int = 0                       # commands: 1 when SEND_MSG's continuation names an fd
+    fdsent: int = 0                    # commands: IO_SEND_FD probes after it
+    errno: int = 0                     # commands: a failed write
+
+
+class _Track:
+    """Private parser state of one monitor instance: its byte range in the file, the runs of jobs
+    that sent its commands ([job, count], in order) and, when collected, its messages."""
+
+    __slots__ = ("end", "last_cmd", "mon", "msgs", "outstanding", "replay", "runs", "start")
+
+    def __init__(self, mon: Monitor, start: int) -> None:
+        self.mon, self.start, self.end = mon, start, -1
+        self.runs: list[list[Any]] = []
+        self.msgs: list[_Msg] | None = None
+        self.outstanding: dict[Any, _Msg] = {}
+        self.last_cmd: _Msg | None = None
+        self.replay: Iterator[_Job | None] | None = None
+
+    def collect(self, runs: list[list[Any]]) -> None:
+        """Collect messages; the job of the n-th command comes from *runs* (noted by the summary pass)."""
+        self.msgs = []
+        self.replay = (job for job, n in runs for _ in range(n))
+
+
+def _hashable(v: Any) -> bool:
+    return isinstance(v, str | int | float | bool) or v is None
+
+
+class _Machine:
+    """The one state machine over the tokens: monitor instances and pointer reuse, libvirt jobs,
+    attribution of monitors to domains, and (for a collected instance) its messages.
+
+    Summary pass: every instance gets a :class:`Monitor` and a :class:`_Track`. Collect pass
+    (*collect* = (key, job runs), the lexer delivering one pointer's probes of the instance's byte
+    range): the instance's messages. *since*/*until*: probes outside are ignored.
+    """
+
+    def __init__(self, buf: Any, since: float | None = None, until: float | None = None,
+                 collect: tuple[str, list[list[Any]]] | None = None) -> None:
+        self.buf = buf
+        self.since, self.until = since, until
+        self.windowed = since is not None or until is not None
+        self.collect_key = collect
+        self.monitors: dict[str, Monitor] = {}
+        self.tracks: dict[str, _Track] = {}
+        self.cur: dict[bytes, _Track] = {}            # pointer → live instance (closed ones leave)
+        self.generation: dict[bytes, int] = {}
+        self.tid_job: dict[int, _Job] = {}
+        self.tids: dict[bytes, int] = {}
+        self.vm_live: dict[str, list[Monitor]] = {}
+        self.vm_names: dict[str, str] = {}
+        self.vm_images: dict[str, str] = {}
+        self.job_count = 0
+        self.first_greeting: str | None = None       # the first QMP greeting's QEMU version
+        self.last_new: Monitor | None = None          # the greeting belongs to the newest monitor
+        self.undecodable = 0                          # collected payloads that are not the JSON expected
+
+    def _inside(self, t: float) -> bool:
+        return (self.since is None or t >= self.since) and (self.until is None or t <= self.until)
+
+    def _instance(self, ptr: bytes, ls: int) -> _Track:
+        """A new instance of monitor pointer *ptr*, from the line at *ls* on (a live one ends there)."""
+        tr = self.cur.get(ptr)
+        if tr is not None:
+            tr.end = ls
+        n = self.generation.get(ptr, 0) + 1
+        self.generation[ptr] = n
+        sp = ptr.decode()
+        mon = Monitor(key=sp if n == 1 else f"{sp}#{n}", pointer=sp)
+        tr = _Track(mon, ls)
+        if self.collect_key is not None and mon.key == self.collect_key[0]:
+            tr.collect(self.collect_key[1])
+        self.cur[ptr] = self.tracks[mon.key] = tr
+        self.monitors[mon.key] = mon
+        return tr
+
+    def _live(self, ptr: bytes, ls: int) -> _Track:
+        """The live instance of *ptr*; a pointer seen again after its close starts a new one."""
+        return self.cur.get(ptr) or self._instance(ptr, ls)
+
+    def _attribute(self, m: Monitor, vm: str | None, name: str | None) -> None:
+        if vm and m.vm is None:
+            m.vm = vm
+            self.vm_live.setdefault(vm, []).append(m)
+        if m.domain is None:
+            m.domain = name or (self.vm_names.get(m.vm) if m.vm else None)
+
+    def finish(self, size: int) -> None:
+        for tr in self.cur.values():
+            tr.end = size
+
+    # -- probes ------------------------------------------------------------------------------------
+
+    def send(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        if self.windowed and not self._inside(t):
+            return
+        tr = self.cur.get(ptr) or self._instance(ptr, ls)
+        m = tr.mon
+        if m.first is None:
+            m.first = t
+        m.last = t
+        m.commands += 1
+        if tr.replay is not None:
+            job = next(tr.replay, None)
+        else:
+            job = self.tid_job.get(self._thread(ls)) if self.tid_job else None
+            runs = tr.runs
+            if runs and runs[-1][0] is job:
+                runs[-1][1] += 1
+            else:                                   # another job's commands begin
+                runs.append([job, 1])
+                if job is not None:
+                    self._attribute(m, job.vm, job.name)
+                    if job.api not in m.operations:
+                        m.operations.append(job.api)
+        if ex is None or ex in _NOTABLE_B:
+            _note_command(m, payload)
+        if tr.msgs is not None:
+            self._command(tr, payload, t, job, ls)
+
+    def _thread(self, ls: int) -> int:
+        key = self.buf[ls + 30:ls + 44]
+        tid = self.tids.get(key)
+        if tid is None:
+            if key.find(b":") < 0:                 # an unusually long thread field: the whole line
+                le = self.buf.find(b"\n", ls)
+                return _tid(self.buf[ls:le + 1 if le >= 0 else len(self.buf)])
+            tid = self.tids[key] = _tid(self.buf[ls:ls + 44])
+        return tid
+
+    def reply(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        if self.windowed and not self._inside(t):
+            return
+        tr = self.cur.get(ptr) or self._instance(ptr, ls)
+        m = tr.mon
+        if m.first is None:
+            m.first = t
+        m.last = t
+        m.replies += 1
+        if b'"error"' in payload:
+            m.errors += 1
+        if tr.msgs is not None:
+            self._reply(tr, payload, t)
+
+    def event(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        if self.windowed and not self._inside(t):
+            return
+        tr = self.cur.get(ptr) or self._instance(ptr, ls)
+        m = tr.mon
+        if m.first is None:
+            m.first = t
+        m.last = t
+        m.events += 1
+        if b'"MIGRATION"' in payload:
+            s = _RE_STATUS.search(payload)
+            if s:
+                m.migration_status = s.group(1).decode()
+        if tr.msgs is not None:
+            self._event(tr, payload, t)
+
+    def write(self, ls: int, t: float, ptr: bytes, payload: bytes, ex: bytes | None = None) -> None:
+        if self.windowed and not self._inside(t):
+            return
+        tr = self._live(ptr, ls)
+        if tr.msgs is not None and tr.last_cmd is not None:
+            errno = _continuation(self.buf, ls, _RE_ERRNO)
+            if errno:
+                tr.last_cmd.errno = errno
+
+    def sendfd(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+        if self.windowed and not self._inside(t):
+            return
+        tr = self._live(ptr, ls)
+        if tr.msgs is not None and tr.last_cmd is not None:
+            tr.last_cmd.fdsent += 1
+
+    def new(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+        tr = self._instance(ptr, ls)
+        tr.mon.opened = t
+        self.last_new = tr.mon
+
+    def close(self, ls: int, t: float, ptr: bytes, rest: bytes, ex: bytes | None = None) -> None:
+        tr = self.cur.pop(ptr, None)
+        if tr is None:
+            return
+        m = tr.mon
+        m.closed = t
+        le = self.buf.find(b"\n", ls)
+        tr.end = le + 1 if le >= 0 else len(self.buf)
+        if m.vm and m in self.vm_live.get(m.vm, ()):
+            self.vm_live[m.vm].remove(m)
+
+    # -- other lines -------------------------------------------------------------------------------
+
+    def monvm(self, ls: int, ptr: bytes, vm: str) -> None:
+        self._attribute(self._live(ptr, ls).mon, vm, None)
+
+    def named(self, ls: int, what: str, t: float, *rest: Any) -> None:
+        if what == "job":
+            self._job_start(ls, t, *rest)
+        else:
+            vm, name, path = rest
+            self._name_vm(vm, name)
+            if path:
+                self.vm_images[vm] = path
+
+    def _name_vm(self, vm: str, name: str) -> None:
+        self.vm_names[vm] = name
+        for m in self.vm_live.get(vm, ()):
+            if m.domain is None:
+                m.domain = name
+
+    def _job_start(self, ls: int, t: float, tid: int, api: str, vm: str, name: str, nested: bool) -> None:
+        self._name_vm(vm, name)
+        j = self.tid_job.get(tid)
+        # A top-level "Starting job" is a new job; "job=async nested" continues the thread's async job.
+        if j is None or j.api != api or j.end is not None or not nested:
+            if j is not None:
+                j.stop = ls
+            self.tid_job[tid] = _Job(tid, api, vm, name, t, index=self.job_count, line=ls)
+            self.job_count += 1
+
+    def jobend(self, ls: int, t: float, tid: int, api: str, ret: int) -> None:
+        j = self.tid_job.get(tid)
+        if j is not None and j.api == api:
+            j.end, j.ret, j.stop = t, ret, ls
+            del self.tid_job[tid]
+
+    def error(self, ls: int, t: float, tid: int, text: str) -> None:
+        j = self.tid_job.get(tid)
+        if j is not None:
+            j.error = text
+
+    def greeting(self, ls: int, version: str) -> None:
+        self.first_greeting = self.first_greeting or version
+        if self.last_new is not None and self.last_new.qemu_version is None:
+            self.last_new.qemu_version = version
+
+    # -- messages (collect pass) -------------------------------------------------------------------
+
+    def _command(self, tr: _Track, payload: bytes, t: float, job: _Job | None, ls: int) -> None:
+        obj = _loads(payload)
+        execute = (obj.get("execute") or obj.get("exec-oob")) if isinstance(obj, dict) else None
+        if not isinstance(execute, str):
+            self.undecodable += 1
+            return
+        body: dict[str, Any] = {"kind": "command", "execute": execute}
+        if "arguments" in obj:
+            body["arguments"] = obj["arguments"]
+        body["id"] = obj.get("id")
+        fd = _continuation(self.buf, ls, _RE_FD)
+        msg = _Msg(body, t, job=job, fds=1 if fd is not None and fd >= 0 else 0)
+        tr.msgs.append(msg)  # type: ignore[union-attr]
+        tr.last_cmd = msg
+        if _hashable(body["id"]):
+            tr.outstanding[body["id"]] = msg
+
+    def _reply(self, tr: _Track, payload: bytes, t: float) -> None:
+        obj = _loads(payload)
+        if not isinstance(obj, dict):
+            self.undecodable += 1
+            return
+        rid = obj.get("id")
+        out = tr.outstanding
+        cmd = out.pop(rid, None) if _hashable(rid) else None
+        if cmd is None and rid is None and len(out) == 1:     # error replies may lack the id
+            rid, cmd = out.popitem()
+        body: dict[str, Any] = {"kind": "reply", "id": rid}
+        if "error" in obj:
+            body["error"] = obj["error"]
+        else:
+            body["return"] = obj.get("return", {})
+        tr.msgs.append(_Msg(body, t, replies_to=cmd.body["execute"] if cmd else None))  # type: ignore[union-attr]
+
+    def _event(self, tr: _Track, payload: bytes, t: float) -> None:
+        obj = _loads(payload)
+        if not isinstance(obj, dict) or "event" not in obj:
+            self.undecodable += 1
+            return
+        body = {"kind": "event", "event": obj["event"], "data": obj.get("data"), "timestamp": obj.get("timestamp")}
+        tr.msgs.append(_Msg(body, t))  # type: ignore[union-attr]
+
+
+def _note_command(m: Monitor, payload: bytes) -> None:
+    """Remember a notable command (and a migration's URI) in the monitor's summary."""
+    ex = _RE_EXEC.search(payload)
+    if ex is None or ex.group(1) not in _NOTABLE_B:
+        return
+    execute = ex.group(1).decode()
+    if len(m.notable) < 200:
+        m.notable.append(execute)
+    if execute in ("migrate", "migrate-incoming"):
+        u = _RE_URI.search(payload)
+        if u:
+            m.migrate_uris.append(_dec(u.group(1)))
+
+
+def _line_at(buf: Any, ls: int) -> bytes:
+    """The line starting at *ls*, with its newline."""
+    le = buf.find(b"\n", ls)
+    return buf[ls:le + 1 if le >= 0 else len(buf)]  # type: ignore[no-any-return]
+
+
+def _continuation(buf: Any, ls: int, rx: re.Pattern[bytes]) -> int | None:
+    """The number *rx* finds on the continuation line after the line at *ls* (`` fd=…``, `` errno=…``)."""
+    end = buf.find(b"\n", ls)
+    if end < 0 or buf[end + 1:end + 2] != b" ":
+        return None
+    m = rx.search(_line_at(buf, end + 1))
+    return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Passes
+
+
+_SUMMARY_KINDS = frozenset({"send", "reply", "event", "sendfd", "new", "close"})
+
+
+def _summarize(log: _Mapped, since: float | None, until: float | None, *, stats: bool = False
+               ) -> tuple[_Machine, LogStats | None]:
+    """The summary pass over the whole log (with *stats*: also count lines, garbage, malformed probes)."""
+    machine = _Machine(log.buf, since, until)
+    st = _Lexer(log.buf, machine, anchors=_SUMMARY_ANCHORS, kinds=_SUMMARY_KINDS, stats=stats).run()
+    machine.finish(len(log.buf))
+    return machine, st
+
+
+def _collect(log: _Mapped, sc: _Machine, key: str) -> tuple[list[_Msg], int]:
+    """The messages of instance *key*: its probes only, from its byte range (messages, malformed)."""
+    track = sc.tracks[key]
+    ptr, _, n = key.partition("#")
+    machine = _Machine(log.buf, sc.since, sc.until, collect=(key, track.runs))
+    machine.generation[ptr.encode()] = int(n) - 1 if n else 0
+    _Lexer(log.buf, machine, rules=False).run(track.start, track.end)
+    got = machine.tracks.get(key)
+    return (got.msgs or [] if got is not None else []), machine.undecodable
+
+
+class _ErrorsOf:
+    """Sink keeping the last error line of one job's thread (what libvirt reported for the job)."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+
+    def error(self, ls: int, t: float, tid: int, text: str) -> None:
+        if tid == self.job.tid:
+            self.job.error = text
+
+
+def _job_errors(log: _Mapped, jobs: Iterable[_Job]) -> None:
+    """Set each job's error from the error lines of its thread while it ran."""
+    for job in jobs:
+        job.error = None
+        stop = job.stop if job.stop >= 0 else len(log.buf)
+        _Lexer(log.buf, _ErrorsOf(job), anchors=(_ANCHOR_ERROR,), kinds=()).run(job.line, stop)
+
+
+def _windows_back(buf: Any) -> Iterator[tuple[int, int]]:
+    """[lo, hi) windows of whole lines covering *buf*, last first."""
+    hi = len(buf)
+    while hi > 0:
+        lo = buf.rfind(b"\n", 0, max(hi - _CHUNK, 0)) + 1 if hi > _CHUNK else 0
+        yield lo, hi
+        hi = lo
+
+
+def _last_lines(buf: Any, needle: bytes) -> Iterator[bytes]:
+    """The lines holding *needle*, last first (pages are released behind the search)."""
+    for lo, hi in _windows_back(buf):
+        end = hi
+        while (p := buf.rfind(needle, lo, end)) >= 0:
+            end = buf.rfind(b"\n", lo, p) + 1 or lo
+            le = buf.find(b"\n", p, hi)
+            yield buf[end:le + 1 if le >= 0 else hi]
+        _release(buf, lo, hi)
+
+
+def _banner(buf: Any, qemu: bool = True) -> tuple[str | None, str | None, str | None]:
+    """(libvirt, qemu, hostname): the last value of each in libvirt's banner lines, searched from the end.
+
+    *qemu* False skips the QEMU version (never in libvirtd's own banner: looking costs a whole scan).
+    """
+    found: list[str | None] = [None, None, None]
+    clock = _Clock()
+    for i, needle in enumerate((b"libvirt version:", b"qemu version:", b"hostname:")):
+        if i == 1 and not qemu:
+            continue
+        for line in _last_lines(buf, needle):
+            found[i] = _parse_version(line, clock)[i] if _rule(line) == "version" else None
+            if found[i]:
+                break
+    return found[0], found[1], found[2]
+
+
+# --------------------------------------------------------------------------------------------------
+# Phases
+
+
+def _is_command(m: _Msg) -> bool:
+    return m.body["kind"] == "command"
+
+
+def _spans(msgs: list[_Msg]) -> list[tuple[str, int, int, int]]:
+    """(name, start, end inclusive, anchor index) for every operation in one instance's conversation.
+
+    With job tags (the log has ``Starting job`` lines) the operation is the span from the first to the
+    last command its libvirt job sent, including commands other jobs slipped in between (a
+    ``query-migrate`` from ``virsh domjobinfo``) and up to the next command after it. Without tags
+    the command names decide (:data:`SAVE_PREP`, :data:`SAVE_TAIL`, :data:`RESTORE_TAIL`; ``query-*``
+    probes are taken as part of the tail).
+    """
+    out: list[tuple[str, int, int, int]] = []
+    cmds = [i for i, m in enumerate(msgs) if _is_command(m)]
+    anchors = [n for n, i in enumerate(cmds) if msgs[i].body["execute"] in ("migrate", "migrate-incoming")]
+    for q, n in enumerate(anchors):
+        lo_n = anchors[q - 1] + 1 if q else 0                      # commands after the previous anchor
+        hi_n = anchors[q + 1] - 1 if q + 1 < len(anchors) else len(cmds) - 1
+        save = msgs[cmds[n]].body["execute"] == "migrate"
+        start = cmds[_first_command(msgs, cmds, n, lo_n)] if save else 0
+        e = _last_command(msgs, cmds, n, hi_n, SAVE_TAIL if save else RESTORE_TAIL)
+        end = cmds[e + 1] - 1 if e + 1 < len(cmds) else len(msgs) - 1
+        if out and start <= out[-1][2]:   # the previous tail ran into this operation: cut it there
+            prev = out[-1]
+            out[-1] = (prev[0], prev[1], start - 1, prev[3])
+        out.append(("save" if save else "restore", start, end, cmds[n]))
+    # Close gaps between phases of the same instance (restore … later save): nothing in between is dropped.
+    for n in range(len(out) - 1):
+        name, s, _e, a = out[n]
+        out[n] = (name, s, out[n + 1][1] - 1, a)
+    return out
+
+
+def _first_command(msgs: list[_Msg], cmds: list[int], n: int, lo_n: int) -> int:
+    """Index (into *cmds*) of a save's first command: its job's first, or the contiguous preparation."""
+    job = msgs[cmds[n]].job
+    s = n
+    if job is not None:
+        for k in range(n - 1, lo_n - 1, -1):
+            m = msgs[cmds[k]]
+            if m.job is job:
+                s = k
+            elif m.job is not None and not m.body["execute"].startswith("query-"):
+                break
+    else:
+        while s > lo_n and msgs[cmds[s - 1]].body["execute"] in SAVE_PREP:
+            s -= 1
+    return s
+
+
+def _last_command(msgs: list[_Msg], cmds: list[int], n: int, hi_n: int, tail: frozenset[str]) -> int:
+    """Index (into *cmds*) of an operation's last command: its job's last, or the end of its tail."""
+    job = msgs[cmds[n]].job
+    e = n
+    if job is not None:
+        for k in range(n + 1, hi_n + 1):
+            c = msgs[cmds[k]]
+            if c.job is job or (c.job is None and c.body["execute"] in tail and e == k - 1):
+                e = k
+    else:
+        while e < hi_n and (msgs[cmds[e + 1]].body["execute"] in tail
+                            or msgs[cmds[e + 1]].body["execute"].startswith("query-")):
+            e += 1
+    return e
+
+
+def _status(msgs: list[_Msg], anchor: int) -> tuple[bool | None, str | None]:
+    """ok/error of an operation from its messages (MIGRATION events, query-migrate, error replies)."""
+    ok: bool | None = None
+    error: str | None = None
+    anchor_id = msgs[anchor].body.get("id")
+    for m in msgs[anchor:]:
+        b = m.body
+        if b["kind"] == "reply" and "error" in b:
+            if b["id"] == anchor_id or m.replies_to in ("migrate", "migrate-incoming", "getfd", "add-fd"):
+                ok = False
+                error = error or _errtext(b["error"])
+            continue
+        status = _status_of(m)
+        if status == "completed" and ok is None:
+            ok = True
+        elif status in ("failed", "cancelled"):
+            ok = False
+            error = _failure(b, status, error)
+    return ok, error
+
+
+def _status_of(m: _Msg) -> Any:
+    """The migration status a MIGRATION event or a query-migrate reply tells."""
+    b = m.body
+    if b["kind"] == "event" and b["event"] == "MIGRATION":
+        data = b.get("data")
+        return data.get("status") if isinstance(data, dict) else None
+    if b["kind"] == "reply" and m.replies_to == "query-migrate" and isinstance(b.get("return"), dict):
+        return b["return"].get("status")
+    return None
+
+
+def _failure(b: dict[str, Any], status: str, error: str | None) -> str | None:
+    """The error text after a failed migration: query-migrate's ``error-desc`` wins, else the first seen."""
+    if b["kind"] == "event":
+        return error or f"migration {status}"
+    desc = b["return"].get("error-desc")
+    return str(desc) if desc else error
+
+
+def _errtext(e: Any) -> str:
+    if isinstance(e, dict):
+        return f"{e.get('class', 'Error')}: {e.get('desc', '')}".strip()
+    return str(e)
+
+
+def _public(part: list[_Msg]) -> list[dict[str, Any]]:
+    """The trace messages: public fields, ``t`` relative to the first message, the ``fds`` count."""
+    t0 = part[0].t
+    out = []
+    for m in part:
+        b = m.body
+        if b["kind"] == "command":
+            msg = _trace.command(b["execute"], b.get("arguments"), id=b["id"], fds=max(m.fds, m.fdsent), t=m.t - t0)
+            if m.errno:
+                msg["write_errno"] = m.errno
+        elif b["kind"] == "reply":
+            msg = {**b, "t": round(m.t - t0, 6)}
+        else:
+            msg = _trace.event(b["event"], b["data"], b["timestamp"], t=m.t - t0)
+        out.append(msg)
+    return out
+
+
+@dataclass
+class _Phase:
+    start: float
+    end: float
+    body: dict[str, Any]
+
+
+def _phase(sc: _Machine, key: str, msgs: list[_Msg], span: tuple[str, int, int, int], images: dict[str, str]
+           ) -> _Phase:
+    name, s, e, a = span
+    part = msgs[s:e + 1]
+    job = msgs[a].job
+    operation = OPERATIONS.get(job.api, name) if job else name
+    ok, error = _status(part, a - s)
+    if job is not None and job.ret is not None:
+        if job.ret != 0:   # libvirt's own last error of the job is what the user was told
+            ok = False
+            error = job.error or error or f"{job.api} failed"
+        elif ok is None:
+            ok = True
+    mon = sc.monitors[key]
+    image = None
+    if name == "restore" and mon.vm and mon.vm in images:
+        image = {"path": images[mon.vm], "size": None, "header": None}
+    body = {
+        "name": name, "operation": operation, "ok": ok, "error": error if ok is False else None,
+        "image": image, "monitor": key,
+        "attribution": {"job": job.api if job else None, "domain": mon.domain, "vm": mon.vm},
+        "messages": _public(part),
+    }
+    return _Phase(part[0].t, part[-1].t, body)
+
+
+def _build_phases(sc: _Machine, conversations: dict[str, list[_Msg]], lo: float | None = None,
+                  hi: float | None = None) -> tuple[list[dict[str, Any]], int, list[str]]:
+    """Turn the collected conversations into trace phases, in time order.
+
+    Returns (phases, unphased, unphased_executes): messages of those monitors inside the window that
+    belong to no phase. The window is [lo, hi]; ``None`` ends default to the first phase start and
+    the last phase end.
+    """
+    built: list[_Phase] = []
+    leftovers: list[_Msg] = []
+    for key, msgs in conversations.items():
+        covered = [False] * len(msgs)
+        for span in _spans(msgs):
+            built.append(_phase(sc, key, msgs, span, sc.vm_images))
+            covered[span[1]:span[2] + 1] = [True] * (span[2] + 1 - span[1])
+        leftovers += [m for m, c in zip(msgs, covered, strict=True) if not c]
+    built.sort(key=lambda p: p.start)
+    w_lo = lo if lo is not None or not built else built[0].start
+    w_hi = hi if hi is not None or not built else max(p.end for p in built)
+    unphased = [m for m in leftovers if (w_lo is None or m.t >= w_lo) and (w_hi is None or m.t <= w_hi)]
+    what = [m.body.get("execute") or m.body.get("event") or "reply" for m in unphased][:50]
+    return [p.body for p in built], len(unphased), what
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
 
 
 @dataclass
 class Scan:
-    """Result of one pass: monitor instances, jobs, host facts, counters, collected messages."""
+    """What one summary pass learns: monitor instances, jobs, names, host facts, counters."""
 
     monitors: dict[str, Monitor] = field(default_factory=dict)
-    jobs: dict[int, _Job] = field(default_factory=dict)    # only jobs that sent a collected command
     job_count: int = 0
     vm_names: dict[str, str] = field(default_factory=dict)
     vm_images: dict[str, str] = field(default_factory=dict)
     libvirt_version: str | None = None
     qemu_version: str | None = None
     hostname: str | None = None
-    stats: LogStats = field(default_factory=LogStats)
-    messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    stats: LogStats | None = None
 
 
 def _to_epoch(v: Any) -> float | None:
@@ -484,749 +1388,16 @@ def _to_epoch(v: Any) -> float | None:
     raise LogError(f"cannot understand time {v!r}")
 
 
-def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: Any = None,
-                  until: Any = None) -> Scan:
-    """Reference implementation of :func:`scan` on top of :func:`iter_records` (clear, slower).
+def scan(path: str | os.PathLike[str], *, since: Any = None, until: Any = None, stats: bool = False) -> Scan:
+    """One pass over the log at *path*: every monitor instance summarized, plus names and host facts.
 
-    The tests check that :func:`scan` (the fast, inlined loop) gives exactly the same result.
+    *since*/*until* (epoch seconds, ``datetime`` or ISO strings): only probes inside count. *stats*:
+    also count lines, garbage lines and malformed probes (``Scan.stats``). Raises :class:`LogError`.
     """
-    lo, hi = _to_epoch(since), _to_epoch(until)
-    want = set(collect)
-    sc = Scan()
-    cur: dict[str, Monitor] = {}           # pointer → live instance
-    generation: dict[str, int] = {}
-    tid_job: dict[int, _Job] = {}
-    vm_live: dict[str, list[Monitor]] = {}
-    outstanding: dict[str, dict[Any, dict[str, Any]]] = {}   # key → id → command message
-    unwritten: dict[str, dict[str, Any]] = {}                 # key → command sent but not yet written
-    last_written: dict[str, dict[str, Any]] = {}
-
-    def instance(ptr: str, t: float, new: bool = False) -> Monitor:
-        m = cur.get(ptr)
-        if m is None or new or m.closed is not None:
-            if m is not None:
-                _flush(m.key)
-            n = generation.get(ptr, 0) + 1
-            generation[ptr] = n
-            m = Monitor(key=ptr if n == 1 else f"{ptr}#{n}", pointer=ptr)
-            cur[ptr] = m
-            sc.monitors[m.key] = m
-        return m
-
-    def _flush(key: str) -> None:
-        cmd = unwritten.pop(key, None)
-        if cmd is not None:
-            sc.messages.setdefault(key, []).append(cmd)
-            last_written[key] = cmd
-
-    def touch(m: Monitor, t: float) -> None:
-        if m.first is None:
-            m.first = t
-        m.last = t
-
-    def attribute(m: Monitor, vm: str | None, name: str | None) -> None:
-        if vm and m.vm is None:
-            m.vm = vm
-            vm_live.setdefault(vm, []).append(m)
-        if m.domain is None:
-            m.domain = name or (sc.vm_names.get(m.vm) if m.vm else None)
-
-    windowless = lo is None and hi is None
-    last_new: Monitor | None = None
-    for r in iter_records(path, sc.stats, writes=bool(want)):
-        k = r.kind
-        in_window = windowless or ((lo is None or r.t >= lo) and (hi is None or r.t <= hi))
-        if k in ("send", "reply", "event", "write", "sendfd"):
-            if not in_window:
-                continue
-            m = instance(r.mon, r.t)  # type: ignore[arg-type]
-            key = m.key
-            keep = key in want
-            if k == "send":
-                touch(m, r.t)
-                m.commands += 1
-                job = tid_job.get(r.tid)
-                if job is not None:
-                    attribute(m, job.vm, job.name)
-                    if job.api not in m.operations:
-                        m.operations.append(job.api)
-                ex = _RE_EXEC.search(r.payload)
-                execute = ex.group(1).decode() if ex else "?"
-                if execute in NOTABLE:
-                    if len(m.notable) < 200:
-                        m.notable.append(execute)
-                    if execute in ("migrate", "migrate-incoming"):
-                        u = _RE_URI.search(r.payload)
-                        if u:
-                            m.migrate_uris.append(_dec(u.group(1)))
-                if keep:
-                    _flush(key)
-                    obj = _loads(r.payload)
-                    execute_ = obj.get("execute") or obj.get("exec-oob") if isinstance(obj, dict) else None
-                    if not isinstance(execute_, str):
-                        sc.stats.malformed += 1
-                        continue
-                    cmd: dict[str, Any] = {"kind": "command", "execute": execute_}
-                    if "arguments" in obj:
-                        cmd["arguments"] = obj["arguments"]
-                    cmd["id"] = obj.get("id")
-                    cmd["fds"] = 1 if (r.fd is not None and r.fd >= 0) else 0
-                    cmd["_fdsent"] = 0
-                    cmd["_t"] = r.t
-                    cmd["_tid"] = r.tid
-                    cmd["_job"] = job.index if job is not None else None
-                    if job is not None:
-                        sc.jobs[job.index] = job
-                    unwritten[key] = cmd
-                    outstanding.setdefault(key, {})[cmd["id"]] = cmd
-            elif k == "write":
-                if keep:
-                    _flush(key)
-                    if r.ret not in (None, 0) and key in last_written:
-                        last_written[key]["_errno"] = r.ret
-            elif k == "sendfd":
-                if keep:
-                    _flush(key)
-                    c = last_written.get(key)
-                    if c is not None:
-                        c["_fdsent"] += 1
-            elif k == "reply":
-                touch(m, r.t)
-                m.replies += 1
-                if b'"error"' in r.payload:
-                    m.errors += 1
-                if keep:
-                    _flush(key)
-                    obj = _loads(r.payload)
-                    if not isinstance(obj, dict):
-                        sc.stats.malformed += 1
-                        continue
-                    rid = obj.get("id")
-                    out = outstanding.get(key, {})
-                    cmd0 = out.pop(rid, None)
-                    if cmd0 is None and rid is None and len(out) == 1:   # error replies may lack the id
-                        rid, cmd0 = out.popitem()
-                    msg: dict[str, Any] = {"kind": "reply", "id": rid}
-                    if "error" in obj:
-                        msg["error"] = obj["error"]
-                    else:
-                        msg["return"] = obj.get("return", {})
-                    msg["_t"] = r.t
-                    msg["_cmd"] = cmd0["execute"] if cmd0 else None
-                    sc.messages.setdefault(key, []).append(msg)
-            else:  # event
-                touch(m, r.t)
-                m.events += 1
-                if b'"MIGRATION"' in r.payload:
-                    s = _RE_STATUS.search(r.payload)
-                    if s:
-                        m.migration_status = s.group(1).decode()
-                if keep:
-                    _flush(key)
-                    obj = _loads(r.payload)
-                    if not isinstance(obj, dict) or "event" not in obj:
-                        sc.stats.malformed += 1
-                        continue
-                    sc.messages.setdefault(key, []).append(
-                        {"kind": "event", "event": obj["event"], "data": obj.get("data"),
-                         "timestamp": obj.get("timestamp"), "_t": r.t})
-        elif k == "new":
-            m = instance(r.mon, r.t, new=r.mon in cur)  # type: ignore[arg-type]
-            m.opened = r.t
-            last_new = m
-        elif k == "greeting":
-            sc.qemu_version = sc.qemu_version or r.text
-            if last_new is not None and last_new.qemu_version is None:
-                last_new.qemu_version = r.text
-        elif k == "close":
-            m = cur.get(r.mon)  # type: ignore[arg-type]
-            if m is not None and m.closed is None:
-                _flush(m.key)
-                m.closed = r.t
-                if m.vm and m in vm_live.get(m.vm, ()):
-                    vm_live[m.vm].remove(m)
-        elif k == "monvm":
-            m = cur.get(r.mon)  # type: ignore[arg-type]
-            if m is None or m.closed is not None:
-                m = instance(r.mon, r.t)  # type: ignore[arg-type]
-            attribute(m, r.vm, None)
-        elif k == "vmname":
-            sc.vm_names[r.vm] = r.name  # type: ignore[index]
-            if r.text:
-                sc.vm_images[r.vm] = r.text  # type: ignore[index]
-            for m in vm_live.get(r.vm, ()):  # type: ignore[arg-type]
-                if m.domain is None:
-                    m.domain = r.name
-        elif k == "job":
-            sc.vm_names[r.vm] = r.name  # type: ignore[index]
-            for m in vm_live.get(r.vm, ()):  # type: ignore[arg-type]
-                if m.domain is None:
-                    m.domain = r.name
-            j = tid_job.get(r.tid)
-            if j is None or j.api != r.api or j.end is not None or r.text != "nested":
-                j = _Job(r.tid, r.api, r.vm, r.name, r.t, index=sc.job_count)  # type: ignore[arg-type]
-                sc.job_count += 1
-                tid_job[r.tid] = j
-        elif k == "jobend":
-            j = tid_job.get(r.tid)
-            if j is not None and j.api == r.api:
-                j.end, j.ret = r.t, r.ret
-                del tid_job[r.tid]
-        elif k == "error":
-            j = tid_job.get(r.tid)
-            if j is not None:
-                j.error = r.text
-        elif k == "version":
-            sc.libvirt_version = r.vm or sc.libvirt_version
-            sc.qemu_version = r.name or sc.qemu_version
-            sc.hostname = r.text or sc.hostname
-    for key in list(unwritten):
-        _flush(key)
-    return sc
-
-
-def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: Any = None,
-         until: Any = None, summary: bool = True) -> Scan:
-    """One streaming pass: summarize every monitor instance; keep full messages for keys in *collect*.
-
-    Collected messages are dicts in wire order with the public trace fields plus private ones
-    (``_t`` absolute time, ``_tid``, ``_job`` key into ``Scan.jobs``); :func:`build_phases` strips them.
-    Same result as :func:`_scan_records`, with the line parsing inlined (no per-line objects) for
-    throughput; lines are read one at a time (constant memory). ``summary=False`` (with *collect*):
-    monitors whose pointer is not collected are skipped, so ``Scan.monitors`` holds only the collected
-    pointers' instances (instance keys are per pointer, so they are the same as in a full pass).
-    """
-    lo, hi = _to_epoch(since), _to_epoch(until)
-    windowless = lo is None and hi is None
-    want = set(collect)
-    only_ptrs = {k.split("#")[0].encode() for k in want} if want and not summary else None
-    sc = Scan()
-    st = sc.stats
-    clock = _Clock()
-    ms_cache = clock.ms
-    cur: dict[bytes, Monitor] = {}            # pointer → live instance
-    generation: dict[str, int] = {}
-    tid_job: dict[int, _Job] = {}
-    vm_live: dict[str, list[Monitor]] = {}
-    outstanding: dict[str, dict[Any, dict[str, Any]]] = {}
-    unwritten: dict[str, dict[str, Any]] = {}
-    last_written: dict[str, dict[str, Any]] = {}
-    SKIP = ("skip", None)
-    pend: tuple[str, Any] | None = None      # what the next " …" continuation line belongs to
-
-    def instance(ptr: bytes, new: bool = False) -> Monitor:
-        m = cur.get(ptr)
-        if m is None or new or m.closed is not None:
-            if m is not None:
-                flush(m.key)
-            sp = ptr.decode()
-            n = generation.get(sp, 0) + 1
-            generation[sp] = n
-            m = Monitor(key=sp if n == 1 else f"{sp}#{n}", pointer=sp)
-            cur[ptr] = m
-            sc.monitors[m.key] = m
-        return m
-
-    def flush(key: str) -> None:
-        cmd = unwritten.pop(key, None)
-        if cmd is not None:
-            sc.messages.setdefault(key, []).append(cmd)
-            last_written[key] = cmd
-
-    def attribute(m: Monitor, vm: str | None, name: str | None) -> None:
-        if vm and m.vm is None:
-            m.vm = vm
-            vm_live.setdefault(vm, []).append(m)
-        if m.domain is None:
-            m.domain = name or (sc.vm_names.get(m.vm) if m.vm else None)
-
-    def name_vm(vm: str, name: str) -> None:
-        sc.vm_names[vm] = name
-        for m in vm_live.get(vm, ()):
-            if m.domain is None:
-                m.domain = name
-
-    # Rare lines (attribution, job ends, errors, version banner): plain helper functions.
-    def name_line(line: bytes) -> None:
-        vn = _RE_VMNAME.search(line)
-        t = clock(line) if vn else None
-        if vn is None or t is None:
-            return
-        vm, name = vn.group(1).decode(), _dec(vn.group(2))
-        name_vm(vm, name)
-        jm = _RE_JOB.search(line)
-        if jm:
-            tid = _tid(line)
-            api = jm.group(1).decode()
-            j = tid_job.get(tid)
-            # A top-level "Starting job" is a new job; "job=async nested" continues the thread's async job.
-            if j is None or j.api != api or j.end is not None or b"job=async nested" not in line:
-                j = _Job(tid, api, vm, name, t, index=sc.job_count)
-                sc.job_count += 1
-                tid_job[tid] = j
-        else:
-            pm = _RE_PATH.search(line)
-            if pm:
-                sc.vm_images[vm] = _dec(pm.group(1))
-
-    def jobend_line(line: bytes) -> None:
-        je = _RE_JOBEND.search(line)
-        if je and clock(line) is not None:
-            j = tid_job.get(int(je.group(1)))
-            if j is not None and j.api == je.group(2).decode():
-                j.end, j.ret = clock(line), int(je.group(3))
-                del tid_job[j.tid]
-
-    def error_line(line: bytes) -> None:
-        if clock(line) is not None:
-            j = tid_job.get(_tid(line))
-            if j is not None:
-                j.error = _dec(line.split(b" : ", 2)[-1]).strip()
-
-    def version_line(line: bytes) -> None:
-        lv, qv, hn = (_RE_LIBVIRT_VERSION.search(line), _RE_QEMU_VERSION.search(line), _RE_HOSTNAME.search(line))
-        sc.libvirt_version = lv.group(1).decode() if lv else sc.libvirt_version
-        sc.qemu_version = qv.group(1).decode() if qv else sc.qemu_version
-        sc.hostname = _dec(hn.group(1)) if hn else sc.hostname
-
-    lineno = n_log = n_mon = 0
-    last_new: Monitor | None = None        # the QMP greeting (QEMU version) belongs to the newest monitor
-    with _open(path) as f:
-        try:
-            for lineno, line in enumerate(f, 1):  # noqa: B007 - lineno is the line count after the loop
-                if line[:1] == b" ":
-                    if pend is None:
-                        st.skipped += 1
-                    elif pend is not SKIP:
-                        what, obj = pend
-                        if what == "send":
-                            fm = _RE_FD.search(line)
-                            if fm and int(fm.group(1)) >= 0:
-                                obj["fds"] = 1
-                        else:
-                            em = _RE_ERRNO.search(line)
-                            if em and int(em.group(1)) and obj is not None:
-                                obj["_errno"] = int(em.group(1))
-                    pend = None
-                    continue
-                pend = None
-                # Monitor probes first (most of the work); a broken header there makes the probe malformed.
-                if b"QEMU_MONITOR_" in line:
-                    n_log += 1
-                    n_mon += 1
-                    if not want and b"MONITOR_IO_WRITE:" in line:
-                        pend = SKIP
-                        continue
-                    mm = _RE_MON.search(line)
-                    kind = _KINDS.get(mm.group(1)) if mm else None
-                    t = ms_cache.get(line[:28])
-                    if t is None:
-                        t = clock(line)
-                    if kind is None or t is None:
-                        st.malformed += 1
-                        continue
-                    # The JSON payload is line[p0:p1]; searched in place, copied only when collected.
-                    p0 = p1 = 0
-                    key_ = _PAYLOAD_KEY.get(kind)
-                    if key_ is not None:
-                        e = mm.end()  # type: ignore[union-attr]
-                        if not line.startswith(key_, e):
-                            e = line.find(key_, e)
-                            if e < 0:
-                                st.malformed += 1
-                                continue
-                        p0 = e + len(key_)
-                        p1 = len(line)
-                        while p1 > p0 and line[p1 - 1] in (10, 13):
-                            p1 -= 1
-                        if not (p1 > p0 and line[p0] == 123 and line[p1 - 1] == 125):   # "{" … "}"
-                            st.malformed += 1
-                            continue
-                    if not windowless and not ((lo is None or t >= lo) and (hi is None or t <= hi)) \
-                            and kind in ("send", "reply", "event", "write", "sendfd"):
-                        if kind in ("send", "write"):
-                            pend = SKIP
-                        continue
-                    ptr = mm.group(2)  # type: ignore[union-attr]
-                    if only_ptrs is not None and ptr not in only_ptrs:
-                        if kind in ("send", "write"):
-                            pend = SKIP
-                        elif kind == "new":
-                            last_new = None
-                        continue
-                    if kind == "send":
-                        m = cur.get(ptr)  # type: ignore[assignment]
-                        if m is None or m.closed is not None:
-                            m = instance(ptr)
-                        if m.first is None:
-                            m.first = t
-                        m.last = t
-                        m.commands += 1
-                        tid = _tid(line) if tid_job else 0
-                        job = tid_job.get(tid) if tid_job else None
-                        if job is not None:
-                            attribute(m, job.vm, job.name)
-                            if job.api not in m.operations:
-                                m.operations.append(job.api)
-                        ex = _RE_EXEC.search(line, p0, p1)
-                        if ex and ex.group(1) in _NOTABLE_B:
-                            execute = ex.group(1).decode()
-                            if len(m.notable) < 200:
-                                m.notable.append(execute)
-                            if execute in ("migrate", "migrate-incoming"):
-                                u = _RE_URI.search(line, p0, p1)
-                                if u:
-                                    m.migrate_uris.append(_dec(u.group(1)))
-                        key = m.key
-                        if key in want:
-                            flush(key)
-                            obj = _loads(line[p0:p1])
-                            execute_ = obj.get("execute") or obj.get("exec-oob") if isinstance(obj, dict) else None
-                            if not isinstance(execute_, str):
-                                st.malformed += 1
-                                pend = SKIP
-                                continue
-                            cmd: dict[str, Any] = {"kind": "command", "execute": execute_}
-                            if "arguments" in obj:
-                                cmd["arguments"] = obj["arguments"]
-                            cmd["id"] = obj.get("id")
-                            cmd["fds"] = 0
-                            cmd["_fdsent"] = 0
-                            cmd["_t"] = t
-                            cmd["_tid"] = tid if tid_job else _tid(line)
-                            cmd["_job"] = job.index if job is not None else None
-                            if job is not None:
-                                sc.jobs[job.index] = job
-                            unwritten[key] = cmd
-                            outstanding.setdefault(key, {})[cmd["id"]] = cmd
-                            pend = ("send", cmd)
-                        else:
-                            pend = SKIP
-                    elif kind == "reply":
-                        m = cur.get(ptr)  # type: ignore[assignment]
-                        if m is None or m.closed is not None:
-                            m = instance(ptr)
-                        if m.first is None:
-                            m.first = t
-                        m.last = t
-                        m.replies += 1
-                        if line.find(b'"error"', p0, p1) >= 0:
-                            m.errors += 1
-                        key = m.key
-                        if key in want:
-                            flush(key)
-                            obj = _loads(line[p0:p1])
-                            if not isinstance(obj, dict):
-                                st.malformed += 1
-                                continue
-                            rid = obj.get("id")
-                            out = outstanding.get(key, {})
-                            cmd0 = out.pop(rid, None)
-                            if cmd0 is None and rid is None and len(out) == 1:
-                                rid, cmd0 = out.popitem()
-                            msg: dict[str, Any] = {"kind": "reply", "id": rid}
-                            if "error" in obj:
-                                msg["error"] = obj["error"]
-                            else:
-                                msg["return"] = obj.get("return", {})
-                            msg["_t"] = t
-                            msg["_cmd"] = cmd0["execute"] if cmd0 else None
-                            sc.messages.setdefault(key, []).append(msg)
-                    elif kind == "event":
-                        m = cur.get(ptr)  # type: ignore[assignment]
-                        if m is None or m.closed is not None:
-                            m = instance(ptr)
-                        if m.first is None:
-                            m.first = t
-                        m.last = t
-                        m.events += 1
-                        if line.find(b'"MIGRATION"', p0, p1) >= 0:
-                            sm = _RE_STATUS.search(line, p0, p1)
-                            if sm:
-                                m.migration_status = sm.group(1).decode()
-                        key = m.key
-                        if key in want:
-                            flush(key)
-                            obj = _loads(line[p0:p1])
-                            if not isinstance(obj, dict) or "event" not in obj:
-                                st.malformed += 1
-                                continue
-                            sc.messages.setdefault(key, []).append(
-                                {"kind": "event", "event": obj["event"], "data": obj.get("data"),
-                                 "timestamp": obj.get("timestamp"), "_t": t})
-                    elif kind == "write":
-                        m = instance(ptr)
-                        key = m.key
-                        if key in want:
-                            flush(key)
-                            pend = ("write", last_written.get(key))
-                        else:
-                            pend = SKIP
-                    elif kind == "sendfd":
-                        m = instance(ptr)
-                        key = m.key
-                        if key in want:
-                            flush(key)
-                            c = last_written.get(key)
-                            if c is not None:
-                                c["_fdsent"] += 1
-                    elif kind == "new":
-                        m = instance(ptr, new=ptr in cur)
-                        m.opened = t
-                        last_new = m
-                    else:  # close
-                        m0 = cur.get(ptr)
-                        if m0 is not None and m0.closed is None:
-                            flush(m0.key)
-                            m0.closed = t
-                            if m0.vm and m0 in vm_live.get(m0.vm, ()):
-                                vm_live[m0.vm].remove(m0)
-                elif line[4:5] != b"-" or line[19:20] != b"." or line[10:11] != b" ":
-                    if line.strip():
-                        st.skipped += 1
-                    continue
-                elif b" : Line [" in line:      # libvirt's echo of every QMP line: only the greeting matters
-                    n_log += 1
-                    if b'"QMP"' in line:
-                        v = _greeting_version(line)
-                        if v:
-                            sc.qemu_version = sc.qemu_version or v
-                            if last_new is not None and last_new.qemu_version is None:
-                                last_new.qemu_version = v
-                elif b"mon:0x" in line:
-                    n_log += 1
-                    mv = _RE_MONVM.search(line)
-                    if mv and mv.group(2) != b"(nil)" and clock(line) is not None:
-                        ptr = mv.group(1)
-                        m1 = cur.get(ptr)
-                        if m1 is None or m1.closed is not None:
-                            m1 = instance(ptr)
-                        attribute(m1, mv.group(2).decode(), None)
-                else:
-                    n_log += 1
-                    if b"name=" in line:
-                        name_line(line)
-                    elif b"finished job" in line:
-                        jobend_line(line)
-                    elif b" error : " in line:
-                        error_line(line)
-                    elif b"libvirt version:" in line or b"hostname:" in line:
-                        version_line(line)
-                    elif b'"QMP"' in line:
-                        v = _greeting_version(line)
-                        if v:
-                            sc.qemu_version = sc.qemu_version or v
-                            if last_new is not None and last_new.qemu_version is None:
-                                last_new.qemu_version = v
-            st.lines = lineno
-            st.log_lines, st.monitor_lines = n_log, n_mon
-            st.bytes = f.tell()
-        except OSError as exc:
-            raise LogError(f"cannot read log {os.fspath(path)}: {exc.strerror or exc}") from None
-    for key in list(unwritten):
-        flush(key)
-    return sc
-
-
-def _greeting_version(line: bytes) -> str | None:
-    """QEMU version ("10.0.2") from a logged QMP greeting line (``Line [{"QMP": {"version": …}}]``)."""
-    i = line.find(b'{"QMP"')
-    j = line.rfind(b"}")
-    obj = _loads(line[i:j + 1]) if 0 <= i < j else None
-    try:
-        q = obj["QMP"]["version"]["qemu"]  # type: ignore[index]
-        return f"{int(q['major'])}.{int(q['minor'])}.{int(q['micro'])}"
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
-def _loads(b: bytes) -> Any:
-    try:
-        return json.loads(b.decode("utf-8", "replace"))
-    except ValueError:
-        return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Phases
-
-
-def _spans(msgs: list[dict[str, Any]]) -> list[tuple[str, int, int, int]]:
-    """(name, start, end inclusive, anchor index) for every operation in one instance's conversation.
-
-    With job tags (the log has ``Starting job`` lines) the operation is the span from the first to the
-    last command its libvirt job sent, including commands other jobs slipped in between (a
-    ``query-migrate`` from ``virsh domjobinfo``) and up to the next command after it. Without tags
-    the command names decide (:data:`SAVE_PREP`, :data:`SAVE_TAIL`, :data:`RESTORE_TAIL`; ``query-*``
-    probes are taken as part of the tail).
-    """
-    out: list[tuple[str, int, int, int]] = []
-    cmd_idx = [i for i, m in enumerate(msgs) if m["kind"] == "command"]
-    anchors = [n for n, i in enumerate(cmd_idx) if msgs[i]["execute"] in ("migrate", "migrate-incoming")]
-    for q, n in enumerate(anchors):
-        i = cmd_idx[n]
-        anchor = msgs[i]
-        ex = anchor["execute"]
-        job = anchor.get("_job")
-        lo_n = anchors[q - 1] + 1 if q else 0                      # commands after the previous anchor
-        hi_n = anchors[q + 1] - 1 if q + 1 < len(anchors) else len(cmd_idx) - 1
-        if ex == "migrate":
-            s = n
-            if job is not None:
-                for k in range(n - 1, lo_n - 1, -1):
-                    if msgs[cmd_idx[k]].get("_job") == job:
-                        s = k
-                    elif msgs[cmd_idx[k]].get("_job") is not None and not \
-                            msgs[cmd_idx[k]]["execute"].startswith("query-"):
-                        break
-            else:
-                while s > lo_n and msgs[cmd_idx[s - 1]]["execute"] in SAVE_PREP:
-                    s -= 1
-            start = cmd_idx[s]
-            tail = SAVE_TAIL
-        else:
-            start = 0
-            tail = RESTORE_TAIL
-        e = n
-        if job is not None:
-            for k in range(n + 1, hi_n + 1):
-                c = msgs[cmd_idx[k]]
-                if c.get("_job") == job or (c.get("_job") is None and c["execute"] in tail and e == k - 1):
-                    e = k
-        else:
-            while e < hi_n and (msgs[cmd_idx[e + 1]]["execute"] in tail
-                                or msgs[cmd_idx[e + 1]]["execute"].startswith("query-")):
-                e += 1
-        end = cmd_idx[e + 1] - 1 if e + 1 < len(cmd_idx) else len(msgs) - 1
-        name = "save" if ex == "migrate" else "restore"
-        if out and start <= out[-1][2]:   # the previous tail ran into this operation: cut it there
-            prev = out[-1]
-            out[-1] = (prev[0], prev[1], start - 1, prev[3])
-        out.append((name, start, end, i))
-    # Close gaps between phases of the same instance (restore … later save): nothing in between is dropped.
-    for n in range(len(out) - 1):
-        name, s, _e, a = out[n]
-        out[n] = (name, s, out[n + 1][1] - 1, a)
-    return out
-
-
-def _status(msgs: list[dict[str, Any]], anchor: int) -> tuple[bool | None, str | None]:
-    """ok/error of an operation from its messages (MIGRATION events, query-migrate, error replies)."""
-    ok: bool | None = None
-    error: str | None = None
-    anchor_id = msgs[anchor].get("id")
-    for m in msgs[anchor:]:
-        if m["kind"] == "reply" and "error" in m:
-            if m["id"] == anchor_id or m.get("_cmd") in ("migrate", "migrate-incoming", "getfd", "add-fd"):
-                ok = False
-                error = error or _errtext(m["error"])
-        elif m["kind"] == "event" and m["event"] == "MIGRATION":
-            st = (m.get("data") or {}).get("status")
-            if st == "completed" and ok is None:
-                ok = True
-            elif st in ("failed", "cancelled"):
-                ok = False
-                error = error or f"migration {st}"
-        elif m["kind"] == "reply" and m.get("_cmd") == "query-migrate" and isinstance(m.get("return"), dict):
-            r = m["return"]
-            if r.get("status") in ("failed", "cancelled"):
-                ok = False
-                if r.get("error-desc"):
-                    error = str(r["error-desc"])
-            elif r.get("status") == "completed" and ok is None:
-                ok = True
-    return ok, error
-
-
-def _errtext(e: Any) -> str:
-    if isinstance(e, dict):
-        return f"{e.get('class', 'Error')}: {e.get('desc', '')}".strip()
-    return str(e)
-
-
-def build_phases(sc: Scan, keys: list[str], lo: float | None = None, hi: float | None = None
-                 ) -> tuple[list[dict[str, Any]], int, list[str]]:
-    """Turn the collected conversations of *keys* into trace phases, in time order.
-
-    Returns (phases, unphased, unphased_executes): messages of those monitors inside the window that
-    belong to no phase. The window is [lo, hi]; ``None`` ends default to the first phase start and
-    the last phase end.
-    """
-    built: list[tuple[float, dict[str, Any]]] = []
-    leftovers: list[tuple[float, dict[str, Any]]] = []
-    for key in keys:
-        msgs = sc.messages.get(key, [])
-        spans = _spans(msgs)
-        covered = [False] * len(msgs)
-        for name, s, e, a in spans:
-            part = msgs[s:e + 1]
-            for i in range(s, e + 1):
-                covered[i] = True
-            anchor = msgs[a]
-            job = sc.jobs.get(anchor["_job"]) if anchor.get("_job") is not None else None
-            operation = OPERATIONS.get(job.api, name) if job else name
-            ok, error = _status(msgs[s:e + 1], a - s)
-            if job is not None and job.ret is not None:
-                if job.ret != 0:   # libvirt's own last error of the job is what the user was told
-                    ok = False
-                    error = job.error or error or f"{job.api} failed"
-                elif ok is None:
-                    ok = True
-            mon = sc.monitors[key]
-            image = None
-            if name == "restore" and mon.vm and mon.vm in sc.vm_images:
-                image = {"path": sc.vm_images[mon.vm], "size": None, "header": None}
-            phase: dict[str, Any] = {
-                "name": name, "operation": operation, "ok": ok, "error": error if ok is False else None,
-                "image": image, "monitor": key,
-                "attribution": {"job": job.api if job else None, "domain": mon.domain, "vm": mon.vm},
-                "messages": _public(part),
-                "_end": part[-1]["_t"],
-            }
-            built.append((part[0]["_t"], phase))
-        for i, m in enumerate(msgs):
-            if not covered[i]:
-                leftovers.append((m["_t"], m))
-    built.sort(key=lambda x: x[0])
-    if built:
-        w_lo = lo if lo is not None else built[0][0]
-        w_hi = hi if hi is not None else max(p["_end"] for _, p in built)
-    else:
-        w_lo, w_hi = lo, hi
-    unphased = [m for t, m in leftovers
-                if (w_lo is None or t >= w_lo) and (w_hi is None or t <= w_hi)]
-    phases = []
-    for _, p in built:
-        p.pop("_end", None)
-        phases.append(p)
-    return phases, len(unphased), [m.get("execute") or m.get("event") or "reply" for m in unphased][:50]
-
-
-def _public(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Strip private fields, compute ``t`` relative to the first message and the ``fds`` count."""
-    t0 = part[0]["_t"]
-    out = []
-    for m in part:
-        if m["kind"] == "command":
-            fds = max(m["fds"], m["_fdsent"])
-            msg = _trace.command(m["execute"], m.get("arguments"), id=m["id"], fds=fds, t=m["_t"] - t0)
-            if m.get("_errno"):
-                msg["write_errno"] = m["_errno"]
-        elif m["kind"] == "reply":
-            msg = {"kind": "reply", "id": m["id"]}
-            if "error" in m:
-                msg["error"] = m["error"]
-            else:
-                msg["return"] = m["return"]
-            msg["t"] = round(m["_t"] - t0, 6)
-        else:
-            msg = _trace.event(m["event"], m["data"], m["timestamp"], t=m["_t"] - t0)
-        out.append(msg)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Public API
+    with _Mapped(path) as log:
+        sc, st = _summarize(log, _to_epoch(since), _to_epoch(until), stats=stats)
+        libvirt, qemu, hostname = _banner(log.buf)
+    return Scan(sc.monitors, sc.job_count, sc.vm_names, sc.vm_images, libvirt, qemu or sc.first_greeting, hostname, st)
 
 
 def list_monitors(path: str | os.PathLike[str], since: Any = None, until: Any = None) -> list[dict[str, Any]]:
@@ -1241,29 +1412,18 @@ def list_monitors(path: str | os.PathLike[str], since: Any = None, until: Any = 
     (last MIGRATION event status), ``operations`` (libvirt job APIs that sent commands, if logged).
     Raises :class:`LogError` if the file cannot be read.
     """
-    sc = scan(path, since=since, until=until)
+    with _Mapped(path) as log:
+        sc, _ = _summarize(log, _to_epoch(since), _to_epoch(until))
     mons = sorted(sc.monitors.values(), key=lambda m: (m.first if m.first is not None else float("inf")))
     return [m.to_dict() for m in mons]
 
 
-def _select(sc: Scan, domain: str | None, monitor: str | Iterable[str] | None) -> tuple[list[str], str | None, str]:
+def _select(monitors: dict[str, Monitor], domain: str | None, monitor: str | Iterable[str] | None
+            ) -> tuple[list[str], str | None, str]:
     """Pick the monitor instances of the trace; returns (keys, domain name, how it was decided)."""
-    cands = [m for m in sc.monitors.values() if m.commands > 0]
-    cands.sort(key=lambda m: m.first or 0.0)
+    cands = sorted((m for m in monitors.values() if m.commands > 0), key=lambda m: m.first or 0.0)
     if monitor:
-        wanted = [w.strip() for w in ([monitor] if isinstance(monitor, str) else list(monitor))
-                  for w in w.split(",") if w.strip()]
-        keys: list[str] = []
-        for w in wanted:
-            hit = [m.key for m in cands if (m.key == w if "#" in w else m.pointer == w)]
-            if not hit:
-                raise LogError(f"monitor {w} not found in log; monitors: "
-                               + ", ".join(m.key for m in cands) if cands else f"monitor {w}: log has no monitors")
-            keys += [k for k in hit if k not in keys]
-        names = {sc.monitors[k].domain for k in keys} - {None}
-        if domain and names and domain not in names:
-            raise LogError(f"monitor(s) {', '.join(keys)} belong to {', '.join(sorted(names))}, not {domain}")
-        return keys, domain or (names.pop() if len(names) == 1 else None), "monitor"
+        return _select_given(monitors, cands, domain, monitor)
     if not cands:
         raise LogError("log holds no QEMU monitor commands (was it written with the 1:monitor filter?)")
     # Monitors that saved or restored are the candidates; the others (stats polls of other domains …)
@@ -1280,19 +1440,34 @@ def _select(sc: Scan, domain: str | None, monitor: str | Iterable[str] | None) -
     if not domain and len(pool_named) == 1 and all(m.domain for m in pool):
         name = pool_named.pop()
         return [m.key for m in cands if m.domain == name], name, "log"
-    if not pool_named:
+    if not pool_named and len({m.vm or m.key for m in pool}) == 1:
         # The log names no domain: accept one unambiguous group, i.e. all saving/restoring instances share
         # one vm pointer (libvirt's virDomainObj outlives the QEMU processes of a persistent domain).
-        groups = {m.vm or m.key for m in pool}
-        if len(groups) == 1:
-            how = "assumed: the log does not name domains and holds one domain object's save/restore monitors"
-            return [m.key for m in pool], domain, how
+        how = "assumed: the log does not name domains and holds one domain object's save/restore monitors"
+        return [m.key for m in pool], domain, how
     what = f"domain {domain}" if domain else "the domain"
     if not domain and pool_named:
         what = f"the domain (several in the log: {', '.join(sorted(pool_named))}; name one)"
     raise AmbiguousMonitor(
         f"log holds {len(pool)} monitors and cannot tell which is {what}'s; pick with --monitor: "
         + "; ".join(m.describe() for m in pool), [m.to_dict() for m in pool])
+
+
+def _select_given(monitors: dict[str, Monitor], cands: list[Monitor], domain: str | None,
+                  monitor: str | Iterable[str]) -> tuple[list[str], str | None, str]:
+    wanted = [w.strip() for w in ([monitor] if isinstance(monitor, str) else list(monitor))
+              for w in w.split(",") if w.strip()]
+    keys: list[str] = []
+    for w in wanted:
+        hit = [m.key for m in cands if (m.key == w if "#" in w else m.pointer == w)]
+        if not hit:
+            raise LogError(f"monitor {w} not found in log; monitors: "
+                           + ", ".join(m.key for m in cands) if cands else f"monitor {w}: log has no monitors")
+        keys += [k for k in hit if k not in keys]
+    names = {d for k in keys if (d := monitors[k].domain)}
+    if domain and names and domain not in names:
+        raise LogError(f"monitor(s) {', '.join(keys)} belong to {', '.join(sorted(names))}, not {domain}")
+    return keys, domain or (names.pop() if len(names) == 1 else None), "monitor"
 
 
 def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
@@ -1320,119 +1495,25 @@ def trace_from_log(path: str | os.PathLike[str], domain: str | None = None,
     :class:`AmbiguousMonitor`.
     """
     lo, hi = _to_epoch(since), _to_epoch(until)
-    first = scan(path, since=lo, until=hi)
-    keys, name, how = _select(first, domain, monitor)
-    sc = scan(path, collect=keys, since=lo, until=hi, summary=False)
-    phases, unphased, unphased_what = build_phases(sc, keys, lo, hi)
-    if not phases:
-        raise LogError(f"no save or restore (migrate / migrate-incoming) found on monitor(s) {', '.join(keys)}")
-    qemu = next((sc.monitors[k].qemu_version for k in keys if sc.monitors[k].qemu_version), sc.qemu_version)
-    host = {"libvirt": sc.libvirt_version, "qemu": qemu, "hostname": sc.hostname}
+    with _Mapped(path) as log:
+        sc, st = _summarize(log, lo, hi, stats=True)
+        keys, name, how = _select(sc.monitors, domain, monitor)
+        conversations: dict[str, list[_Msg]] = {}
+        for key in keys:
+            conversations[key], bad = _collect(log, sc, key)
+            st.malformed += bad  # type: ignore[union-attr]
+        _job_errors(log, {m.job for msgs in conversations.values() for m in msgs if m.job is not None})
+        phases, unphased, unphased_what = _build_phases(sc, conversations, lo, hi)
+        if not phases:
+            raise LogError(f"no save or restore (migrate / migrate-incoming) found on monitor(s) {', '.join(keys)}")
+        qemu = next((sc.monitors[k].qemu_version for k in keys if sc.monitors[k].qemu_version), None)
+        libvirt, banner_qemu, hostname = _banner(log.buf, qemu=qemu is None)
+    host = {"libvirt": libvirt, "qemu": qemu or banner_qemu or sc.first_greeting, "hostname": hostname}
     tr = _trace.new_trace("libvirt", host=host, domain={"name": name})
     tr["phases"] = phases
     tr["log"] = {
-        "path": os.path.abspath(os.fspath(path)), "lines": sc.stats.lines, "skipped": sc.stats.skipped,
-        "malformed": sc.stats.malformed, "monitors": keys, "attribution": how,
+        "path": os.path.abspath(os.fspath(path)), "lines": st.lines, "skipped": st.skipped,  # type: ignore[union-attr]
+        "malformed": st.malformed, "monitors": keys, "attribution": how,  # type: ignore[union-attr]
         "unphased": unphased, "unphased_messages": unphased_what,
     }
     return tr
-
-
-# --------------------------------------------------------------------------------------------------
-# Benchmark helpers
-
-
-def parse_bytes_per_second(path: str | os.PathLike[str], *, full: bool = False, cpu: bool = False) -> float:
-    """Throughput in bytes/s of one streaming summary pass over *path* (what :func:`list_monitors` does).
-
-    ``full=True`` times a whole :func:`trace_from_log` instead (two passes; the monitor is the first
-    save/restore instance, picked before the clock starts). ``cpu=True`` divides by this process's CPU
-    time instead of wall time (steadier on a busy machine; the file is expected in the page cache).
-    """
-    size = os.path.getsize(path)
-    pick = None
-    if full:
-        mons = [m for m in list_monitors(path) if m["role"] != "other"]
-        pick = mons[0]["key"] if mons else None
-    now = time.process_time if cpu else time.perf_counter
-    t0 = now()
-    if full:
-        trace_from_log(path, monitor=pick)
-    else:
-        scan(path)
-    return size / max(now() - t0, 1e-9)
-
-
-_RE_TS = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3})", re.M)
-_RE_PTR = re.compile(rb"0x7f[0-9a-f]{6,10}")
-_RE_MONPTR = re.compile(rb"mon[=:](0x7f[0-9a-f]{6,10})")
-
-
-def generate_log(path: str | os.PathLike[str], size_mb: float, sources: Iterable[str | os.PathLike[str]] = ()) -> int:
-    """Write a realistic synthetic libvirtd log of about *size_mb* MB by repeating real logs.
-
-    Each repetition of a source (default: the recorded fixtures of both stacks) gets its timestamps
-    shifted forward so time keeps increasing, and every ``0x7f…`` pointer remapped to a fresh value
-    (every fourth repetition reuses the previous repetition's pointers, exercising pointer reuse).
-    Returns the number of bytes written.
-    """
-    srcs = [os.fspath(s) for s in sources]
-    if not srcs:
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        base = os.path.join(repo, "tests", "fixtures")
-        for sub in ("libvirt-9.0", "libvirt-9.0-attributed", "libvirt-11.3-attributed"):
-            d = os.path.join(base, sub)
-            if os.path.isdir(d):
-                srcs += sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".log"))
-    if not srcs:
-        raise LogError("generate_log: no source logs")
-    chunks = []
-    for s in srcs:
-        with _open(s) as f:
-            chunks.append(f.read())
-    target = int(size_mb * 1e6)
-    clock = _Clock()
-    written = 0
-    offset = 0.0
-    rep = 0
-    last_mon: bytes | None = None
-    with open(path, "wb") as out:
-        while written < target:
-            for chunk in chunks:
-                stamps = _RE_TS.findall(chunk)
-                if not stamps:
-                    continue
-                t_first = clock(stamps[0][0] + b"." + stamps[0][1] + b"+0000") or 0.0
-                t_last = clock(stamps[-1][0] + b"." + stamps[-1][1] + b"+0000") or 0.0
-                shift = offset - t_first if rep else 0.0
-                # k-th distinct pointer of the chunk → base of its group + k; every fourth repetition
-                # shares the previous one's group, so its pointers are reused after the earlier CLOSE.
-                group = rep - 1 if rep % 4 == 3 else rep
-                mapping: dict[bytes, bytes] = {}
-                first_mon = _RE_MONPTR.search(chunk)
-                if rep % 4 == 3 and first_mon and last_mon:
-                    mapping[first_mon.group(1)] = last_mon
-
-                def ptr(m: re.Match[bytes], group: int = group, mapping: dict[bytes, bytes] = mapping) -> bytes:
-                    p = m.group(0)
-                    q = mapping.get(p)
-                    if q is None:
-                        q = b"0x7f%010x" % ((0x0600000000 + group * 0x100000 + len(mapping) * 0x40) & 0xFFFFFFFFFF)
-                        mapping[p] = q
-                    return q
-
-                def ts(m: re.Match[bytes], shift: float = shift) -> bytes:
-                    t = (clock(m.group(1) + b"." + m.group(2) + b"+0000") or 0.0) + shift
-                    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:23].encode()
-
-                data = _RE_PTR.sub(ptr, chunk)
-                mons = _RE_MONPTR.findall(data)
-                last_mon = mons[-1] if mons else None
-                data = _RE_TS.sub(ts, data)
-                out.write(data)
-                written += len(data)
-                offset = t_last + shift + 1.0
-                rep += 1
-                if written >= target:
-                    break
-    return written
