@@ -1181,6 +1181,7 @@ def build_phases(sc: Scan, keys: list[str], lo: float | None = None, hi: float |
                 "image": image, "monitor": key,
                 "attribution": {"job": job.api if job else None, "domain": mon.domain, "vm": mon.vm},
                 "messages": _public(part),
+                "window": {"since": _iso(part[0]["_t"]), "until": _iso(part[-1]["_t"])},
                 "_end": part[-1]["_t"],
             }
             built.append((part[0]["_t"], phase))
@@ -1200,6 +1201,15 @@ def build_phases(sc: Scan, keys: list[str], lo: float | None = None, hi: float |
         p.pop("_end", None)
         phases.append(p)
     return phases, len(unphased), [m.get("execute") or m.get("event") or "reply" for m in unphased][:50]
+
+
+def _iso(t: float) -> str:
+    """Epoch seconds as ISO 8601 UTC with milliseconds (libvirt's log resolution).
+
+    >>> _iso(1795633427.983)
+    '2026-11-25T19:03:47.983+00:00'
+    """
+    return _dt.datetime.fromtimestamp(round(t, 3), _dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _public(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1223,6 +1233,25 @@ def _public(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
             msg = _trace.event(m["event"], m["data"], m["timestamp"], t=m["_t"] - t0)
         out.append(msg)
     return out
+
+
+_ASYNC_JOB_END = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): \d+: \w+ : \w+:\d+ : "
+                            r"Stopping async job: (\S+) \(vm=0x[0-9a-fA-F]+ name=(.*)\)\s*$")
+
+
+def async_job_ends(lines: Iterable[str], domain: str) -> Iterator[tuple[str, float]]:
+    """(job, epoch seconds) of each end of an async job of *domain* (``save``, ``start`` …) in *lines*:
+    libvirt's ``Stopping async job`` line (filter ``1:job``), logged once every step of the job is done.
+
+    >>> line = ("2026-11-25 19:03:49.831+0000: 15835: debug : virDomainObjEndAsyncJob:652 : "
+    ...         "Stopping async job: save (vm=0x7fe828004ba0 name=fxa)")
+    >>> list(async_job_ends([line], "fxa")), list(async_job_ends([line], "fxb"))
+    ([('save', 1795633429.831)], [])
+    """
+    for line in lines:
+        m = _ASYNC_JOB_END.match(line)
+        if m and m.group(4) == domain:
+            yield m.group(3), _dt.datetime.strptime(m.group(1) + m.group(2), "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
 
 
 # --------------------------------------------------------------------------------------------------
