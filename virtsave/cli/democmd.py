@@ -17,12 +17,17 @@ def register(app: typer.Typer) -> None:
         memory: Annotated[int, typer.Option(help="guest RAM in MiB")] = 256,
         fill: Annotated[int, typer.Option(help="MiB of guest RAM filled with data")] = 64,
     ) -> None:
-        """Boot a throwaway guest, trace libvirt's managed-save cycle, replay it directly, diff, clean up."""
+        """Boot a throwaway guest, trace libvirt's managed-save cycle, replay it directly, diff, clean up.
+
+        Exit 0 when the replay is equivalent to libvirt's trace, 1 when differences remain.
+        """
         from virtsave.harness import demo
 
         result = demo.run(OPTIONS.uri, memory_mib=memory, fill_mib=fill, log=info, color=sys.stdout.isatty())
         if OPTIONS.json:
             emit_json(result.to_dict())
+            if not result.equivalent:
+                raise typer.Exit(1)
             return
         table = Table(title=f"save/restore of {result.domain}")
         table.add_column("step")
@@ -37,3 +42,5 @@ def register(app: typer.Typer) -> None:
         err_console.print(table)
         info(f"ticks: {result.ticks}; traces {'equivalent' if result.equivalent else 'differ (see above)'}; "
              "guest, images and traces removed")
+        if not result.equivalent:
+            raise typer.Exit(1)
