@@ -65,8 +65,8 @@ from virtsave.core.errors import (
 )
 from virtsave.core.operation import Progress
 from virtsave.image import saveimage
+from virtsave.qemu import compat, migration, safety
 from virtsave.qemu import launch as qemu_launch
-from virtsave.qemu import migration, safety
 from virtsave.qemu.qmp import QMPSession
 from virtsave.trace import model as _trace
 
@@ -77,33 +77,6 @@ PROBE_PREFIXES = ("query-", "qom-get", "qom-list", "device-list-properties", "qo
 #: Commands whose failure fails the phase (a failed probe is recorded and passed over).
 CRITICAL = frozenset({"stop", "cont", "migrate", "migrate-incoming", "getfd", "add-fd",
                       "migrate-set-capabilities", "migrate-set-parameters"})
-
-
-#: QEMU's defaults (``migration/options.c``) of migration parameters and arguments newer than a QEMU a
-#: trace may be replayed on. A traced setting this QEMU lacks is left out (recorded as a
-#: substitution) only when it was off or at that default; otherwise the replay stops naming it.
-SETTING_DEFAULTS: dict[str, Any] = {
-    "vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 1000,      # QEMU 8.1
-    "avail-switchover-bandwidth": 0,                                # QEMU 8.2
-    "mode": "normal", "zero-page-detection": "multifd",             # QEMU 9.0
-    "direct-io": False,                                             # QEMU 9.1
-    "exit-on-error": True,                                          # QEMU 9.1 (migrate-incoming)
-    "multifd-qatzip-level": 1,                                      # QEMU 9.2
-}
-#: What a missing feature is for, in the line that names it.
-FEATURE_HINTS = {
-    "mapped-ram": "libvirt's sparse image format; QEMU >= 9.0",
-    "direct-io": "--bypass-cache of a sparse image; QEMU >= 9.1",
-}
-
-
-def droppable(name: str, value: Any) -> bool:
-    """Whether a traced setting this QEMU lacks may be left out: it was off, or at QEMU's default.
-
-    >>> droppable("switchover-ack", False), droppable("exit-on-error", True), droppable("direct-io", True)
-    (True, True, False)
-    """
-    return value is False or value is None or (name in SETTING_DEFAULTS and SETTING_DEFAULTS[name] == value)
 
 
 def is_probe(execute: str) -> bool:
@@ -121,54 +94,6 @@ def check_safety(trace: _trace.Trace, allow_unsafe: bool = False) -> list[str]:
     return [f"{f.item} at {f.where}: {f.reason}" for f in found]
 
 
-# -- what this QEMU knows ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Settings:
-    """The migration capabilities and parameters a QEMU knows."""
-
-    capabilities: frozenset[str]
-    parameters: frozenset[str]
-
-    @classmethod
-    def read(cls, session: QMPSession) -> Settings:
-        """Ask *session*'s QEMU, without recording it into the phase being replayed."""
-        with session.unrecorded():
-            caps = session.execute("query-migrate-capabilities") or []
-            params = session.execute("query-migrate-parameters") or {}
-        return cls(frozenset(c["capability"] for c in caps), frozenset(params))
-
-
-def _traced_settings(traced: _trace.Phase) -> tuple[set[str], dict[str, Any]]:
-    """The capabilities a traced phase turns on and the parameters it sets."""
-    on: set[str] = set()
-    params: dict[str, Any] = {}
-    for m in _trace.iter_commands(traced):
-        args = m.get("arguments") or {}
-        if m["execute"] == "migrate-set-capabilities":
-            on |= {str(c.get("capability")) for c in args.get("capabilities", []) if c.get("state")}
-        elif m["execute"] == "migrate-set-parameters":
-            params.update(args)
-    return on, params
-
-
-def check_features(known: Settings, traced: list[_trace.Phase], qemu: str) -> None:
-    """Raise :class:`UnsupportedError` — one line naming each — when the traced phases need a migration
-    capability or a parameter value this QEMU (version *qemu*) lacks; what is off or at its default
-    does not count (the replay leaves it out, see :func:`droppable`)."""
-    missing: list[str] = []
-    for ph in traced:
-        on, params = _traced_settings(ph)
-        missing += [f"capability {c} on" for c in sorted(on - known.capabilities)]
-        missing += [f"parameter {k}={v!r}" for k, v in sorted(params.items())
-                    if k not in known.parameters and not droppable(k, v)]
-    if missing:
-        missing = list(dict.fromkeys(missing))
-        hints = [f"{f}: {FEATURE_HINTS[k]}" for f in missing
-                 for k in [f.split()[1].split("=")[0]] if k in FEATURE_HINTS]
-        raise UnsupportedError(f"QEMU {qemu} lacks what the trace needs: {', '.join(missing)}"
-                               + (f" ({'; '.join(hints)})" if hints else ""))
-
-
 # -- replay context ------------------------------------------------------------------------------
 @dataclass
 class _Phase:
@@ -184,8 +109,8 @@ class _Phase:
     events_on: bool = False
     pid: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    #: The migration capabilities and parameters this QEMU knows (read before the phase, unrecorded).
-    known: Settings | None = None
+    #: What this QEMU knows of migration (read before the phase, unrecorded).
+    known: compat.Known | None = None
 
     @property
     def transport(self) -> str:
@@ -206,48 +131,29 @@ def _rewrite_uri(ph: _Phase, idx: int, uri: str) -> str:
 
 def _send(ph: _Phase, idx: int, execute: str, args: dict[str, Any] | None,
           fds: list[int] | None = None) -> dict[str, Any]:
+    if args is not None and ph.known is not None:
+        args = _fit(ph, idx, execute, args)
     rep = ph.session.execute_raw(execute, args, fds)
     if "error" in rep and execute in CRITICAL:
-        if execute in ("migrate-set-capabilities", "migrate-set-parameters"):
-            return _retry_known(ph, idx, execute, args or {}, rep)
         err = rep["error"]
-        # A newer QEMU's optional argument (e.g. migrate-incoming's exit-on-error, QEMU >= 9.1) that
-        # this QEMU rejects: drop it, resend, and record the substitution.
-        m = re.fullmatch(r"Parameter '([\w-]+)' is unexpected", str(err.get("desc", "")))
-        if m and args and m.group(1) in args and execute in ("migrate", "migrate-incoming") \
-                and droppable(m.group(1), args[m.group(1)]):
-            new = {k: v for k, v in args.items() if k != m.group(1)}
-            ph.substitute(idx, f"arguments.{m.group(1)}", args[m.group(1)], None,
-                          f"argument unknown to this QEMU ({err.get('desc')}; off or at its default) dropped")
-            return _send(ph, idx, execute, new, fds)
         raise OperationFailed(f"{ph.out['name']}: {execute} failed: {err.get('desc', err)}")
     return rep
 
 
-def _retry_known(ph: _Phase, idx: int, execute: str, args: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
-    """A trace from another QEMU may name capabilities/parameters this one lacks: drop those (only if
-    they were off / at their default, :func:`droppable`) and resend, as a recorded substitution."""
-    known = ph.known or Settings.read(ph.session)
-    desc = rep["error"].get("desc")
-    if execute == "migrate-set-capabilities":
-        caps = args.get("capabilities", [])
-        dropped = [c for c in caps if c.get("capability") not in known.capabilities]
-        if not dropped or any(c.get("state") for c in dropped):
-            raise OperationFailed(f"{ph.out['name']}: {execute} failed: {desc}")
-        new = {**args, "capabilities": [c for c in caps if c.get("capability") in known.capabilities]}
-        ph.substitute(idx, "arguments.capabilities", [c["capability"] for c in dropped], None,
-                      "capabilities unknown to this QEMU (all off in the trace) dropped")
-    else:
-        dropped_p = sorted(k for k in args if k not in known.parameters)
-        if not dropped_p or not all(droppable(k, args[k]) for k in dropped_p):
-            raise OperationFailed(f"{ph.out['name']}: {execute} failed: {desc}")
-        new = {k: v for k, v in args.items() if k in known.parameters}
-        ph.substitute(idx, "arguments", dropped_p, None,
-                      "parameters unknown to this QEMU (at their default in the trace) dropped")
-    rep2 = ph.session.execute_raw(execute, new)
-    if "error" in rep2:
-        raise OperationFailed(f"{ph.out['name']}: {execute} failed: {rep2['error'].get('desc')}")
-    return rep2
+def _fit(ph: _Phase, idx: int, execute: str, args: dict[str, Any]) -> dict[str, Any]:
+    """*args* without what this QEMU lacks and the trace had off or at its default (a trace from
+    another QEMU), each left-out piece recorded as a substitution."""
+    assert ph.known is not None
+    new, dropped = compat.fit(ph.known, execute, args)
+    if not dropped:
+        return args
+    if execute == compat.CAPABILITIES:
+        ph.substitute(idx, "arguments.capabilities", args.get("capabilities"), new.get("capabilities"),
+                      f"capabilities this QEMU lacks, off in the trace, left out: {', '.join(dropped)}")
+    for name in dropped if execute != compat.CAPABILITIES else ():
+        ph.substitute(idx, f"arguments.{name}", args[name], None,
+                      "this QEMU lacks it; off or at QEMU's default in the trace: left out")
+    return new
 
 
 def _wait(ph: _Phase, mark: int) -> None:
@@ -402,10 +308,10 @@ class _Run:
     #: The traced phases to replay (each launch checks what they need first).
     traced: tuple[_trace.Phase, ...] = ()
 
-    def settings(self, session: QMPSession) -> Settings:
+    def settings(self, session: QMPSession) -> compat.Known:
         """What this QEMU knows, checked against every traced phase (before anything is changed)."""
-        known = Settings.read(session)
-        check_features(known, list(self.traced), self.out["host"].get("qemu") or "?")
+        known = compat.Known.read(session)
+        compat.check(known, self.traced, self.out["host"].get("qemu") or "?")
         return known
 
     def new_phase(self, name: str, traced: _trace.Phase) -> _trace.Phase:
