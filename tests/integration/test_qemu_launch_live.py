@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from virtsave.libvirtd import domainlog
 from virtsave.qemu import launch as ql
 from virtsave.trace import model as trace
 
@@ -22,7 +23,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 @pytest.fixture
 def fxa_argv() -> list[str]:
-    return ql.argv_from_domain_log(FXA, 0)
+    return domainlog.argv_from_domain_log(FXA, 0)
 
 
 @pytest.mark.skipif(QEMU is None or not Path("/var/lib/virtsave/guest/vmlinuz").exists(),
