@@ -184,3 +184,10 @@ def qemu_builds() -> dict[str, tuple[int, int, int]]:
 def qemu_before(version: tuple[int, int, int]) -> str | None:
     """A QEMU build on this host older than *version* (e.g. Debian 12's 7.2 beside QEMU 10), or None."""
     return next((p for p, v in qemu_builds().items() if v < version), None)
+
+
+def require_format(fmt: str | None) -> None:
+    """Skip the calling test, naming what is missing, when ``--image-format FMT`` cannot run here."""
+    missing = format_unavailable(fmt) if fmt else None
+    if missing:
+        pytest.skip(missing)

@@ -705,6 +705,11 @@ class QemuProcess:
         (``host-signal``) and exits — then SIGKILL if it is still there after *timeout* seconds. The
         exit is waited for on a pidfd, so it is seen the moment it happens (libvirt polls every
         200 ms). Returns the exit status (negative: the signal that ended it)."""
+        return self.wait_exit(timeout, signal.SIGTERM)
+
+    def wait_exit(self, timeout: float = 15.0, sig: int | None = None) -> int | None:
+        """Send *sig* (if any), wait up to *timeout* seconds for the exit on a pidfd (woken the moment
+        it happens, no polling), then SIGKILL; reap it and return its status."""
         if self.proc.returncode is not None:
             return self.proc.returncode
         try:
@@ -712,7 +717,8 @@ class QemuProcess:
         except ProcessLookupError:
             return self.wait(10)
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if sig is not None:
+                signal.pidfd_send_signal(pidfd, sig)
             if not select.select([pidfd], [], [], timeout)[0]:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)

@@ -399,6 +399,8 @@ def end_saved_qemu(session: QMPSession, qemu: qemu_launch.QemuProcess | None = N
         raise UnsupportedError(f"QEMU is ended by {' or '.join(END_WAYS)}, not {how!r}")
     if how == "quit":
         session.quit()
+        if qemu is not None:
+            qemu.wait_exit(timeout)
         return
     if qemu is None:
         raise UnsupportedError("ending QEMU by SIGTERM needs the QEMU process (one virtsave launched)")

@@ -29,7 +29,8 @@ the same steps :mod:`virtsave.qemu.direct` takes.
 Every deviation from the traced command is in ``phase["substitutions"]``; mode, transport,
 argv rewrites and timings in ``trace["replay"]`` (``timings.save.seconds``: first traced
 command to QEMU gone, image finalized and synced; ``timings.restore.seconds``: QEMU launch to
-the traced commands done, i.e. running after ``cont``; ``migration_seconds``: the stream alone).
+the traced commands done, i.e. running after ``cont``; ``migration_seconds``: the stream alone;
+``end_seconds``: SIGTERM or ``quit`` until the saved QEMU is gone).
 The image (default ``/var/lib/virtsave/replay/<name>-<pid>.save``) is left for the caller.
 Untrusted traces are checked first (:func:`virtsave.qemu.safety.check_trace`): findings raise
 :class:`UnsafeTraceError` before any process is started, unless *allow_unsafe*.
@@ -344,10 +345,12 @@ def _save_phase(run: _Run, traced: _trace.Phase, *, run_for: float, serial_patte
                 with _evidence(phase, proc):
                     _replay_commands(ph, incoming=False)
                     size = out.finish()
+            t_end = time.monotonic()
             with _evidence(phase, proc):  # the image is complete: a failure here does not undo it
                 migration.end_saved_qemu(s, proc, how=run.end, close_first=not _heard_shutdown(traced))
             s.record_into(None)
         proc.wait(15)
+        ph.timings["end_seconds"] = round(time.monotonic() - t_end, 6)
         seconds = time.monotonic() - t0
         phase["ok"] = True
         final = saveimage.read_header_path(run.image)

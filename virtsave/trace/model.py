@@ -287,6 +287,7 @@ class PhaseTimings(TypedDict, total=False):
 
     seconds: Required[float]
     migration_seconds: float
+    end_seconds: float
 
 
 #: Command-line rewrites per replayed phase.
