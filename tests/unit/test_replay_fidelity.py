@@ -252,3 +252,17 @@ def test_replay_refuses_an_unknown_end_before_launching(cli, tmp_path):
         "virtsave: error: end must be one of sigterm, quit, not 'kill'", res.stderr
     assert not (tmp_path / "x.save").exists()
 
+
+
+@pytest.mark.parametrize(("equivalent", "code"), [(True, 0), (False, 1)])
+def test_demo_exit_code_is_its_verdict(cli, monkeypatch, equivalent, code):
+    from virtsave.harness import demo
+
+    text = "equivalent\n" if equivalent else "1 difference: extra 1\n"
+    result = demo.DemoResult("vs-demo-x", timings={"save": {"libvirt": 1.0, "direct": 0.5}},
+                             equivalent=equivalent, diff_text=text)
+    monkeypatch.setattr(demo, "run", lambda *a, **k: result)
+    res = cli("demo")
+    assert res.returncode == code, res.stderr
+    assert res.stdout.rstrip().splitlines()[-1] == ("equivalent" if equivalent else "1 difference: extra 1")
+    assert cli("--json", "demo").returncode == code
