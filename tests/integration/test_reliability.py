@@ -31,6 +31,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from conftest import require_format
 
 from virtsave.harness import guest
 from virtsave.image import saveimage
@@ -420,6 +421,7 @@ def test_qemu_killed_during_save(cli, conn, make_guest, workdir, how):
     gzip save to a file) → exit 2, one line; no image claiming completeness; ``list`` says shut off
     and agrees with the disk; the next start is a cold boot and says so (nothing pretends the
     memory survived)."""
+    require_format("gzip" if how == "save-gzip" else None)
     name = make_guest(**BIG)
     dom = conn.lookupByName(name)
     qpid = domain_qemu_pid(name)
@@ -444,6 +446,7 @@ def test_qemu_killed_during_restore(cli, conn, make_guest, workdir):
     """libvirt path: SIGKILL QEMU while it loads a (gzip, so the load takes a while) image →
     exit 2, one line; the domain is shut off and ``list`` says so; the image is untouched,
     complete, and a second restore brings the guest back with its counter going on."""
+    require_format("gzip")
     name = make_guest(**BIG)
     img = workdir / "g.save"
     r = cli("save", name, str(img), "--image-format", "gzip")
@@ -524,6 +527,7 @@ def _digest(p: Path) -> str:
 def test_sigint_during_save(cli, conn, make_guest, workdir, daemon_log_settings_unchanged, how):
     """Ctrl-C while libvirt saves (managed save; gzip save to a file): the save is cancelled, the
     guest runs on and keeps counting, no managed-save image and no complete file."""
+    require_format("gzip" if how == "save-gzip" else None)
     name = make_guest(**BIG)
     dom = conn.lookupByName(name)
     target = SAVE_DIR / f"{name}.save" if how == "managed-save" else workdir / "g.save"
@@ -557,6 +561,7 @@ def test_sigint_during_trace(cli, conn, make_guest, workdir, daemon_log_settings
     claims success, temporary files (capture window, scratch image) are gone, and libvirtd's log
     settings are back. gzip: the scratch image of a file cycle. SIGTERM (a service manager stopping
     virtsave) is handled the same way."""
+    require_format(fmt)
     name = make_guest(**BIG)
     dom = conn.lookupByName(name)
     out = workdir / "t.json"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from conftest import require_format
 
 from tests.conftest import REPO, VIRTSAVE
 from virtsave.core import paths as config
@@ -156,6 +157,7 @@ def test_trace_cycle_to_stdout(conn, make_guest, cli, workdir) -> None:  # type:
 
 
 def test_trace_sparse_parallel_channels(conn, make_guest, cli, workdir) -> None:  # type: ignore[no-untyped-def]
+    require_format("sparse")
     name = make_guest(memory_mib=256, fill_mib=32)
     out = workdir / "sparse.json"
     mark = guest.tick_mark(name)

@@ -577,7 +577,7 @@ def test_no_parser_state_in_what_is_returned(fixture):
     """Traces and monitor summaries carry public fields only (the parser keeps its state to itself)."""
     tr = logparse.trace_from_log(FIX / fixture)
     phase_keys = {k for ph in tr["phases"] for k in ph}
-    assert phase_keys == {"name", "operation", "ok", "error", "image", "monitor", "attribution", "messages"}
+    assert phase_keys == {"name", "operation", "ok", "error", "image", "monitor", "attribution", "messages", "window"}
     message_keys = {k for ph in tr["phases"] for m in ph["messages"] for k in m}
     assert message_keys <= {"kind", "execute", "arguments", "id", "fds", "t", "return", "error", "event", "data",
                             "timestamp", "write_errno"}

@@ -280,36 +280,54 @@ def _pair() -> tuple[tr.Trace, tr.Trace]:
     return a, b
 
 
-def test_comparison_leaves_out_how_the_replay_ends_its_qemu():
+def test_faithful_comparison_is_whole_but_for_a_dropped_fdset():
+    """A faithful replay ends QEMU as libvirt does: its quit (or another SHUTDOWN reason) is a difference;
+    only an fdset the launcher had to drop is left out of the query-fdsets replies of both sides."""
     from virtsave.trace import diff as tdiff
 
     a, b = _pair()
-    assert not tdiff.diff_traces(a, b).equivalent
     opaque = matrix._replaced_fdsets(b)
     assert opaque == {"serial0-source"}
     ca = matrix._comparable(a, ours=False, essential=False, opaque=opaque)
-    cb = matrix._comparable(b, ours=True, essential=False, opaque=opaque, traced=a)
-    assert tdiff.diff_traces(ca, cb).equivalent
-    # A real difference stays one.
-    b["phases"][0]["messages"][3] = tr.reply("l2", error={"class": "GenericError", "desc": "no"})
-    cb = matrix._comparable(b, ours=True, essential=False, opaque=opaque, traced=a)
-    assert not tdiff.diff_traces(ca, cb).equivalent
+    cb = matrix._comparable(b, ours=True, essential=False, opaque=opaque)
+    assert {d.kind for d in tdiff.diff_traces(ca, cb).differences} == {"extra", "event-changed"}
+    bp = b["phases"][0]
+    bp["messages"] = bp["messages"][:-2]
+    bp["messages"][-1] = tr.event("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+    assert tdiff.diff_traces(ca, matrix._comparable(b, ours=True, essential=False, opaque=opaque)).equivalent
+    assert not tdiff.diff_traces(a, b).equivalent  # the query-fdsets reply, without the matrix's rule
+    # A fdset the launcher kept (replaced by our fd) is compared.
+    b["replay"]["argv_rewrites"]["save"][0]["replacement"] = "set=0,fd=3,opaque=serial0-source"
+    assert matrix._replaced_fdsets(b) == set()
 
 
 def test_essential_comparison_skips_what_the_replay_skips():
+    from virtsave.trace import diff as tdiff
+
     a, _ = _pair()
     ca = matrix._comparable(a, ours=False, essential=True, opaque=set())
     assert [m["execute"] for m in tr.iter_commands(ca["phases"][0])] == ["stop", "getfd", "migrate"]
+    b = tr.new_trace("direct")
+    tr.add_phase(b, "save", "save", ok=True)["messages"] += [
+        tr.command("stop", id="d1"), tr.reply("d1", ret={}),
+        tr.command("getfd", {"fdname": "migrate"}, id="d2", fds=1), tr.reply("d2", ret={}),
+        tr.command("migrate", {"uri": "fd:migrate"}, id="d3"), tr.reply("d3", ret={}),
+        tr.command("quit", id="d4"), tr.reply("d4", ret={}),
+        tr.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})]
+    assert tdiff.diff_traces(ca, matrix._comparable(b, ours=True, essential=True, opaque=set())).equivalent
+    assert not tdiff.diff_traces(ca, matrix._comparable(b, ours=True, essential=False, opaque=set())).equivalent
 
 
 def test_substitutions_follow_their_command_after_filtering():
-    a, b = _pair()
+    _, b = _pair()
     bp = b["phases"][0]
-    bp["messages"] = [m for m in bp["messages"] if m.get("execute") != "query-migrate" and m.get("id") != "l1"]
-    bp["substitutions"] = [{"index": 4, "field": "fds", "original": 1, "replacement": 1, "reason": "scm"}]
-    cb = matrix._comparable(b, ours=True, essential=False, opaque=set(), traced=a)
+    bp["messages"].insert(2, tr.event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}))
+    sent = next(i for i, m in enumerate(bp["messages"]) if m.get("execute") == "getfd")
+    bp["substitutions"] = [{"index": 4, "sent": sent, "field": "fds", "original": 1, "replacement": 1,
+                            "reason": "scm"}]
+    cb = matrix._comparable(b, ours=True, essential=True, opaque=set())
     sub = cb["phases"][0]["substitutions"][0]
-    assert cb["phases"][0]["messages"][sub["index"]]["execute"] == "getfd"
+    assert sub["sent"] == sent - 1 and cb["phases"][0]["messages"][sub["sent"]]["execute"] == "getfd"
 
 
 # -- baseline -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ tests/integration/test_qemu_launch_live.py.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -34,6 +35,7 @@ def plans():
     made: list[ql.LaunchPlan] = []
     yield made
     for p in made:
+        p.close_fds()
         shutil.rmtree(p.run_dir, ignore_errors=True)
 
 
@@ -57,7 +59,13 @@ def test_rewrite_removes_every_libvirt_fd_and_path(plans, fxa_argv):
     p = _plan(plans, fxa_argv, incoming="defer")
     argv = p.argv
     joined = " ".join(argv)
-    assert "fd=" not in joined and "/dev/fdset/" not in joined and "-add-fd" not in argv
+    # libvirt's serial-log fdset stays (same set, same opaque), holding our serial log's fd instead.
+    (serial_fd,) = p.own_fds
+    assert _opt(argv, "-add-fd") == [f"set=0,fd={serial_fd},opaque=serial0-source"]
+    assert os.readlink(f"/proc/self/fd/{serial_fd}") == str(p.serial_log)
+    assert fcntl.fcntl(serial_fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_APPEND) == os.O_WRONLY | os.O_APPEND
+    assert joined.count("fd=") == 1 and "fd=29" not in joined and "fd=30" not in joined
+    assert serial_fd in p.pass_fds
     assert "/var/lib/libvirt/qemu/domain-" not in joined
     sock = Path(p.qmp_address.removeprefix("unix:"))
     assert sock.parent == p.run_dir
@@ -66,7 +74,7 @@ def test_rewrite_removes_every_libvirt_fd_and_path(plans, fxa_argv):
     key = p.run_dir / "master-key.aes"
     assert key.stat().st_size == 32 and stat.S_IMODE(key.stat().st_mode) == 0o600
     assert any(str(key) in v for v in _opt(argv, "-object"))
-    assert f"file,id=charserial0,path={p.serial_log},append=on" in argv
+    assert "file,id=charserial0,path=/dev/fdset/0,append=on" in argv
     assert _opt(argv, "-incoming") == ["defer"]
     assert argv.count("-S") == 1
     assert "-no-acpi" not in argv and _opt(argv, "-machine")[0].endswith(",acpi=off")
@@ -85,7 +93,7 @@ def test_tcp_transport_uses_loopback(plans, fxa_argv):
 def test_extra_fds_are_added_and_inherited(plans, fxa_argv):
     p = _plan(plans, fxa_argv, incoming="defer", add_fds=[(0, 7, "virtsave-incoming")], pass_fds=(9,))
     assert "set=0,fd=7,opaque=virtsave-incoming" in _opt(p.argv, "-add-fd")
-    assert p.pass_fds == (7, 9)
+    assert p.pass_fds == tuple(sorted({7, 9, *p.own_fds}))
 
 
 @pytest.mark.parametrize("extra, what", [
@@ -105,10 +113,11 @@ def test_unknown_fds_are_refused(plans, fxa_argv, extra, what, tmp_path, monkeyp
 def test_plan_is_the_pure_rewrite_plus_files(plans, fxa_argv, tmp_path):
     """plan_launch = rewrite_argv (pure: creates nothing) + run dir, key file and existence checks."""
     p = _plan(plans, fxa_argv, incoming="defer")
-    target = ql.Target(p.run_dir, serial_log=None, paused=True)
+    target = ql.Target(p.run_dir, serial_log=None, paused=True, log_fds={"0": p.own_fds[0]})
     res = ql.rewrite_argv(fxa_argv, target, binary=p.argv[0], incoming="defer")
     assert res.argv == p.argv and res.rewrites == p.rewrites and res.serial_log == p.serial_log
     assert res.applied == ["freeze", "master-key", "monitor", "no-acpi", "libvirt-fdset", "serial-output"]
+    assert res.log_sets == {"0": p.serial_log}
     nowhere = tmp_path / "never-made"
     ql.rewrite_argv(fxa_argv, ql.Target(nowhere), incoming="defer")
     assert not nowhere.exists()
@@ -128,6 +137,27 @@ def test_libvirt_serial_shapes_go_to_the_serial_log(tmp_path):
         assert _opt(res.argv, "-chardev")[:2] == [f"file,id=charserial0,path={tmp_path}/serial.log,append=on",
                                                   f"file,id=charconsole1,path={tmp_path}/charconsole1.log,append=on"]
         assert res.serial_log == tmp_path / "serial.log" and "-add-fd" not in res.argv
+
+
+def test_log_fdsets_keep_their_set_and_opaque_with_our_fd(tmp_path):
+    """Given our log files' fds, libvirt's log fdsets stay as traced (set, opaque) and the chardevs write
+    through them, as libvirt has QEMU do it; nothing else of the traced chardev is kept."""
+    dev = ["-device", '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}']
+    shapes = {
+        "file,id=charserial0,path=/dev/fdset/0,append=on": "file,id=charserial0,path=/dev/fdset/0,append=on",
+        "pty,id=charserial0,logfile=/dev/fdset/0,logappend=off,path=/tmp/x":
+            "pty,id=charserial0,logfile=/dev/fdset/0,logappend=on",
+        "vc,id=charserial0,logfile=/dev/fdset/0": "null,id=charserial0,logfile=/dev/fdset/0,logappend=on",
+    }
+    for traced, kept in shapes.items():
+        argv = ["qemu-system-x86_64", "-add-fd", "set=0,fd=30,opaque=serial0-log", "-chardev", traced, *dev,
+                "-add-fd", "set=4,fd=41,opaque=console1-log", "-chardev", "pty,id=charconsole1,logfile=/dev/fdset/4"]
+        first = ql.rewrite_argv(argv, ql.Target(tmp_path))
+        assert first.log_sets == {"0": tmp_path / "serial.log", "4": tmp_path / "charconsole1.log"}
+        res = ql.rewrite_argv(argv, ql.Target(tmp_path, log_fds={"0": 7, "4": 8}))
+        assert _opt(res.argv, "-add-fd") == ["set=0,fd=7,opaque=serial0-log", "set=4,fd=8,opaque=console1-log"]
+        assert _opt(res.argv, "-chardev")[:2] == [kept, "pty,id=charconsole1,logfile=/dev/fdset/4,logappend=on"]
+        assert res.serial_log == tmp_path / "serial.log"
 
 
 def test_missing_binary_and_guest_files(plans, fxa_argv):

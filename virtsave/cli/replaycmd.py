@@ -5,10 +5,12 @@ Example::
     virtsave replay t.json -o r.json                       # save + restore, every traced command
     virtsave replay t.json --mode essential --transport tcp --image /var/tmp/g.save
     virtsave replay t.json --phases restore --image /var/tmp/g.save --diff
+    virtsave replay t.json --qemu debian12 --diff          # on another QEMU build (virtsave qemus)
     virtsave direct save --qmp unix:/tmp/q/qmp.sock /var/tmp/g.save --xml g.xml
     virtsave direct restore /var/tmp/g.save -- qemu-system-x86_64 -m 256 ...
 
-Exit codes: 0 ok; 2 bad input, unsafe trace (nothing launched) or a failed phase.
+Exit codes: 0 ok (with --diff: equivalent); 1 with --diff: differences remain; 2 bad input, unsafe
+trace (nothing launched), a feature the trace needs and this QEMU lacks, or a failed phase.
 """
 
 from __future__ import annotations
@@ -68,8 +70,17 @@ def replay_cmd(
                           help="append the guest's serial output here")] = None,
     run_after: Annotated[float, typer.Option("--run-after", metavar="S",
                          help="let the restored guest run S seconds before quitting it")] = 0.0,
+    qemu: Annotated[str | None, typer.Option("--qemu", metavar="NAME|PATH",
+                    help="run another QEMU build than the traced one: a name from 'virtsave qemus' "
+                         "(e.g. debian12) or a qemu-system-* path")] = None,
+    end: Annotated[str | None, typer.Option("--end", metavar="sigterm|quit",
+                   help="how the saved QEMU is ended: sigterm as libvirt does (faithful default) | "
+                        "quit (QMP; essential default)")] = None,
 ) -> None:
-    """Replay a traced save/restore through the direct QMP backend (no libvirt)."""
+    """Replay a traced save/restore through the direct QMP backend (no libvirt).
+
+    With --diff: exit 0 when the replay is equivalent to the trace, 1 when differences remain.
+    """
     from virtsave.qemu import replay
 
     trace = tr.load(path)
@@ -86,13 +97,20 @@ def replay_cmd(
         from virtsave.image import saveimage
 
         saveimage.read_header_path(image, allow_partial=False)  # a bad image: one line, nothing started
+    binary = None
+    if qemu is not None:
+        from virtsave.qemu import builds
+
+        build = builds.resolve(qemu, builds.discover())
+        binary = build.path
+        info(f"on QEMU {build.version} ({build.name}: {build.path})")
     info(f"replaying {'+'.join(wanted)} of {trace['domain'].get('name')} ({mode}, {transport})")
     with _progress("replay") as cb:
         try:
             result = replay.replay(trace, image=image, transport=transport, mode=mode, phases=wanted,
                                    allow_unsafe=allow_unsafe, progress=cb, run_for=run_for,
                                    serial_pattern=wait_serial, serial_log=str(serial_log) if serial_log else None,
-                                   run_after=run_after, input_name=str(path))
+                                   run_after=run_after, input_name=str(path), end=end, qemu_binary=binary)
         except replay.ReplayFailed as exc:
             if out is not None:
                 tr.dump(exc.trace, out)  # the evidence of the failure, then exit 2
@@ -104,11 +122,14 @@ def replay_cmd(
     if diff:
         from virtsave.trace import diff as _diff
 
-        text = _diff.diff_traces(trace, result).render()
+        d = _diff.diff_traces(trace, result)
+        text = d.render()
         if out is None or str(out) == "-":
             info(text.rstrip("\n"))  # stdout carries the trace
         else:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        if not d.equivalent:
+            raise typer.Exit(1)
 
 
 #: Multifd channels ``direct restore`` loads a sparse image with.

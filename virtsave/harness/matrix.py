@@ -5,11 +5,11 @@ Rows are inputs, columns are QEMU builds (:mod:`virtsave.qemu.builds`), a cell i
 * **trace × build**, per mode (``faithful``, ``essential``): the trace is replayed on the build
   (:func:`virtsave.qemu.replay.replay` with ``qemu_binary=``) and the direct trace is diffed
   against it (:func:`virtsave.trace.diff.diff_traces`). ``equivalent`` / ``differs`` (the diff) /
-  ``fails`` (one-line reason). Compared are QEMU's answers, not how the replay ends its QEMU: the
-  replay's final ``quit`` (libvirt kills QEMU instead), the ``SHUTDOWN`` events of either ending,
-  and fdsets the launcher replaced (libvirt's serial-log fdset) are left out of both sides; in
-  ``essential`` mode the trace's commands the replay skips by design (probes, post-save resets)
-  are left out too.
+  ``fails`` (one-line reason). A ``faithful`` replay ends its QEMU as libvirt does (SIGTERM) and hands
+  it libvirt's log fdsets, so both traces are compared whole. In ``essential`` mode the trace's
+  commands the replay skips by design (probes, post-save resets), the replay's closing ``quit`` and
+  the ``SHUTDOWN`` events of either ending are left out of both sides. An fdset the launcher had to
+  drop (no file to put in it) is left out of ``query-fdsets`` replies in both modes.
 * **image × build** (mode ``restore``): the non-destructive restore check
   (:func:`virtsave.qemu.restorecheck.check_image`) with the command line libvirt makes from the
   image's domain XML (``domxml-to-native``), or a minimal one when libvirt cannot. ``loads`` /
@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from virtsave import __version__
 from virtsave.core import paths
@@ -153,7 +153,7 @@ def _trace_row(path: Path, origin: str) -> Row:
     return Row(rid, "trace", str(path), origin, label, restorecheck.machine_of_argv(argv) if argv else None,
                {"libvirt": host.get("libvirt"), "qemu": host.get("qemu"),
                 "phases": [p.get("name") for p in t.get("phases", [])],
-                "scenario": (t.get("corpus") or {}).get("scenario")})
+                "scenario": corpus["scenario"] if (corpus := t.get("corpus")) else None})
 
 
 def _image_row(path: Path) -> Row:
@@ -192,11 +192,11 @@ def collect_rows(traces: Iterable[str | os.PathLike[str]] = (), images: Iterable
 
 # -- trace cells ---------------------------------------------------------------------------------
 def _replaced_fdsets(out: tr.Trace) -> set[str]:
-    """Opaque names of the fdsets the launcher dropped (libvirt's own, e.g. ``serial0-source``)."""
+    """Opaque names of the fdsets the launcher dropped (a libvirt fdset it had no file for)."""
     names = set()
     for rewrites in ((out.get("replay") or {}).get("argv_rewrites") or {}).values():
         for r in rewrites:
-            if r.get("option") == "-add-fd":
+            if r.get("option") == "-add-fd" and not r.get("replacement"):
                 for part in str(r.get("original", "")).split(","):
                     if part.startswith("opaque="):
                         names.add(part[len("opaque="):])
@@ -216,51 +216,46 @@ def _strip_fdsets(reply: Any, opaque: set[str]) -> Any:
     return kept
 
 
-def _remap_substitutions(ph: tr.Phase, traced: tr.Phase | None) -> None:
-    """Point each substitution (indexed by the *traced* phase's messages, as the replay records
-    them) at the same command in *ph*'s own message list: the k-th command of that name."""
-    if traced is None:
-        return
-    src = traced.get("messages", [])
-    for sub in ph.get("substitutions") or []:
-        idx = sub.get("index")
-        if not isinstance(idx, int) or not 0 <= idx < len(src) or src[idx].get("kind") != "command":
-            continue
-        name = src[idx].get("execute")
-        k = sum(1 for m in src[:idx] if m.get("kind") == "command" and m.get("execute") == name)
-        ours = [i for i, m in enumerate(ph["messages"]) if m.get("kind") == "command" and m.get("execute") == name]
-        sub["index"] = ours[k] if k < len(ours) else None
+def _dropped_ids(ph: tr.Phase, *, ours: bool, essential: bool) -> set[Any]:
+    """Ids of the commands (with their replies) left out of *ph* in essential mode: the trace's commands
+    the replay skips by design, and the replay's closing ``quit``."""
+    drop: set[Any] = set()
+    if not essential:
+        return drop
+    seen_migrate = False
+    for m in tr.iter_commands(ph):
+        ex = m["execute"]
+        skipped = not ours and (qreplay.is_probe(ex) or (ph.get("name") == "save" and seen_migrate))
+        if skipped or (ours and ex == "quit"):
+            drop.add(m.get("id"))
+        seen_migrate = seen_migrate or ex == "migrate"
+    return drop
 
 
-def _comparable(trace: tr.Trace, *, ours: bool, essential: bool, opaque: set[str],
-                traced: tr.Trace | None = None) -> tr.Trace:
-    """*trace* without what differs by construction (see the module docstring)."""
+def _comparable(trace: tr.Trace, *, ours: bool, essential: bool, opaque: set[str]) -> tr.Trace:
+    """*trace* without what differs by construction (see the module docstring); the replay's
+    substitutions still point at the commands they were made on."""
     t = copy.deepcopy(trace)
     for ph in t.get("phases", []):
-        msgs = ph.get("messages", [])
-        drop: set[Any] = set()
-        seen_migrate = False
-        for m in msgs:
-            if m.get("kind") != "command":
-                continue
-            ex = m.get("execute", "")
-            skipped = essential and not ours and (qreplay.is_probe(ex) or (ph.get("name") == "save" and seen_migrate))
-            if skipped or (ours and ex == "quit"):
-                drop.add(m.get("id"))
-            seen_migrate = seen_migrate or ex == "migrate"
+        msgs = cast(list[dict[str, Any]], ph.get("messages", []))
+        drop = _dropped_ids(ph, ours=ours, essential=essential)
         fdset_ids = {m.get("id") for m in msgs if m.get("kind") == "command" and m.get("execute") == "query-fdsets"}
-        kept = []
-        for m in msgs:
+        kept: list[dict[str, Any]] = []
+        where: dict[int, int] = {}
+        for i, m in enumerate(msgs):
             if m.get("kind") in ("command", "reply") and m.get("id") in drop:
                 continue
-            if m.get("kind") == "event" and m.get("event") == "SHUTDOWN":
-                continue
+            if essential and m.get("kind") == "event" and m.get("event") == "SHUTDOWN":
+                continue  # quit (the replay's) and SIGTERM (libvirt's) say different reasons
             if m.get("kind") == "reply" and m.get("id") in fdset_ids and "return" in m:
                 m = {**m, "return": _strip_fdsets(m["return"], opaque)}
+            where[i] = len(kept)
             kept.append(m)
-        ph["messages"] = kept
-        if ours and traced is not None:
-            _remap_substitutions(ph, tr.find_phase(traced, ph.get("name", "")))
+        ph["messages"] = cast(list[tr.Message], kept)
+        for sub in ph.get("substitutions") or []:
+            sent = sub.get("sent")
+            if isinstance(sent, int):
+                sub["sent"] = where.get(sent)
     return t
 
 
@@ -289,7 +284,7 @@ def _trace_cell(row: Row, build: qbuilds.QemuBuild, mode: str, workdir: Path) ->
     else:
         opaque = _replaced_fdsets(out)
         d = tdiff.diff_traces(_comparable(trace, ours=False, essential=mode == "essential", opaque=opaque),
-                              _comparable(out, ours=True, essential=False, opaque=opaque, traced=trace),
+                              _comparable(out, ours=True, essential=mode == "essential", opaque=opaque),
                               a_label=row.label, b_label=f"{build.name} (QEMU {build.version})")
         cell.status = "equivalent" if d.equivalent else "differs"
         cell.details["summary"] = d.summary()

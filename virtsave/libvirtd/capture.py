@@ -4,8 +4,10 @@
 :mod:`virtsave.libvirtd.logcapture` has libvirtd's monitor logging switched on, cuts this run's
 window out of the log, parses the domain's monitor conversation with
 :func:`virtsave.libvirtd.logparse.trace_from_log` (one phase per operation, by time window) and
-fills in the host, the domain (XML, the QEMU command line libvirt used) and each phase's
-image. Secrets are redacted before the trace is returned.
+fills in the host, the domain (XML, the QEMU command line libvirt ran the first phase with: the
+QEMU saved, or the one started for a restore) and each phase's image. The capture window closes only
+once libvirt has logged the end of each operation's job (bounded wait), so what it logs late is in.
+Secrets are redacted before the trace is returned.
 
 Operations (``op``):
 
@@ -46,6 +48,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -81,15 +84,17 @@ def host_info(conn: libvirt.virConnect) -> tr.Host:
 
 
 def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
-              domain_log: str | os.PathLike[str] | None = None) -> list[str]:
-    """The QEMU command line libvirt used for *name*: the last start in its QEMU log, else
-    ``domxml-to-native qemu-argv`` of *xml* (an approximation: no fds, no runtime paths)."""
+              domain_log: str | os.PathLike[str] | None = None, when: float | None = None) -> list[str]:
+    """The QEMU command line libvirt used for *name*: from its QEMU log, the start that was running at
+    epoch time *when* (None: the last start), else ``domxml-to-native qemu-argv`` of *xml* (an
+    approximation: no fds, no runtime paths)."""
     path = Path(domain_log) if domain_log else QEMU_LOG_DIR / f"{name}.log"
     if path.is_file():
         with contextlib.suppress(VirtsaveError):
             starts = domainlog.parse_domain_log(path)
-            if starts and starts[-1].argv:
-                return list(starts[-1].argv)
+            start = (domainlog.start_at(starts, when) if when is not None else None) or (starts[-1] if starts else None)
+            if start is not None and start.argv:
+                return list(start.argv)
     if domain_log:
         return []  # the caller named a log; do not silently describe another machine
     if xml and conn is not None:
@@ -137,6 +142,43 @@ def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetim
         messages.sort(key=lambda m: m.get("t", 0))
     monitor = next((p.get("monitor") for p in picked if p.get("monitor")), None)
     return messages, monitor, unphased
+
+
+# --------------------------------------------------------------------------- the end of libvirt's job
+
+#: libvirt's async job behind each phase (its ``Stopping async job: JOB (vm=… name=…)`` line).
+ASYNC_JOBS = {"save": "save", "restore": "start"}
+#: How long to wait for the end of a job to show in the log after libvirt's call returned.
+JOB_END_TIMEOUT = 10.0
+
+
+def _await_job_ends(log: Path, offset: int, steps: list[dict[str, Any]], name: str,
+                    timeout: float = JOB_END_TIMEOUT) -> list[str]:
+    """Wait, bounded, until libvirt has logged the end of each step's job in the capture *log* (read from
+    *offset*, as it grows); each step's window then reaches that line, so messages libvirt logs late
+    (a ``MIGRATION completed`` event, the capabilities reset) are inside it. Returns the phases whose
+    job end did not show."""
+    from virtsave.libvirtd import logparse
+
+    pending = list(steps)
+    deadline = time.monotonic() + timeout
+    rest = b""
+    while pending:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        offset += len(chunk)
+        *lines, rest = (rest + chunk).split(b"\n")
+        for job, t in logparse.async_job_ends((x.decode(errors="replace") for x in lines), name):
+            step = next((st for st in pending if ASYNC_JOBS[st["phase"]] == job
+                         and t >= st["since"].timestamp() - _SLACK.total_seconds()), None)
+            if step is not None:
+                step["until"] = max(step["until"], _dt.datetime.fromtimestamp(t, _dt.UTC))
+                pending.remove(step)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return [st["phase"] for st in pending]
 
 
 # --------------------------------------------------------------------------- the traced run
@@ -237,6 +279,10 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
             except KeyboardInterrupt:
                 _recover_after_interrupt(conn, dom, op, was_running, file if use_file else None)
                 raise
+            for late in _await_job_ends(cap.log_path, cap.start_offset, run.steps, name):
+                if on_warning:
+                    on_warning(f"{late} phase: libvirt's end of its job did not show in the log within "
+                               f"{JOB_END_TIMEOUT:.0f} s; its last messages may be missing")
             window = cap.window_path()
             keep = os.environ.get("VIRTSAVE_KEEP_WINDOW")
             if keep:  # debugging aid: keep this run's raw log slice (0600)
@@ -272,8 +318,18 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
     finally:
         if tmpdir is not None:
             _drop_scratch(tmpdir, dom, run, on_warning)
-    trace["domain"]["argv"] = qemu_argv(conn, name, xml)
+    trace["domain"]["argv"] = qemu_argv(conn, name, xml, when=_first_qemu_time(run.steps))
     return _redact(trace)
+
+
+def _first_qemu_time(steps: list[dict[str, Any]]) -> float | None:
+    """When the QEMU of the first phase was running — a save: as it began (the QEMU saved); a restore:
+    as it ended (the QEMU started for it). A replay launches that command line (its fdsets, its
+    machine) for both phases."""
+    if not steps:
+        return None
+    first = steps[0]
+    return float((first["since"] if first["phase"] == "save" else first["until"]).timestamp())
 
 
 def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_file: bool, bypass_cache: bool,
@@ -388,12 +444,23 @@ def import_log(log: str | os.PathLike[str], domain: str | None = None, *, monito
     if domain and not trace["domain"].get("name"):
         trace["domain"]["name"] = domain
     if domain_log:
-        starts = domainlog.parse_domain_log(domain_log)
-        if starts:
-            last = starts[-1]
-            trace["domain"]["argv"] = list(last.argv)
-            host = trace["host"]  # what the daemon log did not say, the domain log may
-            host["libvirt"] = host.get("libvirt") or last.libvirt_version
-            host["qemu"] = host.get("qemu") or last.qemu_version
-            host["hostname"] = host.get("hostname") or last.hostname
+        start = _start_of(trace, domainlog.parse_domain_log(domain_log), domain_log)
+        trace["domain"]["argv"] = list(start.argv)
+        host = trace["host"]  # what the daemon log did not say, the domain log may
+        host["libvirt"] = host.get("libvirt") or start.libvirt_version
+        host["qemu"] = host.get("qemu") or start.qemu_version
+        host["hostname"] = host.get("hostname") or start.hostname
     return _redact(trace)
+
+
+def _start_of(trace: tr.Trace, starts: list[domainlog.QemuStart],
+              domain_log: str | os.PathLike[str]) -> domainlog.QemuStart:
+    """The QEMU start of the domain log that ran the traced conversation: the one running when its
+    first phase began (a save: the QEMU that was saved; a restore: the QEMU started for it)."""
+    since = trace["phases"][0]["window"]["since"]
+    when = _dt.datetime.fromisoformat(since).timestamp()
+    start = domainlog.start_at(starts, when)
+    if start is None:
+        raise LogError(f"domain log {os.fspath(domain_log)} records no QEMU start before {since} "
+                       "(the traced conversation's first message): not this domain's log, or cut")
+    return start

@@ -1275,6 +1275,34 @@ def _errtext(e: Any) -> str:
     return str(e)
 
 
+def _iso(t: float) -> str:
+    """Epoch seconds as ISO 8601 UTC with milliseconds (libvirt's log resolution).
+
+    >>> _iso(1795633427.983)
+    '2026-11-25T19:03:47.983+00:00'
+    """
+    return _dt.datetime.fromtimestamp(round(t, 3), _dt.UTC).isoformat(timespec="milliseconds")
+
+
+_ASYNC_JOB_END = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): \d+: \w+ : \w+:\d+ : "
+                            r"Stopping async job: (\S+) \(vm=0x[0-9a-fA-F]+ name=(.*)\)\s*$")
+
+
+def async_job_ends(lines: Iterable[str], domain: str) -> Iterator[tuple[str, float]]:
+    """(job, epoch seconds) of each end of an async job of *domain* (``save``, ``start`` …) in *lines*:
+    libvirt's ``Stopping async job`` line (filter ``1:job``), logged once every step of the job is done.
+
+    >>> line = ("2026-11-25 19:03:49.831+0000: 15835: debug : virDomainObjEndAsyncJob:652 : "
+    ...         "Stopping async job: save (vm=0x7fe828004ba0 name=fxa)")
+    >>> list(async_job_ends([line], "fxa")), list(async_job_ends([line], "fxb"))
+    ([('save', 1795633429.831)], [])
+    """
+    for line in lines:
+        m = _ASYNC_JOB_END.match(line)
+        if m and m.group(4) == domain:
+            yield m.group(3), _dt.datetime.strptime(m.group(1) + m.group(2), "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
+
+
 def _public(part: list[_Msg]) -> list[dict[str, Any]]:
     """The trace messages: public fields, ``t`` relative to the first message, the ``fds`` count."""
     t0 = part[0].t
@@ -1322,6 +1350,7 @@ def _phase(sc: _Machine, key: str, msgs: list[_Msg], span: tuple[str, int, int, 
         "image": image, "monitor": key,
         "attribution": {"job": job.api if job else None, "domain": mon.domain, "vm": mon.vm},
         "messages": _public(part),
+        "window": {"since": _iso(part[0].t), "until": _iso(part[-1].t)},
     }
     return _Phase(part[0].t, part[-1].t, body)
 

@@ -10,10 +10,15 @@ that only make sense inside libvirt are rewritten by the rules of :data:`RULES`,
                    0700 run dir, or TCP on 127.0.0.1 with a free port)
 ``master-key``     libvirt's master-key ``-object secret`` file → a fresh random key in the run dir
 ``serial-output``  a ``pty``/``vc``/``stdio``/``pipe`` chardev, or a ``file`` chardev on libvirt's
-                   fdset, feeding a serial/console device → a file chardev (the serial log)
+                   fdset, feeding a serial/console device → its output to the serial log: through
+                   the same fdset when libvirt logs it through one (``logfile=``/``path=/dev/fdset/N``;
+                   a ``pty`` stays a ``pty``, ``vc``/``stdio``/``pipe`` become ``null``), else a
+                   file chardev
 ``chardev-log``    any other ``pty``/``vc``/``stdio``/``file`` chardev logged through libvirt's
-                   fdset (``logfile=``/``path=/dev/fdset/N``) → a file chardev in the run dir
-``libvirt-fdset``  ``-add-fd`` whose set only rewritten options (or the traced restore) use → dropped
+                   fdset → the same, with a file of its own in the run dir
+``libvirt-fdset``  ``-add-fd`` whose set only rewritten options (or the traced restore) use → the
+                   same set and ``opaque`` holding our log file's fd (libvirt's way: ``query-fdsets``
+                   answers alike), or dropped where no log file goes into it
 ``incoming``       ``-incoming defer|fd:N|stdio|file:/dev/fdset/N`` → dropped (ours is added)
 ``pidfile``        ``-pidfile`` → dropped (the launcher owns the process)
 ``daemonize``      ``-daemonize`` → dropped (QEMU stays our child)
@@ -49,7 +54,10 @@ it is refused (:class:`LaunchError`): an fd we do not know is not ours to give. 
 two cannot drift; what a rule rewrites in part (a disk keeps its path) it still judges.
 :func:`rewrite_argv` is the pure rewrite; :func:`plan_launch` adds the run dir, the key file, the
 disk overlays and the checks that the binary and guest files (kernel, initrd, disks) exist. Every
-rewrite is listed in :attr:`LaunchPlan.rewrites`.
+rewrite is listed in :attr:`LaunchPlan.rewrites`. The log files a kept fdset carries are opened
+by :func:`plan_launch` (0600 when new, appended to) and given to QEMU at exec, as libvirt gives it
+virtlogd's pipes; :func:`rewrite_argv` names them (:attr:`Rewritten.log_sets`) and takes their fds
+(:attr:`Target.log_fds`).
 
 Example::
 
@@ -71,10 +79,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -208,6 +218,8 @@ class Target:
 
     def socket_path(self, kind: str, ident: str) -> Path:
         return self.run_dir / f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', ident)[:40]}.sock"
+    #: fdset id → the fd of the log file that set carries (libvirt's log fdsets kept, ours inside).
+    log_fds: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def master_key(self) -> Path:
@@ -237,6 +249,7 @@ class _Rewriting:
     overlays: list[overlay.Overlay] = field(default_factory=list)
     nics: int = 0
     legacy_snapshot: bool = False
+    log_sets: dict[str, Path] = field(default_factory=dict)
 
     def output_file(self, cid: str, serial: bool) -> Path:
         """The serial log for the first serial chardev (or the first output at all when nothing is a
@@ -314,10 +327,37 @@ def _is_logged_chardev(o: Option, ctx: ArgvContext) -> bool:
     return ctx.declared_fdset(v.get("logfile"))
 
 
+def _log_fdset(o: Option, ctx: ArgvContext) -> str | None:
+    """The declared fdset the chardev *o* writes its log (or, a ``file`` chardev, its output) through."""
+    for key in ("logfile", "path") if o.parsed.kind == "file" else ("logfile",):
+        m = _FDSET_PATH.fullmatch(str(o.parsed.get(key, "")))
+        if m and ctx.declared_fdset(m.group(0)):
+            return m.group(1)
+    return None
+
+
+def _through_fdset(o: Option, fdset: str) -> str:
+    """*o* writing through libvirt's fdset *fdset* as traced, nothing else of the traced value kept
+    (a ``pty`` stays a ``pty``; a backend reaching host files or the terminal becomes ``null``). Always
+    appending: QEMU truncates a file it opens through an fdset otherwise, and our log spans phases."""
+    v = o.parsed
+    cid = str(v.get("id", ""))
+    if v.kind == "file" and str(v.get("path", "")) == f"/dev/fdset/{fdset}":
+        return f"file,id={cid},path=/dev/fdset/{fdset},append=on"
+    kind = "pty" if v.kind == "pty" else "null"
+    return f"{kind},id={cid},logfile=/dev/fdset/{fdset},logappend=on"
+
+
 def _to_file(serial: bool) -> Callable[[Option, _Rewriting], list[str]]:
     def rewrite(o: Option, st: _Rewriting) -> list[str]:
         cid = str(o.parsed.get("id", ""))
-        return [o.word, f"file,id={cid},path={st.output_file(cid, serial)},append=on"]
+        path = st.output_file(cid, serial)
+        fdset = _log_fdset(o, st.ctx)
+        if fdset is not None:
+            st.log_sets.setdefault(fdset, path)
+            if fdset in st.target.log_fds:
+                return [o.word, _through_fdset(o, fdset)]
+        return [o.word, f"file,id={cid},path={path},append=on"]
     return rewrite
 
 
@@ -327,6 +367,16 @@ def _is_libvirt_fdset(o: Option, ctx: ArgvContext) -> bool:
     if not all(_rewritten_whole(u, ctx) for u in users):
         return False
     return bool(users) or ctx.qmp_fdsets is None or s in ctx.qmp_fdsets
+
+
+def _keep_log_fdset(o: Option, st: _Rewriting) -> list[str]:
+    """libvirt's fdset as traced (set, ``opaque``) with our log file's fd in it; dropped without one."""
+    s = str(o.parsed.get("set", ""))
+    fd = st.target.log_fds.get(s)
+    if fd is None:
+        return []
+    opaque = o.parsed.get("opaque")
+    return [o.word, f"set={s},fd={fd}" + (f",opaque={opaque}" if opaque is not None else "")]
 
 
 def _no_acpi(o: Option, st: _Rewriting) -> list[str]:
@@ -512,11 +562,12 @@ RULES: tuple[Rule, ...] = (
     Rule("master-key", "-object", ("secret",), _is_master_key, _new_key,
          "libvirt's per-domain master key → a fresh key of our own"),
     Rule("serial-output", "-chardev", (*_OUTPUT_CHARDEVS, "pipe", "file"), _is_serial_output, _to_file(True),
-         "guest output → a file virtsave owns"),
+         "guest output → a file virtsave owns (through libvirt's log fdset where it has one)"),
     Rule("chardev-log", "-chardev", (*_OUTPUT_CHARDEVS, "file"), _is_logged_chardev, _to_file(False),
-         "guest output → a file virtsave owns"),
-    Rule("libvirt-fdset", "-add-fd", (), _is_libvirt_fdset, _drop,
-         "libvirt's fdset: its users are rewritten to files we own"),
+         "guest output → a file virtsave owns (through libvirt's log fdset where it has one)"),
+    Rule("libvirt-fdset", "-add-fd", (), _is_libvirt_fdset, _keep_log_fdset,
+         "libvirt's fdset: its users are rewritten to files we own (a log's set keeps its id and opaque, "
+         "with our file's fd)"),
     Rule("incoming", "-incoming", (), _is_libvirt_incoming, _drop,
          "libvirt-only; the launcher sets its own"),
     Rule("pidfile", "-pidfile", (), _any, _drop, "libvirt-only; the launcher sets its own"),
@@ -648,6 +699,8 @@ class Rewritten:
     applied: list[str] = field(default_factory=list)
     serial_log: Path | None = None
     overlays: list[overlay.Overlay] = field(default_factory=list)
+    #: fdset id → the log file that set carries (its fd comes from :attr:`Target.log_fds`).
+    log_sets: dict[str, Path] = field(default_factory=dict)
 
     def note(self, opt: str, old: str | None, new: str | None, why: str) -> None:
         self.rewrites.append({"option": opt, "original": old or "", "replacement": new or "", "reason": why})
@@ -735,6 +788,7 @@ def rewrite_argv(argv: list[str], target: Target, *, binary: str | None = None, 
     if incoming:
         out += ["-incoming", incoming]
     res.serial_log = st.serial_used
+    res.log_sets = st.log_sets
     return res
 
 
@@ -757,6 +811,13 @@ class LaunchPlan:
     #: :meth:`QemuProcess.stop` only when *owns_overlays* (the last phase of a replay).
     overlay_dir: Path | None = None
     owns_overlays: bool = False
+    #: fds opened for this launch only (log files in kept fdsets): closed once QEMU has them.
+    own_fds: tuple[int, ...] = ()
+
+    def close_fds(self) -> None:
+        """Close the fds opened for this launch (after the exec, or when it never happens)."""
+        _close_all(self.own_fds)
+        self.own_fds = ()
 
 
 def free_tcp_port() -> int:
@@ -886,12 +947,43 @@ def _plan_launch(argv: list[str], *, incoming: str | None = None, transport: str
     if res.overlays:
         target.overlays.mkdir(mode=0o700, parents=True, exist_ok=True)
         overlay.create(res.overlays, resolved)
-    if "master-key" in res.applied:
-        _write_key(target.master_key)
-    fds = tuple(sorted({*pass_fds, *(fd for _, fd, _ in add_fds or ())}))
+    log_fds = _open_logs(res.log_sets)
+    try:
+        if log_fds:  # the same rewrite, now with the fds the kept fdsets carry
+            target = dataclasses.replace(target, log_fds=log_fds)
+            res = rewrite_argv(argv, target, binary=resolved, incoming=incoming, add_fds=add_fds or ())
+        if "master-key" in res.applied:
+            _write_key(target.master_key)
+    except BaseException:
+        _close_all(log_fds.values())
+        raise
+    fds = tuple(sorted({*pass_fds, *(fd for _, fd, _ in add_fds or ()), *log_fds.values()}))
     # TMPDIR: where -snapshot puts QEMU's temporary overlays of legacy drives.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(rdir), "TMPDIR": str(rdir)}
-    return LaunchPlan(res.argv, rdir, target.qmp_address, res.serial_log, fds, res.rewrites, env, own_dir, odir)
+    return LaunchPlan(res.argv, rdir, target.qmp_address, res.serial_log, fds, res.rewrites, env, own_dir, odir,
+                      own_fds=tuple(log_fds.values()))
+
+
+def _open_logs(log_sets: Mapping[str, Path]) -> dict[str, int]:
+    """Open each log file a kept fdset carries (write-only and appending, as QEMU wants it for a log;
+    0600 when created); fdset id → fd."""
+    fds: dict[str, int] = {}
+    try:
+        for s, path in log_sets.items():
+            try:
+                fds[s] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise LaunchError(f"cannot open log file {path}: {exc.strerror}") from None
+    except BaseException:
+        _close_all(fds.values())
+        raise
+    return fds
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 class QemuProcess:
     """A running QEMU started by :func:`start`; kill it with :meth:`stop` (or a ``with`` block)."""
@@ -950,6 +1042,34 @@ class QemuProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def terminate(self, timeout: float = 15.0) -> int | None:
+        """End QEMU the way libvirt does (``qemuProcessKill``): SIGTERM — QEMU reports ``SHUTDOWN``
+        (``host-signal``) and exits — then SIGKILL if it is still there after *timeout* seconds. The
+        exit is waited for on a pidfd, so it is seen the moment it happens (libvirt polls every
+        200 ms). Returns the exit status (negative: the signal that ended it)."""
+        return self.wait_exit(timeout, signal.SIGTERM)
+
+    def wait_exit(self, timeout: float = 15.0, sig: int | None = None) -> int | None:
+        """Send *sig* (if any), wait up to *timeout* seconds for the exit on a pidfd (woken the moment
+        it happens, no polling), then SIGKILL; reap it and return its status."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return self.wait(10)
+        try:
+            if sig is not None:
+                signal.pidfd_send_signal(pidfd, sig)
+            if not select.select([pidfd], [], [], timeout)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # exited meanwhile
+        finally:
+            os.close(pidfd)
+        return self.wait(10)
+
     def stop(self, grace: float = 3.0) -> None:
         """SIGTERM, then SIGKILL after *grace* seconds; remove the run dir if we made it."""
         if self.alive():
@@ -994,6 +1114,7 @@ def start(plan: LaunchPlan) -> QemuProcess:
         raise LaunchError(f"cannot execute {plan.argv[0]}: {exc.strerror}") from None
     finally:
         os.close(fd)
+        plan.close_fds()
     qp = QemuProcess(plan, proc, err_path)
     LAUNCHED.append(qp)
     return qp

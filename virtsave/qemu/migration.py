@@ -15,7 +15,8 @@ Save — :func:`saving` yields an :class:`Outgoing` image:
 4. :meth:`Outgoing.finish` is the one place an image becomes complete (helper done, header
    put back if QEMU opened the file itself, fsync, magic ``LibvirtQemudSave``);
 5. on any failure the partial image is removed and the guest resumed if it was running
-   (libvirt sends ``cont`` too); :func:`end_saved_qemu` ends QEMU after a completed save.
+   (libvirt sends ``cont`` too); :func:`end_saved_qemu` ends QEMU after a completed save (SIGTERM
+   as libvirt does, or ``quit``).
 
 Restore — :func:`loading` yields an :class:`Incoming` image: opened at its stream offset
 (through a decompressor for compressed formats, as libvirt does), handed to a QEMU launched
@@ -56,7 +57,7 @@ from virtsave.image import saveimage
 from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu.qmp import QMPSession
 
-__all__ = ["FDSET_URI", "UNLIMITED_BANDWIDTH", "Incoming", "Outgoing", "await_completion", "create_image",
+__all__ = ["END_WAYS", "FDSET_URI", "UNLIMITED_BANDWIDTH", "Incoming", "Outgoing", "await_completion", "create_image",
            "end_saved_qemu", "exec_restore_uri", "exec_save_uri", "has_file_uri", "loading",
            "migration_progress", "open_image", "qemu_version", "saving", "synthesize_xml", "wait_exec_helper"]
 
@@ -377,10 +378,39 @@ def saving(path: str | os.PathLike[str], xml: str, cookie: str | None = None, *,
         out.close()
 
 
-def end_saved_qemu(session: QMPSession) -> None:
-    """End a QEMU whose save completed: ``quit``. libvirt SIGTERMs it instead; this is the
-    one place that choice is made."""
-    session.quit()
+#: How a QEMU is ended after a completed save: ``sigterm`` as libvirt does it, or QMP ``quit``.
+END_WAYS = ("sigterm", "quit")
+
+
+def end_saved_qemu(session: QMPSession, qemu: qemu_launch.QemuProcess | None = None, *, how: str = "quit",
+                   close_first: bool = False, timeout: float = 15.0) -> None:
+    """End a QEMU whose save completed — the one place that choice is made.
+
+    ``how="sigterm"``: libvirt's way (``qemuProcessKill``): SIGTERM to *qemu* (a QEMU virtsave
+    launched), which reports ``SHUTDOWN`` (``host-signal``) and exits; its exit is waited for on a
+    pidfd, not polled (:meth:`~virtsave.qemu.launch.QemuProcess.terminate`), and the session keeps
+    recording until it has read that event or QEMU's hang-up, so a trace holds it as libvirt 11's
+    does. *close_first*: the monitor is closed before the signal, as libvirt 9.0 does it (its traces
+    have no ``SHUTDOWN``).
+    ``how="quit"``: QMP ``quit`` (QEMU answers, reports ``SHUTDOWN`` ``host-qmp-quit`` and exits): for
+    a QEMU virtsave did not start, and for replays that need not look like libvirt.
+    """
+    if how not in END_WAYS:
+        raise UnsupportedError(f"QEMU is ended by {' or '.join(END_WAYS)}, not {how!r}")
+    if how == "quit":
+        session.quit()
+        if qemu is not None:
+            qemu.wait_exit(timeout)
+        return
+    if qemu is None:
+        raise UnsupportedError("ending QEMU by SIGTERM needs the QEMU process (one virtsave launched)")
+    if close_first:
+        session.close()
+        qemu.terminate(timeout)
+        return
+    mark = session.event_mark()
+    qemu.terminate(timeout)
+    session.wait_event("SHUTDOWN", since=mark, timeout=2.0)
 
 
 @dataclass

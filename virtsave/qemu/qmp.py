@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, QMPClient, Runstate
@@ -176,6 +176,17 @@ class QMPSession:
         with self._lock:
             self._phase = phase
             self._t0 = None
+
+    @contextlib.contextmanager
+    def unrecorded(self) -> Iterator[None]:
+        """Messages inside the block are not recorded; the phase (and its clock) resume after it."""
+        with self._lock:
+            phase, self._phase = self._phase, None
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._phase = phase
 
     def _t(self) -> float:
         now = time.monotonic()

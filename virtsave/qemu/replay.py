@@ -17,6 +17,10 @@ of what actually went over the wire, so it can be diffed against the input.
   or an ``exec:`` helper built here (older QEMU; ``exec:`` is never taken from a trace).
 * ``mode="essential"``: only commands that change state (no ``query-*``/``qom-*`` probes,
   no post-save resets of a QEMU about to quit).
+* Another QEMU than the traced one (``qemu_binary=``, or a trace from another host): what this QEMU
+  knows is read first; a capability the trace turns on, or a parameter it sets to other than QEMU's
+  default, that this QEMU lacks stops the replay before the guest is touched, naming it (exit 2 in the
+  CLI); one that was off or at its default is left out where it is sent, as a recorded substitution.
 
 Which commands go out is decided here; how the image is written and read (fds, URIs, the
 transport substitution, finalizing, the failure paths) is :mod:`virtsave.qemu.migration`,
@@ -25,7 +29,8 @@ the same steps :mod:`virtsave.qemu.direct` takes.
 Every deviation from the traced command is in ``phase["substitutions"]``; mode, transport,
 argv rewrites and timings in ``trace["replay"]`` (``timings.save.seconds``: first traced
 command to QEMU gone, image finalized and synced; ``timings.restore.seconds``: QEMU launch to
-the traced commands done, i.e. running after ``cont``; ``migration_seconds``: the stream alone).
+the traced commands done, i.e. running after ``cont``; ``migration_seconds``: the stream alone;
+``end_seconds``: SIGTERM or ``quit`` until the saved QEMU is gone).
 The image (default ``/var/lib/virtsave/replay/<name>-<pid>.save``) is left for the caller.
 Untrusted traces are checked first (:func:`virtsave.qemu.safety.check_trace`): findings raise
 :class:`UnsafeTraceError` before any process is started, unless *allow_unsafe*.
@@ -62,8 +67,8 @@ from virtsave.core.errors import (
 )
 from virtsave.core.operation import Progress
 from virtsave.image import saveimage
+from virtsave.qemu import compat, migration, safety
 from virtsave.qemu import launch as qemu_launch
-from virtsave.qemu import migration, safety
 from virtsave.qemu.qmp import QMPSession
 from virtsave.trace import model as _trace
 
@@ -106,6 +111,8 @@ class _Phase:
     events_on: bool = False
     pid: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: What this QEMU knows of migration (read before the phase, unrecorded).
+    known: compat.Known | None = None
 
     @property
     def transport(self) -> str:
@@ -126,46 +133,29 @@ def _rewrite_uri(ph: _Phase, idx: int, uri: str) -> str:
 
 def _send(ph: _Phase, idx: int, execute: str, args: dict[str, Any] | None,
           fds: list[int] | None = None) -> dict[str, Any]:
+    if args is not None and ph.known is not None:
+        args = _fit(ph, idx, execute, args)
     rep = ph.session.execute_raw(execute, args, fds)
     if "error" in rep and execute in CRITICAL:
-        if execute in ("migrate-set-capabilities", "migrate-set-parameters"):
-            return _retry_known(ph, idx, execute, args or {}, rep)
         err = rep["error"]
-        # A newer QEMU's optional argument (e.g. migrate-incoming's exit-on-error, QEMU >= 9.1) that
-        # this QEMU rejects: drop it, resend, and record the substitution.
-        m = re.fullmatch(r"Parameter '([\w-]+)' is unexpected", str(err.get("desc", "")))
-        if m and args and m.group(1) in args and execute in ("migrate", "migrate-incoming"):
-            new = {k: v for k, v in args.items() if k != m.group(1)}
-            ph.substitute(idx, f"arguments.{m.group(1)}", args[m.group(1)], None,
-                          f"argument unknown to this QEMU ({err.get('desc')}) dropped")
-            return _send(ph, idx, execute, new, fds)
         raise OperationFailed(f"{ph.out['name']}: {execute} failed: {err.get('desc', err)}")
     return rep
 
 
-def _retry_known(ph: _Phase, idx: int, execute: str, args: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
-    """A trace from another QEMU may name capabilities/parameters this one lacks: drop those
-    (only if they were off / left at their value) and resend, as a recorded substitution."""
-    if execute == "migrate-set-capabilities":
-        known = {c["capability"] for c in ph.session.execute("query-migrate-capabilities") or []}
-        caps = args.get("capabilities", [])
-        dropped = [c for c in caps if c.get("capability") not in known]
-        if not dropped or any(c.get("state") for c in dropped):
-            raise OperationFailed(f"{ph.out['name']}: {execute} failed: {rep['error'].get('desc')}")
-        new = {**args, "capabilities": [c for c in caps if c.get("capability") in known]}
-        ph.substitute(idx, "arguments.capabilities", [c["capability"] for c in dropped], None,
-                      "capabilities unknown to this QEMU (all off in the trace) dropped")
-    else:
-        known = set((ph.session.execute("query-migrate-parameters") or {}).keys())
-        dropped_p = sorted(k for k in args if k not in known)
-        if not dropped_p:
-            raise OperationFailed(f"{ph.out['name']}: {execute} failed: {rep['error'].get('desc')}")
-        new = {k: v for k, v in args.items() if k in known}
-        ph.substitute(idx, "arguments", dropped_p, None, "parameters unknown to this QEMU dropped")
-    rep2 = ph.session.execute_raw(execute, new)
-    if "error" in rep2:
-        raise OperationFailed(f"{ph.out['name']}: {execute} failed: {rep2['error'].get('desc')}")
-    return rep2
+def _fit(ph: _Phase, idx: int, execute: str, args: dict[str, Any]) -> dict[str, Any]:
+    """*args* without what this QEMU lacks and the trace had off or at its default (a trace from
+    another QEMU), each left-out piece recorded as a substitution."""
+    assert ph.known is not None
+    new, dropped = compat.fit(ph.known, execute, args)
+    if not dropped:
+        return args
+    if execute == compat.CAPABILITIES:
+        ph.substitute(idx, "arguments.capabilities", args.get("capabilities"), new.get("capabilities"),
+                      f"capabilities this QEMU lacks, off in the trace, left out: {', '.join(dropped)}")
+    for name in dropped if execute != compat.CAPABILITIES else ():
+        ph.substitute(idx, f"arguments.{name}", args[name], None,
+                      "this QEMU lacks it; off or at QEMU's default in the trace: left out")
+    return new
 
 
 def _wait(ph: _Phase, mark: int) -> None:
@@ -200,28 +190,49 @@ def _fds(ph: _Phase, idx: int, msg: _trace.Message) -> list[int] | None:
     return [ph.stream.qemu_fd]
 
 
+def _replay_one(ph: _Phase, idx: int, msg: _trace.Message, *, incoming: bool) -> str | None:
+    """Send traced command *idx* (rewritten where needed); the name of what went out in its place
+    (None: nothing did)."""
+    execute = msg["execute"]
+    if _skipped(ph, idx, execute, incoming=incoming):
+        return execute if execute == "qmp_capabilities" else None  # qemu.qmp negotiated it for us
+    args = copy.deepcopy(msg.get("arguments"))
+    if execute == "migrate-set-capabilities" and args:
+        ph.events_on |= any(c.get("capability") == "events" and c.get("state")
+                            for c in args.get("capabilities", []))
+    fds = _fds(ph, idx, msg)
+    if fds is None:
+        return None
+    if execute in ("migrate", "migrate-incoming"):
+        if not args or "uri" not in args:
+            raise UnsupportedError(f"{execute} without a uri (channels) cannot be replayed yet")
+        args["uri"] = _rewrite_uri(ph, idx, args["uri"])
+        mark = ph.session.event_mark()
+        _send(ph, idx, execute, args, fds or None)
+        _wait(ph, mark)
+        return execute
+    _send(ph, idx, execute, args, fds or None)
+    return execute
+
+
+def _mark_sent(ph: _Phase, idx: int, sent: str | None) -> None:
+    """Point the substitutions of traced command *idx* at the command that went out in its place
+    (the last one of that name in the phase: a resend after a dropped argument is the one that counts)."""
+    msgs = ph.out["messages"]
+    where = None
+    if sent is not None:
+        where = next((i for i in range(len(msgs) - 1, -1, -1)
+                      if msgs[i].get("kind") == "command" and msgs[i].get("execute") == sent), None)
+    for sub in ph.out.get("substitutions") or []:
+        if sub.get("index") == idx and "sent" not in sub:
+            sub["sent"] = where
+
+
 def _replay_commands(ph: _Phase, *, incoming: bool) -> None:
     """Send the traced phase's commands in order (rewritten where needed)."""
     for idx, msg in enumerate(ph.traced["messages"]):
-        if msg.get("kind") != "command" or _skipped(ph, idx, msg["execute"], incoming=incoming):
-            continue
-        execute = msg["execute"]
-        args = copy.deepcopy(msg.get("arguments"))
-        if execute == "migrate-set-capabilities" and args:
-            ph.events_on |= any(c.get("capability") == "events" and c.get("state")
-                                for c in args.get("capabilities", []))
-        fds = _fds(ph, idx, msg)
-        if fds is None:
-            continue
-        if execute in ("migrate", "migrate-incoming"):
-            if not args or "uri" not in args:
-                raise UnsupportedError(f"{execute} without a uri (channels) cannot be replayed yet")
-            args["uri"] = _rewrite_uri(ph, idx, args["uri"])
-            mark = ph.session.event_mark()
-            _send(ph, idx, execute, args, fds or None)
-            _wait(ph, mark)
-            continue
-        _send(ph, idx, execute, args, fds or None)
+        if msg.get("kind") == "command":
+            _mark_sent(ph, idx, _replay_one(ph, idx, msg, incoming=incoming))
     if ph.migration is None:
         raise TraceError(f"traced {ph.out['name']} phase has no {'migrate-incoming' if incoming else 'migrate'}")
 
@@ -262,6 +273,12 @@ def _image_format(traced: _trace.Phase) -> str:
     return "raw"
 
 
+def _heard_shutdown(traced: _trace.Phase) -> bool:
+    """Whether libvirt still listened when it ended the saved QEMU (11.x kills, then closes the monitor:
+    its trace ends with ``SHUTDOWN``; 9.0 closes the monitor first and hears nothing)."""
+    return any(m.get("kind") == "event" and m.get("event") == "SHUTDOWN" for m in traced["messages"])
+
+
 def _wait_guest(proc: qemu_launch.QemuProcess, run_for: float, serial_pattern: str | None) -> None:
     """Let the guest run: *run_for* seconds, or until *serial_pattern* shows in its serial log."""
     deadline = time.monotonic() + (run_for if serial_pattern is None else max(run_for, 120.0))
@@ -291,6 +308,15 @@ class _Run:
     serial_log: str | None
     #: The disk overlays both phases write (a replay never writes the original's disks).
     overlays: Path = field(default_factory=qemu_launch.make_run_dir)
+    end: str = "sigterm"
+    #: The traced phases to replay (each launch checks what they need first).
+    traced: tuple[_trace.Phase, ...] = ()
+
+    def settings(self, session: QMPSession) -> compat.Known:
+        """What this QEMU knows, checked against every traced phase (before anything is changed)."""
+        known = compat.Known.read(session)
+        compat.check(known, self.traced, self.out["host"].get("qemu") or "?")
+        return known
 
     def new_phase(self, name: str, traced: _trace.Phase) -> _trace.Phase:
         return _trace.add_phase(self.out, name, traced.get("operation", name),
@@ -307,6 +333,7 @@ def _save_phase(run: _Run, traced: _trace.Phase, *, run_for: float, serial_patte
     proc = qemu_launch.start(plan)
     try:
         with proc.connect() as s:
+            known = run.settings(s)
             # What libvirt does at domain start (not part of the save phase): migration events on, run.
             s.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
             s.execute("cont")
@@ -315,15 +342,18 @@ def _save_phase(run: _Run, traced: _trace.Phase, *, run_for: float, serial_patte
             with migration.saving(run.image, xml, session=s, resume=True, image_format=_image_format(traced),
                                   transport=run.transport, use_exec=run.use_exec) as out:
                 phase = run.new_phase("save", traced)
-                ph = _Phase(traced, phase, s, run.mode, out, run.progress, events_on=True)
+                ph = _Phase(traced, phase, s, run.mode, out, run.progress, events_on=True, known=known)
                 t0 = time.monotonic()
                 s.record_into(phase)
                 with _evidence(phase, proc):
                     _replay_commands(ph, incoming=False)
                     size = out.finish()
-            migration.end_saved_qemu(s)
+            t_end = time.monotonic()
+            with _evidence(phase, proc):  # the image is complete: a failure here does not undo it
+                migration.end_saved_qemu(s, proc, how=run.end, close_first=not _heard_shutdown(traced))
             s.record_into(None)
         proc.wait(15)
+        ph.timings["end_seconds"] = round(time.monotonic() - t_end, 6)
         seconds = time.monotonic() - t0
         phase["ok"] = True
         final = saveimage.read_header_path(run.image)
@@ -350,7 +380,7 @@ def _restore_phase(run: _Run, traced: _trace.Phase, *, run_after: float,
         t0 = time.monotonic()
         proc = inc.start(plan)
         with proc.connect(phase=phase) as s:
-            ph = _Phase(traced, phase, s, run.mode, inc, run.progress, pid=inc.reader_pid())
+            ph = _Phase(traced, phase, s, run.mode, inc, run.progress, pid=inc.reader_pid(), known=run.settings(s))
             with _evidence(phase, proc):
                 _replay_commands(ph, incoming=True)
             seconds = time.monotonic() - t0
@@ -375,7 +405,10 @@ def default_image_path(trace: _trace.Trace) -> str:
     return str(d / f"{name}-{os.getpid()}.save")
 
 
-def _check_choices(mode: str, transport: str, phases: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+def _check_choices(mode: str, transport: str, phases: tuple[str, ...] | list[str],
+                   end: str | None = None) -> tuple[str, ...]:
+    if end is not None and end not in migration.END_WAYS:
+        raise UnsupportedError(f"end must be one of {', '.join(migration.END_WAYS)}, not {end!r}")
     if mode not in MODES:
         raise UnsupportedError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if transport not in TRANSPORTS:
@@ -391,7 +424,7 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
            allow_unsafe: bool = False, progress: Progress | None = None, diff: bool = False,
            run_for: float = 3.0, serial_pattern: str | None = None, serial_log: str | None = None,
            run_after: float = 0.0, keep_running: bool = False, input_name: str | None = None,
-           qemu_binary: str | None = None) -> _trace.Trace:
+           qemu_binary: str | None = None, end: str | None = None) -> _trace.Trace:
     """Replay *trace*'s phases through the direct backend; return the direct trace.
 
     Raises :class:`UnsafeTraceError` (before launching anything) for unsafe traces,
@@ -399,8 +432,13 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     With *keep_running* the restored QEMU stays up: ``trace["replay"]["qemu"]`` says where.
     *qemu_binary* runs another QEMU build than the traced ``argv[0]`` (the caller's choice: it
     must still be a ``qemu-system-*``); the direct trace's ``domain.argv[0]`` names it.
+    *end*: how the saved QEMU is ended (:data:`~virtsave.qemu.migration.END_WAYS`): ``sigterm`` as
+    libvirt does (the default in faithful mode) or ``quit`` (the default in essential mode).
+    A capability or parameter value the traced phases need and this QEMU lacks raises
+    :class:`UnsupportedError` naming it, before the guest is changed.
     """
-    phases = _check_choices(mode, transport, phases)
+    phases = _check_choices(mode, transport, phases, end)
+    end = end or ("sigterm" if mode == "faithful" else "quit")
     problems = _trace.validate(trace)
     if problems:
         raise TraceError(f"invalid trace: {problems[0]}")
@@ -425,10 +463,10 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     out = _trace.new_trace("direct", host={"libvirt": None, "qemu": ".".join(map(str, version)),
                                             "hostname": socket.gethostname()},
                            domain=copy.deepcopy(trace.get("domain")))
-    out["replay"] = {"mode": mode, "transport": transport, "input": input_name, "image": img,
-                     "argv_rewrites": {}, "timings": {}}
+    out["replay"] = {"mode": mode, "transport": transport, "end": end,  # type: ignore[typeddict-item]
+                     "input": input_name, "image": img, "argv_rewrites": {}, "timings": {}}
     run = _Run(trace, out, img, transport, mode, transport == "tcp" and not migration.has_file_uri(version),
-               progress, serial_log)
+               progress, serial_log, end, tuple(t for t in traced.values() if t is not None))
     try:
         _run_phases(run, traced, phases, run_for=run_for, serial_pattern=serial_pattern, run_after=run_after,
                     keep_running=keep_running)

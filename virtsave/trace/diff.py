@@ -69,7 +69,8 @@ class Rule:
     params: dict[str, Any]
 
 
-_ACTIONS = {"drop", "placeholder", "regex", "type", "remove-items", "image-path", "drop-message"}
+_ACTIONS = {"drop", "placeholder", "regex", "type", "remove-items", "remove-matching", "image-path",
+            "drop-message"}
 
 
 @functools.cache
@@ -176,12 +177,15 @@ def _apply(rule: Rule, msg: dict[str, Any], images: list[str]) -> None:
             if isinstance(obj, dict):
                 del obj[k]
         elif rule.action == "placeholder":
-            obj[k] = p.get("value")
+            if "when" not in p or v == p["when"]:
+                obj[k] = p.get("value")
         elif rule.action == "regex":
             if isinstance(v, str):
                 obj[k] = re.sub(p["pattern"], p.get("replace", ""), v)
         elif rule.action == "type":
             obj[k] = _type_of(v)
+        elif rule.action == "remove-matching" and isinstance(v, list):
+            obj[k] = [x for x in v if not re.search(p["pattern"], _dumps(x))]
         elif rule.action == "remove-items" and isinstance(v, list):
             obj[k] = [x for x in v if x not in p.get("items", [])]
             if p.get("prune") and not obj[k] and isinstance(obj, dict):
@@ -191,22 +195,38 @@ def _apply(rule: Rule, msg: dict[str, Any], images: list[str]) -> None:
         del msg["arguments"]
 
 
-def _undo_substitutions(phase: tr.Phase, msgs: list[dict[str, Any]]) -> None:
+def _substituted(sub: tr.Substitution, msgs: list[dict[str, Any]],
+                 other: tr.Phase | None) -> dict[str, Any] | None:
+    """The command of *msgs* a substitution was made on: the one its ``sent`` index names (``sent`` null:
+    nothing was sent in its place). A replay recorded before ``sent`` existed only has ``index``, the
+    command's place in the *traced* phase: the k-th command of that name there is the k-th here, when
+    *other* (the side compared with) is that traced phase."""
+    if "sent" in sub:
+        i = sub.get("sent")
+        ok = isinstance(i, int) and 0 <= i < len(msgs) and msgs[i].get("kind") == "command"
+        return msgs[i] if ok and isinstance(i, int) else None
+    idx = sub.get("index")
+    src = (other or {}).get("messages") or []
+    if not isinstance(idx, int) or not 0 <= idx < len(src) or src[idx].get("kind") != "command":
+        return None
+    name = src[idx].get("execute")
+    k = sum(1 for m in src[:idx] if m.get("kind") == "command" and m.get("execute") == name)
+    ours = [m for m in msgs if m.get("kind") == "command" and m.get("execute") == name]
+    return ours[k] if k < len(ours) else None
+
+
+def _undo_substitutions(phase: tr.Phase, msgs: list[dict[str, Any]], other: tr.Phase | None = None) -> None:
     """Put back what a replay replaced (e.g. an ``exec:`` URI for ``fd:``) so the meaning is compared."""
-    commands = [m for m in msgs if m.get("kind") == "command"]
     for sub in phase.get("substitutions") or []:
-        idx, fld = sub.get("index"), sub.get("field")
-        if not isinstance(idx, int) or not isinstance(fld, str) or "original" not in sub:
-            continue
-        target = msgs[idx] if 0 <= idx < len(msgs) and msgs[idx].get("kind") == "command" else (
-            commands[idx] if 0 <= idx < len(commands) else None)
-        if target is None:
+        fld = sub.get("field")
+        target = _substituted(sub, msgs, other)
+        if target is None or not isinstance(fld, str) or "original" not in sub:
             continue
         segs = fld.split(".")
         # "arguments.uri" / "fds" / "execute" name the message's own keys; a bare "uri" an argument.
         obj: Any = target if segs[0] == "arguments" or segs[0] in target else target.setdefault("arguments", {})
-        for s in segs[:-1]:
-            obj = obj.setdefault(s, {}) if isinstance(obj, dict) else None
+        for seg in segs[:-1]:
+            obj = obj.setdefault(seg, {}) if isinstance(obj, dict) else None
             if obj is None:
                 break
         if isinstance(obj, dict):
@@ -237,12 +257,12 @@ def _dumps(v: Any) -> str:
     return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _normalize_phase(phase: tr.Phase, rules: list[Rule], strict: bool,
-                     images: list[str]) -> tuple[list[_Cmd], list[_Evt]]:
+def _normalize_phase(phase: tr.Phase, rules: list[Rule], strict: bool, images: list[str],
+                     other: tr.Phase | None = None) -> tuple[list[_Cmd], list[_Evt]]:
     # Normalization rewrites the copies freely: from here on they are plain JSON objects.
     msgs = cast(list[dict[str, Any]], copy.deepcopy(phase.get("messages") or []))
     if not strict:
-        _undo_substitutions(phase, msgs)
+        _undo_substitutions(phase, msgs, other)
     active = [r for r in rules if r.strict or not strict]
     # Pair replies with commands by id first (ids are dropped by the rules afterwards).
     names_by_id: dict[str, list[str]] = {}
@@ -562,8 +582,8 @@ def _image_paths(*phases: tr.Phase | None) -> list[str]:
 def _diff_phase(label: str, pa: tr.Phase, pb: tr.Phase, rules: list[Rule],
                 strict: bool) -> tuple[list[Difference], list[Hunk]]:
     diffs: list[Difference] = []
-    ca, ea = _normalize_phase(pa, rules, strict, _image_paths(pa) if strict else _image_paths(pa, pb))
-    cb, eb = _normalize_phase(pb, rules, strict, _image_paths(pb) if strict else _image_paths(pa, pb))
+    ca, ea = _normalize_phase(pa, rules, strict, _image_paths(pa) if strict else _image_paths(pa, pb), pb)
+    cb, eb = _normalize_phase(pb, rules, strict, _image_paths(pb) if strict else _image_paths(pa, pb), pa)
     rows: list[Row] = []
     for op, i, j in align(ca, cb):
         a = ca[i] if i is not None else None

@@ -196,7 +196,8 @@ class Attribution(TypedDict):
 
 
 class Window(TypedDict):
-    """The wall-clock window of a live-traced operation (ISO 8601, UTC)."""
+    """When a phase happened (ISO 8601, UTC): live, around the libvirt call; imported from a log, its
+    first and last message."""
 
     since: str
     until: str
@@ -206,6 +207,7 @@ class Substitution(TypedDict, total=False):
     """Where a replay sent something else than the trace said, and why."""
 
     index: int | None       # the message's index in the traced phase; None for the command line
+    sent: int | None        # the index in this phase's messages of the command sent in its place; None: none
     field: str | None       # "arguments.uri", "fds", "execute", "argv" …
     original: Required[Any]
     replacement: Required[Any]
@@ -285,6 +287,7 @@ class PhaseTimings(TypedDict, total=False):
 
     seconds: Required[float]
     migration_seconds: float
+    end_seconds: float
 
 
 #: Command-line rewrites per replayed phase.
@@ -347,6 +350,7 @@ class ReplayInfo(TypedDict, total=False):
 
     mode: Literal["faithful", "essential"]
     transport: Literal["unix", "tcp"]
+    end: Literal["sigterm", "quit"]
     input: str | None
     image: str
     argv_rewrites: ArgvRewrites
