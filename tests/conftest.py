@@ -8,7 +8,10 @@ tests only ever touch domains they created, and remove them also on failure.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,17 +91,74 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _qemu_version() -> tuple[int, int, int]:
-    from virtsave.qemu import launch as qemu_launch
+# --------------------------------------------------------------------------- the stack, read independently
+# Skip conditions are computed here from the tools' own words (``qemu-system-x86_64 --version``,
+# ``virsh version --daemon``), never by asking virtsave: a broken virtsave helper must fail a test, not
+# skip it. A prerequisite that is missing names itself in the skip reason; one that cannot be read fails.
 
-    try:
-        return qemu_launch.binary_version("qemu-system-x86_64")
-    except Exception:  # no QEMU at all: integration tests fail loudly elsewhere
-        return (0, 0, 0)
+_VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
 
-QEMU_VERSION = _qemu_version()
+def _version_after(label: str, text: str) -> tuple[int, int, int]:
+    """The version following *label* in *text* (``QEMU emulator version``, ``Running against daemon:``)."""
+    at = text.find(label)
+    m = _VERSION.match(text[at + len(label):].strip()) if at >= 0 else None
+    if m is None:
+        raise RuntimeError(f"no version after {label!r} in {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def _show(v: tuple[int, int, int] | None) -> str:
+    return ".".join(map(str, v)) if v else "none"
+
+
+@functools.cache
+def qemu_version() -> tuple[int, int, int] | None:
+    """``qemu-system-x86_64 --version`` (None when no such binary is installed)."""
+    exe = shutil.which("qemu-system-x86_64")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    return _version_after("QEMU emulator version", out)
+
+
+@functools.cache
+def daemon_versions() -> dict[str, tuple[int, int, int]]:
+    """The libvirt daemon's version and the QEMU it drives, from ``virsh version --daemon``."""
+    out = subprocess.run(["virsh", "-c", URI, "version", "--daemon"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return {"libvirt": _version_after("Running against daemon:", out),
+            "qemu": _version_after("Running hypervisor: QEMU", out)}
+
+
+#: libvirt's NEWS: per-call save image formats (virDomainSaveParams' image_format) from 11.2; the
+#: sparse format (QEMU's mapped-ram) from 11.2 with QEMU 9.0; zstd as a format from 10.4.
+_PER_CALL_FORMATS = (11, 2, 0)
+_SPARSE_QEMU = (9, 0, 0)
+_COMPRESSORS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "lzop": "lzop", "zstd": "zstd"}
+
+
+def binding_version() -> tuple[int, int, int]:
+    """The installed libvirt-python distribution's version (pip's metadata, not the module)."""
+    return _version_after("", importlib.metadata.version("libvirt-python"))
+
+
+def format_unavailable(fmt: str) -> str | None:
+    """Why ``save --image-format FMT`` cannot run on this stack, or None (for a test's skip reason)."""
+    v = daemon_versions()
+    if v["libvirt"] < _PER_CALL_FORMATS or binding_version() < _PER_CALL_FORMATS:
+        return (f"--image-format needs libvirt >= {_show(_PER_CALL_FORMATS)} (daemon {_show(v['libvirt'])}, "
+                f"libvirt-python {_show(binding_version())})")
+    if fmt == "sparse" and v["qemu"] < _SPARSE_QEMU:
+        return f"sparse needs QEMU >= {_show(_SPARSE_QEMU)} (mapped-ram); the daemon's QEMU is {_show(v['qemu'])}"
+    tool = _COMPRESSORS.get(fmt)
+    if tool and shutil.which(tool) is None:
+        return f"{fmt} needs {tool} installed"
+    return None
+
+
+QEMU_VERSION = qemu_version()
 #: Sparse images are QEMU's mapped-ram (QEMU >= 9.0); the debian12 stack's QEMU 7.2 has none.
 needs_mapped_ram = pytest.mark.skipif(
-    QEMU_VERSION < (9, 0, 0),
-    reason=f"needs QEMU >= 9.0 for mapped-ram (sparse images); this QEMU is {'.'.join(map(str, QEMU_VERSION))}")
+    QEMU_VERSION is None or QEMU_VERSION < _SPARSE_QEMU,
+    reason=f"needs QEMU >= 9.0 for mapped-ram (sparse images); this QEMU is {_show(QEMU_VERSION)}")
