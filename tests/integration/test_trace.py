@@ -231,6 +231,15 @@ def test_ctrl_c_mid_save_restores_everything(conn, make_guest, sig) -> None:  # 
     assert settings() == before
 
 
+@contextlib.contextmanager
+def _repaired_at_the_end(state_dir: Path) -> Iterator[None]:
+    """Whatever the CLI did, never leave the daemon logging into a killed trace's capture."""
+    try:
+        yield
+    finally:
+        logcapture.repair_if_stale(state_dir=state_dir)
+
+
 def test_sigkill_during_trace_is_repaired_by_next_run(conn, make_guest, cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """SIGKILL of ``virtsave trace`` while capture is on: the next command that talks to libvirtd
     (``virtsave list``) puts the log settings back and says so. Deterministic on a shared daemon: the
@@ -240,7 +249,7 @@ def test_sigkill_during_trace_is_repaired_by_next_run(conn, make_guest, cli, tmp
     dom = conn.lookupByName(name)
     env = {**os.environ, "COLUMNS": "200", "VIRTSAVE_STATE_DIR": str(tmp_path / "state")}
     state = tmp_path / "state" / "logcapture.json"
-    with capture_idle() as before:
+    with capture_idle() as before, _repaired_at_the_end(tmp_path / "state"):
         proc = subprocess.Popen([*VIRTSAVE, "trace", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=REPO, env=env)
         wait_job_started(dom, proc)
