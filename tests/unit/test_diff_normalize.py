@@ -188,6 +188,7 @@ def test_map_strings():
     ("drop-message", {}, {"k": 1}, "k", False, {"k": 1}),
 ])
 def test_edit_each_action(action, params, obj, key, changed, after):
+    obj = copy.deepcopy(obj)        # the parameters are shared between runs of the test
     assert diff._edit(_rule(action=action, params=params), obj, key) is changed
     assert obj == after
 
