@@ -79,7 +79,21 @@ MODULES = (
 
 #: Survivors reviewed and judged equivalent: (module, function, mutated line as mutmut writes it) → why.
 #: Keyed by the changed line, not by mutmut's number (numbers shift whenever a function changes).
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+_NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
+_PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
+                "read")
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("diff", "_message_name", 'queue = names_by_id.get(_dumps(m.get("id")), None)'): _NO_QUEUE,
+    ("diff", "_message_name", 'queue = names_by_id.get(_dumps(m.get("id")), )'): _NO_QUEUE,
+    ("diff", "_normalize_phase", "pending = open_by_id.get(mid, None)"): _NO_QUEUE,
+    ("diff", "_normalize_phase", "pending = open_by_id.get(mid, )"): _NO_QUEUE,
+    ("diff", "_normalize_phase", 'msgs = cast(None, copy.deepcopy(phase.get("messages") or []))'):
+        "typing.cast does nothing at run time",
+    ("diff", "_normalize_phase", "open_by_id.setdefault(mid, []).append(_Cmd(None, name, {}, None))"): _PLACEHOLDER,
+    ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("", None, {}, None))'): _PLACEHOLDER,
+    ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("", name, None, None))'): _PLACEHOLDER,
+    ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("XXXX", name, {}, None))'): _PLACEHOLDER,
+}
 
 
 @dataclass

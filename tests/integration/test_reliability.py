@@ -370,7 +370,7 @@ def test_disk_full_replay_save(cli, big_trace, full_fs, workdir):
     proc = cli("replay", str(traced), *OWN, "--image", str(target), "-o", str(out), "--wait-serial", COUNTING)
     assert_one_error_line(proc, allow_info=("replaying ",))
     assert_not_complete(target)
-    _no_false_success(out)
+    _no_false_success(out, "save")
     pids = recorded_pids(launches)
     left = [p for p in pids if alive(p)]
     kill_recorded(launches)
@@ -398,10 +398,14 @@ def _recorded_copy(trace_path: Path, d: Path) -> tuple[Path, Path]:
     return out, record
 
 
-def _no_false_success(out: Path) -> None:
-    if out.exists():
-        t = json.loads(out.read_text())
-        assert all(p.get("ok") is not True for p in t.get("phases", [])), [(p["name"], p["ok"]) for p in t["phases"]]
+def _no_false_success(out: Path, failed: str | None) -> None:
+    """A replay that failed in phase *failed* wrote its trace as evidence, ending with that phase not ok
+    (earlier phases may have succeeded: they did); an interrupted one (*failed* None) wrote no trace."""
+    if failed is None:
+        assert not out.exists(), "an interrupted replay wrote its trace as if complete"
+        return
+    phases = [(p["name"], p["ok"]) for p in tr.load(out)["phases"]]
+    assert phases and phases[-1] == (failed, False), phases
 
 
 # --------------------------------------------------------------------------- 2. QEMU killed
@@ -474,7 +478,7 @@ def test_qemu_killed_during_replay_save(cli, big_trace, workdir):
     res = finish(p)
     assert_one_error_line(res, allow_info=("replaying ",))
     assert_not_complete(img)
-    _no_false_success(out)
+    _no_false_success(out, "save")
 
 
 @pytest.mark.slow
@@ -493,7 +497,7 @@ def test_qemu_killed_during_replay_restore(cli, big_trace, workdir):
     os.kill(qpid, signal.SIGKILL)  # type: ignore[arg-type]
     res = finish(p)
     assert_one_error_line(res, allow_info=("replaying ",))
-    _no_false_success(out)
+    _no_false_success(out, "restore")
     assert _digest(img) == digest, "a failed restore modified the image"
     r = cli("replay", str(big_trace), *OWN, "--phases", "restore", "--image", str(img), "-o", str(out))
     assert r.returncode == 0, r.stderr
@@ -590,7 +594,7 @@ def test_sigint_during_replay(cli, big_trace, workdir):
     assert not alive(qpid), "the replay's QEMU survived Ctrl-C"  # type: ignore[arg-type]
     assert not run_dir.exists(), f"run dir {run_dir} left behind"
     assert_not_complete(img)
-    _no_false_success(out)
+    _no_false_success(out, None)
 
 
 @pytest.mark.slow

@@ -450,3 +450,34 @@ def test_moves():
     assert diff._moves(["x"], ["y"], [("replace", 0, 1, 0, 1)]) == {}
     assert diff._moves(["x", "y"], ["y", "x"], [("delete", 0, 1, 0, 0), ("equal", 1, 2, 0, 1),
                                                 ("insert", 2, 2, 1, 2)]) == {1: 0}
+
+
+def test_image_paths_longest_first_not_alphabetical():
+    r = _rule(path=("**",), action="image-path")
+    m = {"kind": "command", "execute": "x", "arguments": {"p": "/a/b/c"}}
+    assert diff._apply(r, m, ["/b", "/a/b/c"]) is True and m["arguments"] == {"p": "<image>"}
+
+
+def test_everywhere_rules_leave_kind_and_name_and_report_no_change_as_false():
+    r = _rule(path=("**",), action="regex", params={"pattern": "mand|E$", "replace": "!"})
+    m = {"kind": "command", "execute": "command"}
+    assert diff._apply(r, m, []) is False and m == {"kind": "command", "execute": "command"}
+    e = {"kind": "event", "event": "E"}
+    assert diff._apply(r, e, []) is False and e == {"kind": "event", "event": "E"}
+    assert diff._apply(_rule(path=("**",), action="image-path"), {"kind": "event", "event": "/i"}, ["/i"]) is False
+
+
+def test_replies_find_their_commands_by_id_in_any_order():
+    ph = _phase(trace.command("a", id=1), trace.command("b", id=2), trace.reply(2, ret={"for": "b"}),
+                trace.reply(1, ret={"for": "a"}))
+    cmds, _ = diff._normalize_phase(ph, [], False, [])
+    assert [(c.name, c.reply) for c in cmds] == [("a", {"return": {"for": "a"}}), ("b", {"return": {"for": "b"}})]
+
+
+def test_a_command_without_name_answers_as_empty_name():
+    """A reply is matched to rules by the name of the command it answers: '' for a nameless one."""
+    only_empty = _rule(id="empty-name", kind="reply", execute="q?", path=("t",))
+    ph = _phase({"kind": "command", "id": 5}, trace.reply(5, t=0.1))
+    fired: set[str] = set()
+    diff._normalize_phase(ph, [only_empty], False, [], fired)
+    assert fired == {"empty-name"}
