@@ -79,6 +79,8 @@ MODULES = (
 
 #: Survivors reviewed and judged equivalent: (module, function, mutated line as mutmut writes it) → why.
 #: Keyed by the changed line, not by mutmut's number (numbers shift whenever a function changes).
+_INCOMING = ("every -incoming value the URI check accepts (defer, fd:…, file:/dev/fdset/N…) is one libvirt "
+             "writes, which the launcher's incoming rule rewrites whole: this check only ever sees refused values")
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -93,6 +95,18 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("", None, {}, None))'): _PLACEHOLDER,
     ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("", name, None, None))'): _PLACEHOLDER,
     ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("XXXX", name, {}, None))'): _PLACEHOLDER,
+    # safety
+    ("safety", "_check_char_option", 'val = o.value or "XXXX"'):
+        "an option without value is refused either way: neither '' nor 'XXXX' is a console target",
+    ("safety", "_check_incoming", "why = _uri_problem(o.value, None)"): _INCOMING,
+    ("safety", "_check_incoming", "why = _uri_problem(o.value, False)"): _INCOMING,
+    ("safety", "_check_incoming", "return [why] if (why) or True else []"): _INCOMING,
+    ("safety", "check_trace", "out = check_argv([str(a) for a in argv], _incoming_fdsets(phases), prefixes)"):
+        "the first addition to an empty list: = and += give the same list",
+    ("safety", "check_trace", "if isinstance(p, str) or p:"):
+        "a truthy non-string path reaches path_problem, which returns None for non-strings: no finding either way",
+    ("safety", "check_trace", "why = path_problem(p, None, deny_only=True)"):
+        "with deny_only the prefixes are never consulted",
 }
 
 

@@ -517,3 +517,28 @@ def test_items_are_shortened_to_one_line():
 def test_walk_strings():
     assert list(safety._walk_strings({"a": ["x", {"b": "y"}, 3], "c": "z"})) == ["x", "y", "z"]
     assert list(safety._walk_strings(None)) == []
+
+
+def test_add_fd_edges():
+    assert reasons("-add-fd", "fd=40") == ["fdset  passes an fd nothing rewritable uses"]     # no set=
+    serial = ["-add-fd", "set=0,fd=30,opaque=serial0-source",
+              "-chardev", "file,id=charserial0,path=/dev/fdset/0,append=on",
+              "-device", '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}']
+    # the serial chardev is the launcher's to rewrite: the -add-fd names the user it cannot rewrite
+    found = safety.check_argv([*MINI, *serial, "-drive", "file=/dev/fdset/0,if=none,id=d"])
+    assert [(f.where, f.reason) for f in found] == [
+        (AT, "fdset 0 is used by -drive (argv[14]), which the launcher cannot rewrite"),
+        ("argv[14]", "/dev/fdset/0 used by -drive, which the launcher cannot rewrite")]
+    found = safety.check_argv([*MINI, "-add-fd", "set=4,fd=40", "-chardev", "file,id=c,path=/dev/fdset/4",
+                               "-drive", "file=/dev/fdset/4,if=none,id=d"])
+    assert [(f.where, f.reason) for f in found] == [
+        (AT, "fdset 4 is used by -drive (argv[12]), which the launcher cannot rewrite"),
+        ("argv[12]", "/dev/fdset/4 used by -drive, which the launcher cannot rewrite")]
+
+
+def test_check_trace_odd_images():
+    t = _trace()
+    for odd in ("a string", ["/etc/x"], {"path": 5}, {"path": None}):
+        ph = trace.add_phase(t, "save", "save")
+        ph["image"] = odd  # type: ignore[typeddict-item]
+    assert safety.check_trace(t) == []
