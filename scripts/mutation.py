@@ -81,6 +81,11 @@ MODULES = (
 #: Keyed by the changed line, not by mutmut's number (numbers shift whenever a function changes).
 _INCOMING = ("every -incoming value the URI check accepts (defer, fd:…, file:/dev/fdset/N…) is one libvirt "
              "writes, which the launcher's incoming rule rewrites whole: this check only ever sees refused values")
+_BIG = "int.from_bytes defaults to big-endian (Python >= 3.11, which virtsave requires)"
+_EOF = ("eof None is falsy like False: the next read asks the source once more and gets b'' again (at its end) "
+        "or the data (after a seek)")
+_TAIL = ("loading the tail again finds it already buffered (read_rest at the end returns the same bytes) and the "
+         "same description")
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -107,6 +112,25 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a truthy non-string path reaches path_problem, which returns None for non-strings: no finding either way",
     ("safety", "check_trace", "why = path_problem(p, None, deny_only=True)"):
         "with deny_only the prefixes are never consulted",
+    # saveimage
+    ("saveimage", "_plausible_header", 'return int.from_bytes(data[i + 1:i + 5], ) in known_ids'): _BIG,
+    ("saveimage", "_plausible_header", 'and int.from_bytes(data[i + 6 + n:i + 10 + n], ) < 1 << 16)'): _BIG,
+    ("saveimage", "_Stream.be16", "return int.from_bytes(self.read(2, what), )"): _BIG,
+    ("saveimage", "_Stream.be32", "return int.from_bytes(self.read(4, what), )"): _BIG,
+    ("saveimage", "_Stream.be64", "return int.from_bytes(self.read(8, what), )"): _BIG,
+    ("saveimage", "_plausible_header", "n = data[i + 5] if i + 6 < len(data) else 0"):
+        "when the length byte is the last one, the name after it is empty: n = 0 and n = that byte both fail "
+        "the 'len(name) == n > 0' check",
+    ("saveimage", "_plausible_header", "n = data[i + 5] if i + 5 < len(data) else 1"):
+        "without a length byte the name is empty, so n = 1 fails 'len(name) == n' just as n = 0 fails 'n > 0'",
+    ("saveimage", "_Stream.read_rest", "self.eof = None"): _EOF,
+    ("saveimage", "_Stream.seek", "self.eof = None"): _EOF,
+    ("saveimage", "_Walker._load_tail", "self._tail_loaded = None"): _TAIL,
+    ("saveimage", "_Walker._load_tail", "self._tail_loaded = False"): _TAIL,
+    ("saveimage", "_Walker._load_tail", 'self.layout = None'):
+        "a stream without description is then walked by footer scan, which sets the same layout itself",
+    ("saveimage", "_Walker._mapped_ram_block", 'present += int.from_bytes(chunk, ).bit_count()'):
+        "the number of bits set does not depend on the byte order",
 }
 
 

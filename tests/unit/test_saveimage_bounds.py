@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 from typing import Any
 
@@ -589,3 +590,180 @@ def test_tail_loaded_from_a_pipe():
     nodesc, _ = build_stream(vmdesc=False)
     w = si._Walker(si._Stream(Trickle(nodesc, 1000)))
     assert [x.name for x in w.walk()][-1] == "serial" and w.layout == "footer-scan"
+
+
+# --------------------------------------------------------------------------- a stream cut everywhere
+
+_READ = re.compile(r"truncated: stream ends inside (.+) \(needs (\d+) bytes, (\d+) left\) \(at offset (\d+)\)$")
+_SKIP = re.compile(r"truncated: stream ends inside (.+) \(needs (\d+) bytes\) \(at offset (\d+)\)$")
+_UNDELIMITED = re.compile(r"cannot delimit section '(timer|cpu|serial)' \(id \d\): no vmstate description and no "
+                          r"section footer found \(at offset (\d+)\)$")
+#: What each field read is called in a truncation message (without the device description, the reader
+#: stops before the device fields).
+WHATS = {"stream magic", "stream version", "section type", "section id", "section name", "instance id", "version id",
+         "configuration name length", "configuration machine type", "RAM record", "RAM block name",
+         "RAM block pc.ram length", "RAM block pc.bios length", "RAM page block name", "RAM page of pc.ram",
+         "RAM page of pc.bios", "zero page fill byte", "footer of section ram", "vmstate description",
+         "vmstate description length"}
+DEVICE_WHATS = {"timer field ticks", "timer field unused", "cpu field regs", "cpu.seg field sel", "cpu.seg field flags",
+                "cpu subsection", "cpu subsection name", "cpu/xsave version", "cpu/xsave field xmm",
+                "serial field divider", "serial field lcr", "footer of section timer", "footer of section cpu",
+                "footer of section serial"}
+
+
+@pytest.mark.parametrize("source", ["file", "pipe"])
+@pytest.mark.parametrize("described", [False, True], ids=["no-vmdesc", "vmdesc"])
+def test_every_cut_names_the_field_and_its_offset(source, described):
+    """The stream cut after every byte (bar the middle of page data): each cut is one error naming the
+    field it fell in, at that field's offset, with exactly the bytes that were left — or, cut right
+    after the EOF marker, a complete stream."""
+    stream, _ = build_stream()
+    eof = stream.rfind(b"\x06") - 1
+    desc = json.loads(stream[eof + 6:]) if described else None
+    whats = set()
+    for cut in (i for i in range(len(stream)) if len(set(stream[max(0, i - 20):i + 20])) > 1):
+        data = stream[:cut]
+        s = (si._Stream(io.BytesIO(data), size=cut, seekable=True, file_base=0) if source == "file"
+             else si._Stream(Trickle(data, 4096)))
+        w = si._Walker(s, vmdesc=desc)
+        try:
+            list(w.walk())
+        except ImageError as exc:
+            m = str(exc)
+        else:
+            assert cut == eof + 1 and w.eof, cut
+            continue
+        if r := _READ.match(m):
+            what, needs, left, at = r.group(1), int(r.group(2)), int(r.group(3)), int(r.group(4))
+            assert (left, left < needs) == (cut - at, True), (cut, m)
+        elif r := _SKIP.match(m):
+            what, needs, at = r.group(1), int(r.group(2)), int(r.group(3))
+            assert at <= cut < at + needs, (cut, m)
+        else:
+            r = _UNDELIMITED.match(m)
+            assert r and not described and int(r.group(2)) <= cut, (cut, m)
+            continue
+        whats.add(what)
+    assert whats == (WHATS | DEVICE_WHATS if described else WHATS)
+
+
+@pytest.mark.parametrize(("data", "i", "ok"), [
+    (b"xx\x00\x06{}", 2, True), (b"\x00XX", 0, False), (b"\x00\x00\x00", 0, True),
+    (b"yy\x02" + be32(0x01000003) + b"\x09", 2, True),
+    (b"yy\x04" + be32(4) + s8("t") + bytes([1, 0, 0, 0]), 2, False),
+    (b"yy\x04" + be32(4) + s8("t") + bytes([0, 0, 0xFF, 0xFF]) + b"\x01", 2, True),
+])
+def test_plausible_header_reads_exact_fields(data, i, ok):
+    assert si._plausible_header(data, i, {0x01000003}) is ok
+
+
+def test_stream_field_names_in_short_reads():
+    for call, n, what in (("be16", 2, "cmd"), ("be32", 4, "id"), ("be64", 8, "addr"), ("u8", 1, "type")):
+        s = si._Stream(io.BytesIO(bytes(n - 1)))
+        with pytest.raises(ImageError) as ei:
+            getattr(s, call)(what)
+        assert str(ei.value) == f"truncated: stream ends inside {what} (needs {n} bytes, {n - 1} left) (at offset 0)"
+    assert si._Stream(io.BytesIO(b"\x01\x02")).be16("x") == 0x0102
+
+
+def test_commands_cut_short():
+    assert walk_error(HEAD + b"\x08\x00") == \
+        "truncated: stream ends inside command (needs 2 bytes, 1 left) (at offset 9)"
+    assert walk_error(HEAD + b"\x08\x00\x02\x00") == \
+        "truncated: stream ends inside command length (needs 2 bytes, 1 left) (at offset 11)"
+    assert walk_error(HEAD + b"\x08\x00\x02\x00\x05ab") == \
+        "truncated: stream ends inside command data (needs 5 bytes) (at offset 13)"
+
+
+def test_header_writer_defaults(tmp_path):
+    with open(tmp_path / "a", "w+b") as f:
+        h = si.write_header(f, "<domain/>")
+    assert (h.partial, h.format, h.was_running, h.cookie) == (True, "raw", True, None)
+    with open(tmp_path / "b", "w+b") as f:
+        assert si.write_header(f, "<domain/>", partial=False).partial is False
+
+
+def _pipe_walker(data: bytes) -> si._Walker:
+    return si._Walker(si._Stream(Trickle(data, 4096)))
+
+
+def test_tail_buffer_limit_and_bad_description_in_a_pipe(monkeypatch):
+    timer = DEVICES[0]
+    sec = bytes([4]) + be32(3) + s8("timer") + be32(0) + be32(2) + device_payload(timer) + bytes([0x7E]) + be32(3)
+    body = HEAD + ram_start(("b", PAGE)) + sec + b"\0"
+    monkeypatch.setattr(si, "TAIL_LIMIT", 8)
+    with pytest.raises(ImageError) as ei:
+        list(si._Walker(si._Stream(Trickle(body + bytes(100), 64))).walk())
+    at = len(body) - len(sec) - 1 + 19     # where the timer's data starts
+    assert str(ei.value) == f"device state: more than 0 MiB of stream left to buffer (at offset {at})"
+    monkeypatch.undo()
+    bad = body + bytes([6]) + be32(4) + b"{xx}"
+    with pytest.raises(ImageError) as ei:
+        list(_pipe_walker(bad).walk())
+    assert str(ei.value).startswith("corrupt vmstate description: Expecting property name")
+    assert str(ei.value).endswith(f"(at offset {len(body) + 5})")
+
+
+MR_CAPS = config(sub("configuration/capabilities", be32(1) + s8("mapped-ram")))
+
+
+def _mapped_ram(tmp_path, pages: int, bitmap: bytes, *, cut: int | None = None, pages_offset: int | None = None,
+                bitmap_zero: bool = False) -> si._Walker:
+    start = HEAD + MR_CAPS + bytes([1]) + be32(2) + s8("ram") + be32(0) + be32(4) + be64(pages * PAGE | 0x04)
+    start += s8("b") + be64(pages * PAGE)
+    bitmap_at = 0 if bitmap_zero else len(start) + 28
+    pages_at = (len(start) + 28 + len(bitmap) + 64) if pages_offset is None else pages_offset
+    data = bytearray(start + be32(1) + be64(PAGE) + be64(bitmap_at) + be64(pages_at))
+    data += bitmap
+    if pages_offset is None:    # the page area and the rest of the stream (else: a page area beyond the file)
+        data += bytes(pages_at - len(data)) + bytes(pages * PAGE) + be64(0x10) + bytes([0x7E]) + be32(2) + b"\0"
+    data = data[:cut] if cut is not None else data
+    p = tmp_path / "mr"
+    p.write_bytes(bytes(data))
+    f = open(p, "rb")  # noqa: SIM115 - closed below
+    try:
+        w = si._Walker(si._Stream(f, size=len(data), seekable=True, file_base=0), file_fd=f.fileno())
+        list(w.walk())
+        return w
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize(("pages", "bitmap", "present"), [
+    (8, bytes([0xFF, 0xFF]), 8),                 # the byte after the bitmap is not counted
+    (64, bytes([0xFF] * 8), 64),
+    (12, bytes([0xFF, 0b0000_1111]), 12),
+    (12, bytes([0xFF, 0b1111_0000]), 8),        # bits past the last page are masked off
+    (3, bytes([0b1000_0101]), 2),
+])
+@pytest.mark.parametrize("chunk", [1 << 20, 1])
+def test_mapped_ram_bitmaps_counted_per_chunk(tmp_path, monkeypatch, pages, bitmap, present, chunk):
+    monkeypatch.setattr(si, "_CHUNK", chunk)
+    b = _mapped_ram(tmp_path, pages, bitmap).ram["blocks"]["b"]
+    assert (b["pages_present"], b["zero_pages"], b["bytes"]) == (present, pages - present, present * PAGE)
+
+
+def test_mapped_ram_block_edges(tmp_path, monkeypatch):
+    start_len = len(HEAD + MR_CAPS) + 1 + 4 + 4 + 4 + 4 + 8 + 2 + 8
+    w = _mapped_ram(tmp_path, 8, bytes([1]), bitmap_zero=True)     # bitmap 0 but pages: not an ignored block
+    assert "ignored" not in w.ram["blocks"]["b"]
+    for cut, what, n in ((start_len + 2, "mapped-ram header version", 4), (start_len + 5, "mapped-ram page size", 8),
+                         (start_len + 13, "mapped-ram bitmap offset", 8),
+                         (start_len + 21, "mapped-ram pages offset", 8)):
+        with pytest.raises(ImageError) as ei:
+            _mapped_ram(tmp_path, 8, bytes([1]), cut=cut)
+        assert what in str(ei.value) and f"needs {n} bytes" in str(ei.value), (cut, str(ei.value))
+    monkeypatch.setattr(si, "_CHUNK", 1)
+    with pytest.raises(ImageError) as ei:
+        _mapped_ram(tmp_path, 16, bytes([0xFF, 0xFF]), cut=start_len + 28 + 1)
+    assert str(ei.value) == f"truncated: mapped-ram bitmap of b is cut (at offset {start_len + 28 + 1})"
+    monkeypatch.undo()
+    with pytest.raises(ImageError) as ei:
+        _mapped_ram(tmp_path, 8, bytes([1]), pages_offset=1 << 30)
+    assert str(ei.value).startswith("truncated: RAM block b page area points to stream offset ")
+    f = io.BytesIO(HEAD + MR_CAPS + bytes([1]) + be32(2) + s8("ram") + be32(0) + be32(4) + be64(PAGE | 0x04)
+                   + s8("b") + be64(PAGE) + be32(1) + be64(PAGE) + be64(1) + be64(2))
+    w = si._Walker(si._Stream(f, file_base=0))                       # a plain file, but no descriptor to read from
+    with pytest.raises(ImageError) as ei:
+        list(w.walk())
+    assert str(ei.value).startswith("mapped-ram RAM block in a stream that is not a plain file (at offset ")
