@@ -86,6 +86,8 @@ _EOF = ("eof None is falsy like False: the next read asks the source once more a
         "or the data (after a seek)")
 _TAIL = ("loading the tail again finds it already buffered (read_rest at the end returns the same bytes) and the "
          "same description")
+_FIRST = ("index 0 then falls back to the first command, which is msgs[0] itself when msgs[0] is a command (and "
+          "the fallback already when it is not)")
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -100,6 +102,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("", None, {}, None))'): _PLACEHOLDER,
     ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("", name, None, None))'): _PLACEHOLDER,
     ("diff", "_normalize_phase", 'open_by_id.setdefault(mid, []).append(_Cmd("XXXX", name, {}, None))'): _PLACEHOLDER,
+    ("diff", "_undo_substitutions",
+     'target = msgs[idx] if 1 <= idx < len(msgs) and msgs[idx].get("kind") == "command" else ('): _FIRST,
+    ("diff", "_undo_substitutions",
+     'target = msgs[idx] if 0 < idx < len(msgs) and msgs[idx].get("kind") == "command" else ('): _FIRST,
     # safety
     ("safety", "_check_char_option", 'val = o.value or "XXXX"'):
         "an option without value is refused either way: neither '' nor 'XXXX' is a console target",

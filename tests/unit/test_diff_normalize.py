@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import random
 import re
 from typing import Any
 
@@ -481,3 +482,51 @@ def test_a_command_without_name_answers_as_empty_name():
     fired: set[str] = set()
     diff._normalize_phase(ph, [only_empty], False, [], fired)
     assert fired == {"empty-name"}
+
+
+def test_moves_inside_replaced_blocks_and_after_equal_ones():
+    assert diff._moves(["a", "b"], ["b", "a"], [("replace", 0, 2, 0, 2)]) == {0: 1, 1: 0}
+    ops = [("equal", 0, 1, 0, 1), ("delete", 1, 2, 1, 1), ("insert", 2, 2, 1, 2)]
+    assert diff._moves(["k", "k"], ["k", "k"], ops) == {1: 1}      # the deleted one, not the equal one before
+
+
+@pytest.mark.parametrize(("a", "b", "rows"), [
+    ("q:0 q:1 s", "q:0 q:2 s", [("equal", 0, 0), ("change", 1, 1), ("equal", 2, 2)]),
+    ("p:1 q:1", "q:2 p:2", [("insert", None, 0), ("change", 0, 1), ("delete", 1, None)]),
+])
+def test_align_pairs_within_the_replaced_block_only(a, b, rows):
+    assert _rows(a, b) == rows
+
+
+def test_align_never_treats_frequent_commands_as_junk():
+    """Hundreds of qom-get probes: difflib's autojunk would ignore them and misalign the rest."""
+    rng = random.Random(1)
+    for _ in range(3):      # the third of these draws is one where autojunk changes the alignment
+        n = rng.randint(200, 300)
+        a = [rng.choice(["q", "q", "q", "r", "s"]) if rng.random() < 0.9 else f"u{i}" for i in range(n)]
+        b = list(a)
+        for _edit in range(3):
+            k = rng.randrange(len(b))
+            if rng.random() < 0.5:
+                del b[k]
+            else:
+                b.insert(k, rng.choice(["q", "z"]))
+        rows = diff.align([_I(k) for k in a], [_I(k) for k in b])
+        assert len([r for r in rows if r[0] != "equal"]) <= 3, rows      # three edits, three rows
+
+
+def test_substitution_edge_cases():
+    m = _undo([{"kind": "command", "execute": "migrate"}], {"index": 0, "field": "arguments.uri", "original": "fd:m"})
+    assert m[0]["arguments"] == {"uri": "fd:m"}                  # arguments made where there were none
+    m = _undo([_cmd("x", a=5), _cmd("y", u="v")], {"index": 0, "field": "arguments.a.b.c", "original": 1},
+              {"index": 1, "field": "u", "original": "w"})
+    assert m[0]["arguments"] == {"a": 5} and m[1]["arguments"] == {"u": "w"}   # a dead end does not stop the rest
+    m = _undo([_cmd("x", u="v")], {"index": 7, "field": "u", "original": "no"},
+              {"index": 0, "field": "u", "original": "w"})
+    assert m[0]["arguments"] == {"u": "w"}                       # nor does a target that does not exist
+
+
+def test_table_without_rules(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"format": "virtsave-normalize"}')
+    assert diff.load_rules(path) == [] and diff.image_rules(path) == {}
