@@ -210,14 +210,35 @@ def _diffs(work: Path, m: Module, survivors: list[str]) -> dict[str, tuple[str, 
     return out
 
 
-def run_module(m: Module, work: Path, jobs: int) -> Result:
-    _configure(work, m)
-    log = work / f"mutmut-{m.name}.log"
+def _recheck_survivors(m: Module, work: Path) -> list[str]:
+    """In a kept copy: take the checkout's tests again and forget the verdicts on the mutants the earlier
+    run left alive; returns their names, for mutmut to run those alone (the code is the same: a killed
+    mutant stays killed whatever tests are added)."""
+    for rel in m.tests:
+        shutil.copy2(REPO / rel, work / rel)
+        shutil.copy2(REPO / rel, work / "mutants" / rel)
+    meta_path = work / "mutants" / f"{m.path}.meta"
+    meta = json.loads(meta_path.read_text())
+    alive = [k for k, v in meta["exit_code_by_key"].items()
+             if _STATUS.get(v) != "killed" and any(fnmatch.fnmatch(k, g) for g in m.globs())]
+    meta["exit_code_by_key"].update({k: None for k in alive})
+    meta_path.write_text(json.dumps(meta))
+    (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)   # new tests: which functions they reach
+    return alive
+
+
+def run_module(m: Module, work: Path, jobs: int, again: bool = False) -> Result:
+    names = m.globs()
+    if again:
+        names = _recheck_survivors(m, work)
+    else:
+        _configure(work, m)
+    log = work / f"mutmut-{m.name}{'-again' if again else ''}.log"
     t0 = time.monotonic()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     with open(log, "w") as f:
         proc = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(jobs),
-                               *m.globs()], cwd=work, stdout=f, stderr=subprocess.STDOUT, env=env)
+                               *names], cwd=work, stdout=f, stderr=subprocess.STDOUT, env=env)
     seconds = time.monotonic() - t0
     meta = work / "mutants" / f"{m.path}.meta"
     if proc.returncode != 0 or not meta.exists():
@@ -264,6 +285,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, help="scratch directory (default: a new one under /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copies")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--again", action="store_true",
+                    help="with --workdir of a kept run: re-check only its survivors against the checkout's tests")
     args = ap.parse_args()
     unknown = set(args.modules) - {m.name for m in MODULES}
     if unknown:
@@ -275,13 +298,16 @@ def main() -> int:
     try:
         for m in chosen:
             work = base / m.name
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            _copy_repo(work)
+            if not args.again:
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                _copy_repo(work)
+            elif not (work / "mutants").is_dir():
+                ap.error(f"--again needs the kept scratch copy of an earlier run in {work}")
             print(f"mutation: {m.name} ({m.path}) against {', '.join(m.tests)} …", file=sys.stderr, flush=True)
-            results.append(run_module(m, work, args.jobs))
+            results.append(run_module(m, work, args.jobs, args.again))
     finally:
-        if not args.keep:
+        if not args.keep and not args.again:
             shutil.rmtree(base, ignore_errors=True)
         else:
             print(f"mutation: scratch copies kept in {base}", file=sys.stderr)
