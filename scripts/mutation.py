@@ -237,7 +237,8 @@ def run_module(m: Module, work: Path, jobs: int, again: bool = False) -> Result:
     t0 = time.monotonic()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     with open(log, "w") as f:
-        proc = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(jobs),
+        # (nothing to re-check: no run — mutmut without names would run every unchecked mutant of the file)
+        proc = subprocess.CompletedProcess([], 0) if not names else subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(jobs),
                                *names], cwd=work, stdout=f, stderr=subprocess.STDOUT, env=env)
     seconds = time.monotonic() - t0
     meta = work / "mutants" / f"{m.path}.meta"
