@@ -238,8 +238,9 @@ def run_module(m: Module, work: Path, jobs: int, again: bool = False) -> Result:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     with open(log, "w") as f:
         # (nothing to re-check: no run — mutmut without names would run every unchecked mutant of the file)
-        proc = subprocess.CompletedProcess([], 0) if not names else subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(jobs),
-                               *names], cwd=work, stdout=f, stderr=subprocess.STDOUT, env=env)
+        cmd = [str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(jobs), *names]
+        proc = (subprocess.run(cmd, cwd=work, stdout=f, stderr=subprocess.STDOUT, env=env) if names
+                else subprocess.CompletedProcess(cmd, 0))
     seconds = time.monotonic() - t0
     meta = work / "mutants" / f"{m.path}.meta"
     if proc.returncode != 0 or not meta.exists():
