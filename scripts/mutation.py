@@ -88,6 +88,9 @@ _TAIL = ("loading the tail again finds it already buffered (read_rest at the end
          "same description")
 _FIRST = ("index 0 then falls back to the first command, which is msgs[0] itself when msgs[0] is a command (and "
           "the fallback already when it is not)")
+_COOKIE = "the cookie's NUL is searched from cookie_offset, which is at least 1: the result is never 0"
+_FAST = ("the buffered fast path then takes fewer (or no) records: the general RAM loop reads the same records "
+         "with the same checks and counts")
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -137,6 +140,20 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a stream without description is then walked by footer scan, which sets the same layout itself",
     ("saveimage", "_Walker._mapped_ram_block", 'present += int.from_bytes(chunk, ).bit_count()'):
         "the number of bits set does not depend on the byte order",
+    ("saveimage", "_Walker._device", 'pat = bytes([SEC_FOOTER]) + section_id.to_bytes(4, )'): _BIG,
+    ("saveimage", "_Walker._device", "self._tail_loaded = None"): _TAIL,
+    ("saveimage", "_Walker._device", "self._tail_loaded = False"): _TAIL,
+    ("saveimage", "_Walker._device", "i = data.find(pat, i + 2)"):
+        "the footer pattern 0x7e 00 … cannot start again one byte later (its second byte is the id's high byte, 0)",
+    ("saveimage", "_decode_data", "if c_end <= 0:"): _COOKIE,
+    ("saveimage", "_decode_data", "if c_end < 1:"): _COOKIE,
+    ("saveimage", "_Stream.read_rest", "self.eof = False"): _EOF,
+    **{("saveimage", "_Walker._skip_continued_pages", line): _FAST for line in (
+        "page, mask, end = self.page_size, self.page_size + 1, len(s._buf)",
+        "while end - pos > 8 + page:", "while end - pos >= 9 + page:", "flags = None",
+        'flags = int.from_bytes(buf[pos:pos + 8], "big") | mask', "flags = int.from_bytes(buf[pos:pos + 8], ) & mask",
+        'flags = int.from_bytes(buf[pos:pos - 8], "big") & mask', "if flags == RAM_PAGE & RAM_CONTINUE:",
+        "elif flags == RAM_ZERO & RAM_CONTINUE:")},
 }
 
 

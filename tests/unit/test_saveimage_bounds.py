@@ -767,3 +767,84 @@ def test_mapped_ram_block_edges(tmp_path, monkeypatch):
     with pytest.raises(ImageError) as ei:
         list(w.walk())
     assert str(ei.value).startswith("mapped-ram RAM block in a stream that is not a plain file (at offset ")
+
+
+def test_xml_of_one_character():
+    with pytest.raises(ImageError, match=r"^data does not start with a <domain> element \(at offset 92\)$"):
+        _read(_hdr() + b"x\0".ljust(932, b"\0"))
+
+
+def test_read_rest_limit_is_inclusive_and_keeps_the_offset():
+    assert si._Stream(Trickle(b"x" * 10, 4)).read_rest(10, "t") == b"x" * 10
+    s = si._Stream(Trickle(b"0123456789", 4))
+    s.read(2, "a")
+    s.read(4, "b")
+    assert s.read_rest(100, "c") == b"6789" and s.offset == 6 and s.u8("d") == ord("6")
+
+
+def _ram_part(records: bytes, sid: int = 2) -> bytes:
+    return bytes([2]) + be32(sid) + records + be64(0x10) + bytes([0x7E]) + be32(sid)
+
+
+@pytest.mark.parametrize("source", ["file", "pipe"])
+def test_page_counts_fast_and_slow_paths(source):
+    """Runs of pages continuing a block (the buffered fast path) and pages naming their block (the
+    general path) are all counted."""
+    cont = (be64(PAGE | 0x28) + bytes([1]) * PAGE) * 3 + be64(0x22) + b"\0" + be64(0x22) + b"\0" + be64(0x22) + b"\0"
+    named = (be64(0x08) + s8("b") + bytes([2]) * PAGE) * 2 + be64(0x02) + s8("b") + b"\0" + be64(0x02) + s8("b") + b"\0"
+    data = HEAD + ram_start(("b", 8 * PAGE)) + _ram_part(named + cont) + b"\0"
+    s = (si._Stream(io.BytesIO(data), size=len(data), seekable=True, file_base=0) if source == "file"
+         else si._Stream(Trickle(data, 1 << 20)))
+    w = si._Walker(s)
+    list(w.walk())
+    b = w.ram["blocks"]["b"]
+    assert (b["pages"], b["zero_pages"], b["bytes"]) == (5, 5, 5 * PAGE)
+
+
+def _device_section(kind: int, sid: int, name: str, payload: bytes, head: bool = True) -> bytes:
+    out = bytes([kind]) + be32(sid)
+    if head:
+        out += s8(name) + be32(0) + be32(1)
+    return out + payload + bytes([0x7E]) + be32(sid)
+
+
+@pytest.mark.parametrize("source", ["file", "pipe"])
+def test_footer_scan_finds_the_next_footer_of_each_occurrence(source):
+    """Without a description: a device sent in parts (START … END, same id), a payload holding a fake
+    footer (not followed by a section header), and an empty payload — each occurrence ends at its own
+    footer, the next one after the cursor."""
+    fake = bytes([0x7E]) + be32(3) + b"\xff\xff"
+    data = (HEAD + ram_start(("b", PAGE)) + _device_section(1, 3, "dev", b"A" * 7 + fake)
+            + _device_section(4, 4, "empty", b"") + _device_section(3, 3, "dev", b"B" * 9, head=False) + b"\0")
+    s = (si._Stream(io.BytesIO(data), size=len(data), seekable=True, file_base=0) if source == "file"
+         else si._Stream(Trickle(data, 1 << 20)))
+    w = si._Walker(s)
+    secs = [(x.kind, x.name, x.length) for x in w.walk()]
+    assert secs == [("start", "ram", len(ram_start(("b", PAGE)))), ("start", "dev", 1 + 4 + 4 + 4 + 4 + 14 + 5),
+                    ("full", "empty", 1 + 4 + 6 + 4 + 4 + 5), ("end", "dev", 1 + 4 + 9 + 5)]
+    assert w.layout == "footer-scan" and w.eof
+
+
+def test_description_without_the_device_falls_back_to_the_footer_scan(monkeypatch):
+    data = HEAD + ram_start(("b", PAGE)) + _device_section(4, 3, "dev", b"Z" * 11) + b"\0"
+    desc = {"devices": [{"name": "other", "instance_id": 0, "fields": []}]}
+    w = walk(data, vmdesc=desc)
+    assert [(x.name, x.length) for x in w.sections][1] == ("dev", 1 + 4 + 4 + 4 + 4 + 11 + 5)
+    monkeypatch.setattr(si, "TAIL_LIMIT", 8)
+    w = si._Walker(si._Stream(Trickle(data + bytes(64), 16)), vmdesc=desc)
+    with pytest.raises(ImageError) as ei:
+        list(w.walk())
+    assert str(ei.value).startswith("section dev: more than 0 MiB of stream left to buffer (at offset ")
+
+
+def test_footer_scan_skips_a_fake_footer_right_at_the_cursor():
+    fake = bytes([0x7E]) + be32(3) + b"\xff\xff"
+    data = HEAD + ram_start(("b", PAGE)) + _device_section(4, 3, "dev", fake + b"A" * 7) + b"\0"
+    assert [x.length for x in walk(data).sections][1] == 1 + 4 + 4 + 4 + 4 + 14 + 5
+
+
+def test_a_bad_flag_inside_a_run_of_continued_pages():
+    run = (be64(PAGE | 0x28) + bytes([1]) * PAGE) + (be64(2 * PAGE | 0x29) + bytes([1]) * PAGE)
+    data = HEAD + ram_start(("b", 8 * PAGE)) + _ram_part(be64(0x08) + s8("b") + bytes(PAGE) + run) + b"\0"
+    at = len(HEAD + ram_start(("b", 8 * PAGE))) + 5 + 8 + 2 + PAGE + 8 + PAGE
+    assert walk_error(data) == f"corrupt stream: unknown RAM flags 0x1 (at offset {at})"
