@@ -109,6 +109,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      'target = msgs[idx] if 1 <= idx < len(msgs) and msgs[idx].get("kind") == "command" else ('): _FIRST,
     ("diff", "_undo_substitutions",
      'target = msgs[idx] if 0 < idx < len(msgs) and msgs[idx].get("kind") == "command" else ('): _FIRST,
+    ("diff", "align", "ops = difflib.SequenceMatcher(None, ka, kb, autojunk=None).get_opcodes()"):
+        "None is falsy like False: difflib only junks popular items when autojunk is true",
     # safety
     ("safety", "_check_char_option", 'val = o.value or "XXXX"'):
         "an option without value is refused either way: neither '' nor 'XXXX' is a console target",
