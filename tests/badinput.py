@@ -101,11 +101,16 @@ exec {QEMU} "$@"
     return wrapper, record
 
 
-def kill_recorded(record: Path) -> list[int]:
-    """Kill the QEMUs a wrapper launched (only those: never scan the host's processes); their pids."""
+def recorded_pids(record: Path) -> list[int]:
+    """The pids of the QEMUs a wrapper launched (none when it never ran)."""
     if not record.exists():
         return []
-    pids = [int(line.split()[0]) for line in record.read_text().splitlines() if line.split()]
+    return [int(line.split()[0]) for line in record.read_text().splitlines() if line.split()]
+
+
+def kill_recorded(record: Path) -> list[int]:
+    """Kill the QEMUs a wrapper launched (only those: never scan the host's processes); their pids."""
+    pids = recorded_pids(record)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from badinput import kill_recorded, make_qemu_wrapper, recorded_pids
 from conftest import require_format
+from daemonlog import capture_idle, log_settings
 
 from virtsave.harness import guest
 from virtsave.image import saveimage
@@ -45,7 +47,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent.parent
 VIRTSAVE = [sys.executable, "-m", "virtsave.cli"]
 URI = os.environ.get("VIRTSAVE_TEST_URI", "qemu:///system")
-ADMIN_URI = "libvirtd:///system"
 SAVE_DIR = Path("/var/lib/libvirt/qemu/save")
 STATE_DIR = Path(os.environ.get("VIRTSAVE_STATE_DIR", "/var/lib/virtsave"))
 BIG = {"memory_mib": 512, "fill_mib": 480}
@@ -60,17 +61,6 @@ OWN = ("--allow-unsafe",)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def log_settings() -> tuple[str, str]:
-    """libvirtd's current log filters and outputs, as ``virt-admin`` prints them."""
-    vals = []
-    for kind in ("filters", "outputs"):
-        out = subprocess.run(["virt-admin", "-c", ADMIN_URI, f"daemon-log-{kind}"], capture_output=True,
-                             text=True, timeout=60, check=True).stdout
-        m = re.search(rf"Logging {kind}:(.*)", out)
-        vals.append(" ".join((m.group(1) if m else "").split()))
-    return vals[0], vals[1]
 
 
 def _capture_on() -> bool:
@@ -159,10 +149,10 @@ def assert_list_truthful(cli: Callable[..., subprocess.CompletedProcess[str]], c
     return d
 
 
-def popen_cli(*args: str, umask: int | None = None) -> subprocess.Popen[str]:
+def popen_cli(*args: str, umask: int | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     kw = {} if umask is None else {"umask": umask}
     return subprocess.Popen([*VIRTSAVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env={**os.environ, "COLUMNS": "200"}, **kw)
+                            cwd=REPO, env={**os.environ, "COLUMNS": "200", **(env or {})}, **kw)
 
 
 def finish(p: subprocess.Popen[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -377,12 +367,16 @@ def test_disk_full_replay_save(cli, big_trace, full_fs, workdir):
     no phase claiming success in the evidence trace, no QEMU left behind."""
     target = full_fs / "x.img"
     out = workdir / "r.json"
-    before = _qemus()
-    proc = cli("replay", str(big_trace), *OWN, "--image", str(target), "-o", str(out), "--wait-serial", COUNTING)
+    traced, launches = _recorded_copy(big_trace, workdir)
+    proc = cli("replay", str(traced), *OWN, "--image", str(target), "-o", str(out), "--wait-serial", COUNTING)
     assert_one_error_line(proc, allow_info=("replaying ",))
     assert_not_complete(target)
-    _no_false_success(out)
-    assert not (_qemus() - before) & _replay_qemus(big_trace), "replay left its QEMU running"
+    _no_false_success(out, "save")
+    pids = recorded_pids(launches)
+    left = [p for p in pids if alive(p)]
+    kill_recorded(launches)
+    assert pids, "control: the replay launched no QEMU"
+    assert not left, f"replay left its QEMU running (pids {left})"
 
 
 def test_own_trace_passes_safety_check(big_trace):
@@ -394,21 +388,25 @@ def test_own_trace_passes_safety_check(big_trace):
     assert replay.check_safety(t, allow_unsafe=True) == []
 
 
-def _qemus() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}
+def _recorded_copy(trace_path: Path, d: Path) -> tuple[Path, Path]:
+    """*trace_path* with its QEMU binary replaced by a wrapper that records each launch (pid first):
+    the QEMUs of this replay, tracked by pid (never a host-wide process scan). Returns (trace, record)."""
+    wrapper, record = make_qemu_wrapper(d)
+    t = tr.load(trace_path)
+    t["domain"]["argv"][0] = str(wrapper)
+    out = d / "recorded.json"
+    tr.dump(t, out)
+    return out, record
 
 
-def _replay_qemus(trace_path: Path) -> set[int]:
-    """QEMUs started from *trace_path*'s guest (its kernel command line names the fill size)."""
-    name = tr.load(trace_path)["domain"]["name"]
-    return {p for p in _qemus() if f"guest={name}" in " ".join(cmdline(p))}
-
-
-def _no_false_success(out: Path) -> None:
-    if out.exists():
-        t = json.loads(out.read_text())
-        assert all(p.get("ok") is not True for p in t.get("phases", [])), [(p["name"], p["ok"]) for p in t["phases"]]
+def _no_false_success(out: Path, failed: str | None) -> None:
+    """A replay that failed in phase *failed* wrote its trace as evidence, ending with that phase not ok
+    (earlier phases may have succeeded: they did); an interrupted one (*failed* None) wrote no trace."""
+    if failed is None:
+        assert not out.exists(), "an interrupted replay wrote its trace as if complete"
+        return
+    phases = [(p["name"], p["ok"]) for p in tr.load(out)["phases"]]
+    assert phases and phases[-1] == (failed, False), phases
 
 
 # --------------------------------------------------------------------------- 2. QEMU killed
@@ -483,7 +481,7 @@ def test_qemu_killed_during_replay_save(cli, big_trace, workdir):
     res = finish(p)
     assert_one_error_line(res, allow_info=("replaying ",))
     assert_not_complete(img)
-    _no_false_success(out)
+    _no_false_success(out, "save")
 
 
 @pytest.mark.slow
@@ -502,7 +500,7 @@ def test_qemu_killed_during_replay_restore(cli, big_trace, workdir):
     os.kill(qpid, signal.SIGKILL)  # type: ignore[arg-type]
     res = finish(p)
     assert_one_error_line(res, allow_info=("replaying ",))
-    _no_false_success(out)
+    _no_false_success(out, "restore")
     assert _digest(img) == digest, "a failed restore modified the image"
     r = cli("replay", str(big_trace), *OWN, "--phases", "restore", "--image", str(img), "-o", str(out))
     assert r.returncode == 0, r.stderr
@@ -590,45 +588,53 @@ def test_sigint_during_replay(cli, big_trace, workdir):
     out = workdir / "r.json"
     p = popen_cli("replay", str(big_trace), *OWN, *OWN, "--image", str(img), "-o", str(out), "--wait-serial", COUNTING)
     qpid = wait_for(lambda: qemu_child(p.pid), "the replay's QEMU", while_alive=p)
-    run_dir = next((Path(a.split("path=")[1].split(",")[0]).parent for a in cmdline(qpid)  # type: ignore[arg-type]
-                    if "qmp.sock" in a and "path=" in a), None)
+    # The launcher's private run directory: where its QMP socket is (-chardev socket,…,path=RUN_DIR/qmp.sock).
+    (run_dir,) = {Path(a.split("path=")[1].split(",")[0]).parent for a in cmdline(qpid)  # type: ignore[arg-type]
+                  if "qmp.sock" in a and "path=" in a}
+    assert run_dir.parent == qemu_launch.RUN_BASE and run_dir.is_dir(), run_dir
     wait_for(lambda: img.exists() and img.stat().st_size > 64 << 20, "the stream being written", while_alive=p)
     p.send_signal(signal.SIGINT)
     res = finish(p)
     assert_interrupted(res)
     assert not alive(qpid), "the replay's QEMU survived Ctrl-C"  # type: ignore[arg-type]
-    if run_dir is not None:
-        assert not run_dir.exists(), f"run dir {run_dir} left behind"
+    assert not run_dir.exists(), f"run dir {run_dir} left behind"
     assert_not_complete(img)
-    _no_false_success(out)
+    _no_false_success(out, None)
 
 
 @pytest.mark.slow
-def test_sigkill_during_trace_repaired_by_next_command(cli, conn, make_guest, daemon_log_settings_unchanged):
+def test_sigkill_during_trace_repaired_by_next_command(cli, conn, make_guest, tmp_path, daemon_log_settings_unchanged):
     """``virtsave trace`` killed with SIGKILL while logging is on: the next virtsave command
-    (``virtsave list``) notices and puts libvirtd's log settings back."""
+    (``virtsave list``) notices, puts libvirtd's log settings back and says so. The trace and ``list``
+    share a private state directory while the default one's capture lock is held (``capture_idle``), so
+    no other virtsave on this daemon can join the capture or repair it first."""
     from virtsave.libvirtd import logcapture
 
     name = make_guest(**BIG)
     dom = conn.lookupByName(name)
-    p = popen_cli("trace", name, "-o", os.devnull)
-    try:
-        wait_for(lambda: job_active(dom), "libvirt's save job", while_alive=p)
-        state = json.loads((STATE_DIR / "logcapture.json").read_text())
-        assert any(o["pid"] == p.pid for o in state["owners"]), state
-        p.kill()
-        p.wait(30)
-        assert log_settings() != daemon_log_settings_unchanged, "capture was not on"  # still ours: stale
-        r = cli("list", "--match", name)
-        assert r.returncode == 0, r.stderr
-        assert log_settings() == daemon_log_settings_unchanged, \
-            "virtsave list did not repair the log settings left by a killed trace"
-        assert not (STATE_DIR / "logcapture.json").exists()
-    finally:
-        if p.poll() is None:
+    private = tmp_path / "state"
+    env = {"VIRTSAVE_STATE_DIR": str(private)}
+    with capture_idle() as before:
+        assert before == daemon_log_settings_unchanged
+        p = popen_cli("trace", name, "-o", os.devnull, env=env)
+        try:
+            wait_for(lambda: job_active(dom), "libvirt's save job", while_alive=p)
+            state = json.loads((private / "logcapture.json").read_text())
+            assert [o["pid"] for o in state["owners"]] == [p.pid], state
             p.kill()
-        # never leave the daemon in debug logging, whatever the CLI did
-        logcapture.repair_if_stale(URI)
+            p.wait(30)
+            assert log_settings() != before, "capture was not on"  # still ours: stale
+            r = finish(popen_cli("list", "--match", name, env=env))
+            assert r.returncode == 0, r.stderr
+            assert f"restored libvirtd's log settings left by an interrupted virtsave (pid {p.pid})" in r.stderr, \
+                r.stderr
+            assert log_settings() == before, "virtsave list did not repair the log settings left by a killed trace"
+            assert not (private / "logcapture.json").exists()
+        finally:
+            if p.poll() is None:
+                p.kill()
+            # never leave the daemon in debug logging, whatever the CLI did
+            logcapture.repair_if_stale(URI, state_dir=private)
     # the libvirt job ran on without virtsave: whatever state it left, list tells the truth
     wait_for(lambda: not job_active(dom), "libvirt's job to end", every=0.2)
     assert_list_truthful(cli, conn, name)

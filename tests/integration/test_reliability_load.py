@@ -10,6 +10,7 @@ own monitor's messages. This is the only module that runs 5 guests at once (256 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from daemonlog import log_settings
 
 from virtsave.harness import guest
 from virtsave.image import saveimage
@@ -30,19 +32,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent.parent
 VIRTSAVE = [sys.executable, "-m", "virtsave.cli"]
-ADMIN_URI = "libvirtd:///system"
 STATE_DIR = Path(os.environ.get("VIRTSAVE_STATE_DIR", "/var/lib/virtsave"))
 SAVE_DIR = Path("/var/lib/libvirt/qemu/save")
-
-
-def log_settings() -> tuple[str, str]:
-    vals = []
-    for kind in ("filters", "outputs"):
-        out = subprocess.run(["virt-admin", "-c", ADMIN_URI, f"daemon-log-{kind}"], capture_output=True,
-                             text=True, timeout=60, check=True).stdout
-        m = re.search(rf"Logging {kind}:(.*)", out)
-        vals.append(" ".join((m.group(1) if m else "").split()))
-    return vals[0], vals[1]
 
 
 def _no_capture_running(timeout: float = 180) -> None:
@@ -69,13 +60,32 @@ def _magic(p: Path) -> bytes | None:
         return None
 
 
+def _bulk_job_times(conn: libvirt.virConnect, names: list[str], proc: subprocess.Popen[str]) -> list[dt.datetime]:
+    """While *proc* runs: the (UTC) moments at which libvirt reported a job on any of *names* (polled),
+    libvirt's own view of when the bulk save was saving, independent of virtsave's report."""
+    doms = [conn.lookupByName(n) for n in names]
+    seen = []
+    while proc.poll() is None:
+        for d in doms:
+            try:
+                if d.jobInfo()[0] in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
+                    seen.append(dt.datetime.now(dt.UTC))
+                    break
+            except libvirt.libvirtError:
+                continue
+        time.sleep(0.02)
+    return seen
+
+
 def test_bulk_managed_save_while_tracing(cli, conn, make_guest, workdir):
     """``managed-save --all --parallel 4`` on 4 guests while a fifth is traced: all saved with
     complete images, ``start --all`` brings all back with their counters going on; the traced
-    guest runs on and its trace is valid and its own."""
+    guest runs on and its trace is valid and its own; and the bulk save really ran inside the
+    trace's capture window (libvirt's jobs polled, compared with the trace's phase windows)."""
     pid = os.getpid()
     bulk = [make_guest(memory_mib=256, fill_mib=32, prefix="vs-test-load") for _ in range(4)]
-    traced = make_guest(memory_mib=256, fill_mib=32, prefix="vs-test-ltr")
+    # the traced guest is the big one: its save and restore outlast the bulk command's start-up
+    traced = make_guest(memory_mib=512, fill_mib=400, prefix="vs-test-ltr")
     glob = f"vs-test-load-{pid}-*"
     for n in [*bulk, traced]:
         guest.wait_tick(n, 2, timeout=180)
@@ -88,7 +98,11 @@ def test_bulk_managed_save_while_tracing(cli, conn, make_guest, workdir):
     deadline = time.monotonic() + 60
     while not (STATE_DIR / "logcapture.json").exists() and tp.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    ms = cli("--json", "managed-save", "--all", "--match", glob, "--parallel", "4")
+    bp = subprocess.Popen([*VIRTSAVE, "--json", "managed-save", "--all", "--match", glob, "--parallel", "4"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    bulk_active = _bulk_job_times(conn, bulk, bp)
+    ms_out, ms_err = bp.communicate(timeout=600)
+    ms = subprocess.CompletedProcess(bp.args, bp.returncode, ms_out, ms_err)
     _t_out, t_err = tp.communicate(timeout=600)
 
     assert ms.returncode == 0, ms.stderr
@@ -103,6 +117,12 @@ def test_bulk_managed_save_while_tracing(cli, conn, make_guest, workdir):
     assert tp.returncode == 0, t_err
     t = tr.load(out)
     assert t["domain"]["name"] == traced
+    # overlap: libvirt had a bulk job while the trace's capture window was open
+    since = dt.datetime.fromisoformat(t["phases"][0]["window"]["since"])
+    until = dt.datetime.fromisoformat(t["phases"][-1]["window"]["until"])
+    inside = [x for x in bulk_active if since <= x <= until]
+    assert inside, (f"the bulk save never ran while the trace captured ({since} … {until}); bulk jobs seen "
+                    f"{bulk_active[0] if bulk_active else None} … {bulk_active[-1] if bulk_active else None}")
     cmds = {p["name"]: [m["execute"] for m in p["messages"] if m["kind"] == "command"] for p in t["phases"]}
     assert "migrate" in cmds["save"] and "migrate-incoming" in cmds["restore"], cmds
     # one save of one domain: exactly one stop and one migrate (another guest's would double them)

@@ -23,6 +23,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from conftest import require_format
+from daemonlog import capture_idle, log_settings
 
 from tests.conftest import REPO, VIRTSAVE
 from virtsave.core import paths as config
@@ -232,30 +233,49 @@ def test_ctrl_c_mid_save_restores_everything(conn, make_guest, sig) -> None:  # 
     assert settings() == before
 
 
-def test_sigkill_during_trace_is_repaired_by_next_run(conn, make_guest, cli) -> None:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def _repaired_at_the_end(state_dir: Path) -> Iterator[None]:
+    """Whatever the CLI did, never leave the daemon logging into a killed trace's capture."""
+    try:
+        yield
+    finally:
+        logcapture.repair_if_stale(state_dir=state_dir)
+
+
+def test_sigkill_during_trace_is_repaired_by_next_run(conn, make_guest, cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of ``virtsave trace`` while capture is on: the next command that talks to libvirtd
+    (``virtsave list``) puts the log settings back and says so. Deterministic on a shared daemon: the
+    trace and the next command share a private state directory, and the default one's capture lock is
+    held meanwhile, so no other virtsave can start a capture, join this one or repair it first."""
     name = make_guest(memory_mib=384, fill_mib=200)
     dom = conn.lookupByName(name)
-    before = settings()
-    proc = popen_trace(name)
-    wait_job_started(dom, proc)
-    proc.kill()
-    proc.communicate(timeout=60)
-    # libvirtd finishes the save on its own; the guest then is saved. Bring it back without virtsave.
+    env = {**os.environ, "COLUMNS": "200", "VIRTSAVE_STATE_DIR": str(tmp_path / "state")}
+    state = tmp_path / "state" / "logcapture.json"
+    with capture_idle() as before, _repaired_at_the_end(tmp_path / "state"):
+        proc = subprocess.Popen([*VIRTSAVE, "trace", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, env=env)
+        wait_job_started(dom, proc)
+        assert [o["pid"] for o in json.loads(state.read_text())["owners"]] == [proc.pid]
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert log_settings() != before, "capture was not on"
+        assert json.loads(state.read_text())["owners"][0]["pid"] == proc.pid     # left behind: stale
+        nxt = subprocess.run([*VIRTSAVE, "list", "--match", name], capture_output=True, text=True, cwd=REPO,
+                             env=env, timeout=120)
+        assert nxt.returncode == 0, nxt.stderr
+        assert f"restored libvirtd's log settings left by an interrupted virtsave (pid {proc.pid})" in nxt.stderr, \
+            nxt.stderr
+        assert name in nxt.stdout
+        assert not state.exists()
+        assert log_settings() == before
+    # libvirtd finishes the save on its own; bring the guest back without virtsave, then trace it again.
     deadline = time.monotonic() + 300
     while job_active(dom) and time.monotonic() < deadline:
         time.sleep(0.2)
     if not dom.isActive():
         dom.create()
-    # The dead run left logging switched on and itself as owner in the state file (unless another
-    # virtsave run on this daemon repaired it in the meantime, which is the same mechanism).
-    left_on = STATE.exists() and f'"pid": {proc.pid},' in STATE.read_text()
-    if left_on:
-        assert (admin("filters"), admin("outputs")) != before
-    nxt = cli("trace", name, "--op", "cycle")
-    assert nxt.returncode == 0, nxt.stderr
-    assert not STATE.exists() or f'"pid": {proc.pid},' not in STATE.read_text()
-    if left_on and not STATE.exists():
-        assert f"pid {proc.pid}" in nxt.stderr  # the repair said what it did
+    again = cli("trace", name, "--op", "cycle")
+    assert again.returncode == 0, again.stderr
     assert settings() == before
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from badinput import FIX, assert_clean_error, kill_recorded, make_qemu_wrapper, synthetic_trace, write_trace
 
+from virtsave.core.errors import UnsafeTraceError
 from virtsave.trace import model as tr
 
 # --------------------------------------------------------------------------- scenario 4: images
@@ -256,9 +257,9 @@ def test_allow_unsafe_lets_a_flagged_trace_through_the_check(tmp_path, qemu_wrap
 
     wrapper, _ = qemu_wrapper
     t, item = _hostile("hmp", wrapper, tmp_path)
-    with pytest.raises(Exception) as ei:
+    with pytest.raises(UnsafeTraceError) as ei:
         replay.check_safety(t, allow_unsafe=False)
-    assert item in str(ei.value)
+    assert item in str(ei.value) and "--allow-unsafe" in str(ei.value)
     assert any(item in f for f in replay.check_safety(t, allow_unsafe=True))
 
 

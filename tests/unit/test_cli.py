@@ -180,6 +180,17 @@ def test_help_is_plain_text(cli, path: list[str]) -> None:
     assert not found, f"reST markup in 'virtsave {' '.join(path)} --help': {found}\n{res.stdout}"
 
 
+def test_direct_restore_help_names_every_format(cli) -> None:
+    """``direct restore`` restores every format libvirt writes (compressed ones through the decompressor):
+    its help says so, and names no narrower set."""
+    from virtsave.image import saveimage
+
+    text = " ".join(cli("direct", "restore", "--help").stdout.split())
+    assert all(f in text for f in saveimage.FORMATS.values()), text
+    assert set(saveimage.DECOMPRESSORS) == set(saveimage.FORMATS.values()) - {"raw", "sparse"}
+    assert "raw or sparse)" not in text
+
+
 def test_help_check_sees_markup() -> None:
     """Control for the check above: it does catch the markup docstrings used to carry."""
     assert REST_MARKUP.search("Export (``--format replies``)") and REST_MARKUP.search("see :func:`diff`")

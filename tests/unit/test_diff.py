@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
-
 from tests.unit.test_saveimage import make_image
 from virtsave.image import diff as imagediff
+from virtsave.libvirtd import logparse
 from virtsave.trace import diff
 from virtsave.trace import model as trace
 
@@ -181,7 +180,6 @@ def test_phase_outcome_and_missing_phase():
 
 
 def test_real_logs_9_0_vs_11_3(fixtures_dir):
-    logparse = pytest.importorskip("virtsave.libvirtd.logparse")
     for scen in ("managedsave-running.log", "managedsave-restore.log"):
         a = logparse.trace_from_log(fixtures_dir / "libvirt-9.0-attributed" / scen)
         b = logparse.trace_from_log(fixtures_dir / "libvirt-11.3-attributed" / scen)

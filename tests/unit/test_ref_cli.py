@@ -9,6 +9,7 @@ libvirt code, no daemon; its state lives and dies with the connection).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -195,14 +196,51 @@ def test_map_error_kinds() -> None:
     c.close()
 
 
-def test_progress_callback_ignores_disabled() -> None:
-    from virtsave.cli.progress import _done_total, job_progress
+def test_progress_fields() -> None:
+    from virtsave.cli.progress import _done_total
 
     assert _done_total({"data_total": 10, "data_processed": 4}) == (4, 10)
+    assert _done_total({"memory_total": 10, "memory_processed": 6}) == (6, 10)
     assert _done_total({"memory_total": 10, "data_remaining": 3}) == (7, 10)
-    with job_progress("save", enabled=False) as cb:
+    assert _done_total({"data_total": 10, "data_processed": 0, "memory_processed": 9}) == (0, 10)
+    assert _done_total({}) == (None, None)
+
+
+def test_progress_callback_draws_bars_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disabled: no bar is made and nothing is written. Enabled: one bar per domain, fed with bytes
+    done/total from the job statistics, full when the job says done; drawn on stderr's console."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from virtsave.cli import common, progress
+
+    made: list[Progress] = []
+
+    class Recording(Progress):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "Progress", Recording)
+    monkeypatch.setattr(common, "err_console", Console(file=out, force_terminal=True, width=120, color_system=None))
+    with progress.job_progress("save", enabled=False) as cb:
         cb({"domain": "d", "data_total": 1, "data_processed": 1})
-    # enabled: draws on a (non-terminal) console without raising
-    with job_progress("save", enabled=True) as cb:
-        cb({"domain": "d", "data_total": 100, "data_processed": 40})
-        cb({"domain": "d", "done": True})
+    assert made == [] and out.getvalue() == ""
+
+    mib = 2**20
+    with progress.job_progress("save", enabled=True) as cb:
+        cb({"domain": "d1", "data_total": 100 * mib, "data_processed": 40 * mib})
+        cb({"domain": "d2", "memory_total": 50 * mib, "memory_processed": 5 * mib})
+        (bar,) = made
+        t1, t2 = bar.tasks
+        assert (t1.description, t1.completed, t1.total) == ("save d1", 40 * mib, 100 * mib)
+        assert (t2.description, t2.completed, t2.total) == ("save d2", 5 * mib, 50 * mib)
+        cb({"domain": "d1", "data_total": 100 * mib, "data_processed": 70 * mib})
+        assert (t1.completed, len(bar.tasks)) == (70 * mib, 2)     # the same bar moves on
+        cb({"domain": "d1", "done": True})
+        assert t1.completed == t1.total == 100 * mib and t1.finished
+        assert t2.completed == 5 * mib
+    assert "save d1" in out.getvalue() and "104.9/104.9 MB" in out.getvalue()

@@ -176,7 +176,8 @@ def direct_save_cmd(
 @direct_app.command("restore", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def direct_restore_cmd(
     ctx: typer.Context,
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="libvirt save image (raw or sparse)")],
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="libvirt save image, any format libvirt writes: raw, "
+                                          "sparse, or gzip, bzip2, xz, lzop, zstd (through the decompressor)")],
     transport: Annotated[str, typer.Option("--transport", help="unix | tcp (QMP socket kind)")] = "unix",
     paused: Annotated[bool, typer.Option("--paused", help="leave the guest paused")] = False,
     serial_log: Annotated[Path | None, typer.Option("--serial-log", metavar="PATH",
@@ -184,7 +185,8 @@ def direct_restore_cmd(
 ) -> None:
     """Launch QEMU from the argv after '--' with -incoming defer, load IMAGE, continue.
 
-    QEMU keeps running after this command returns; its pid and QMP address are printed.
+    Compressed images are streamed through their decompressor into QEMU, as libvirt does. QEMU keeps
+    running after this command returns; its pid and QMP address are printed.
     """
     from virtsave.core.operation import SaveOptions
     from virtsave.qemu import direct

@@ -38,6 +38,7 @@ import functools
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -150,49 +151,79 @@ def _map_strings(v: Any, fn: Any) -> Any:
     return v
 
 
-def _apply(rule: Rule, msg: dict[str, Any], images: list[str]) -> None:
-    p = rule.params
-    if rule.path == ("**",) and rule.action == "regex":
-        for k in list(msg):
-            if k not in ("kind", "execute", "event"):
-                msg[k] = _map_strings(msg[k], lambda v: re.sub(p["pattern"], p.get("replace", ""), v))
-        return
-    if rule.action == "image-path":
-        paths = sorted({i for i in images if i}, key=len, reverse=True)
-        if not paths:
-            return
+def _map_fields(msg: dict[str, Any], fn: Callable[[str], str]) -> bool:
+    """*fn* on every string of every field but the message's kind and name; True when one changed."""
+    changed = False
+    for k in list(msg):
+        if k not in ("kind", "execute", "event"):
+            new = _map_strings(msg[k], fn)
+            changed = changed or new != msg[k]
+            msg[k] = new
+    return changed
 
-        def sub(s: str) -> str:
-            for ip in paths:
-                s = s.replace(ip, "<image>")
-            return s
-        for k in list(msg):
-            if k not in ("kind", "execute", "event"):
-                msg[k] = _map_strings(msg[k], sub)
-        return
+
+def _image_path_sub(images: list[str]) -> Callable[[str], str] | None:
+    """Replaces every image path in a string by ``<image>`` (longest first); None without paths."""
+    paths = sorted({i for i in images if i}, key=len, reverse=True)
+    if not paths:
+        return None
+
+    def sub(s: str) -> str:
+        for ip in paths:
+            s = s.replace(ip, "<image>")
+        return s
+    return sub
+
+
+def _edit(rule: Rule, obj: Any, k: Any) -> bool:
+    """Apply *rule*'s action to ``obj[k]``; True when it changed something."""
+    p, v = rule.params, obj[k]
+    if rule.action == "drop":
+        if isinstance(obj, dict):
+            del obj[k]
+            return True
+        return False
+    if rule.action == "placeholder":
+        if "when" in p and v != p["when"]:
+            return False
+        new = p.get("value")
+    elif rule.action == "regex":
+        if not isinstance(v, str):
+            return False
+        new = re.sub(p["pattern"], p.get("replace", ""), v)
+    elif rule.action == "type":
+        new = _type_of(v)
+    elif rule.action == "remove-matching" and isinstance(v, list):
+        new = [x for x in v if not re.search(p["pattern"], _dumps(x))]
+    elif rule.action == "remove-items" and isinstance(v, list):
+        new = [x for x in v if x not in p.get("items", [])]
+        if p.get("prune") and not new and isinstance(obj, dict):
+            del obj[k]
+            return True
+    else:
+        return False
+    obj[k] = new
+    return bool(new != v)
+
+
+def _apply(rule: Rule, msg: dict[str, Any], images: list[str]) -> bool:
+    """Apply one rule to one (copied) message; True when the message changed (the rule fired)."""
+    if rule.path == ("**",) and rule.action == "regex":
+        p = rule.params
+        return _map_fields(msg, lambda v: re.sub(p["pattern"], p.get("replace", ""), v))
+    if rule.action == "image-path":
+        sub = _image_path_sub(images)
+        return sub is not None and _map_fields(msg, sub)
+    changed = False
 
     def fn(obj: Any, k: Any) -> None:
-        v = obj[k]
-        if rule.action == "drop":
-            if isinstance(obj, dict):
-                del obj[k]
-        elif rule.action == "placeholder":
-            if "when" not in p or v == p["when"]:
-                obj[k] = p.get("value")
-        elif rule.action == "regex":
-            if isinstance(v, str):
-                obj[k] = re.sub(p["pattern"], p.get("replace", ""), v)
-        elif rule.action == "type":
-            obj[k] = _type_of(v)
-        elif rule.action == "remove-matching" and isinstance(v, list):
-            obj[k] = [x for x in v if not re.search(p["pattern"], _dumps(x))]
-        elif rule.action == "remove-items" and isinstance(v, list):
-            obj[k] = [x for x in v if x not in p.get("items", [])]
-            if p.get("prune") and not obj[k] and isinstance(obj, dict):
-                del obj[k]
+        nonlocal changed
+        changed = _edit(rule, obj, k) or changed
     _walk(msg, rule.path, fn)
-    if rule.action == "remove-items" and p.get("prune") and msg.get("arguments") == {}:
+    # a prune that emptied the arguments takes them along (qmp_capabilities without "enable")
+    if changed and rule.action == "remove-items" and rule.params.get("prune") and msg.get("arguments") == {}:
         del msg["arguments"]
+    return changed
 
 
 def _substituted(sub: tr.Substitution, msgs: list[dict[str, Any]],
@@ -257,8 +288,42 @@ def _dumps(v: Any) -> str:
     return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _rule_matches(rule: Rule, kind: Any, name: str) -> bool:
+    """Does *rule* concern a message of *kind* named *name* (command, event, or the command a reply answers)?"""
+    return rule.kind in ("any", kind) and (rule.execute is None or rule.execute.fullmatch(name) is not None)
+
+
+def _normalize_message(m: dict[str, Any], kind: Any, name: str, active: list[Rule], images: list[str],
+                       fired: set[str]) -> bool:
+    """Apply the *active* rules to *m* in table order, adding the ids of those that changed it to *fired*.
+    Returns False when a ``drop-message`` rule leaves the message out."""
+    for r in active:
+        if not _rule_matches(r, kind, name):
+            continue
+        if r.action == "drop-message":
+            fired.add(r.id)
+            return False
+        if _apply(r, m, images):
+            fired.add(r.id)
+    return True
+
+
+def _message_name(m: dict[str, Any], names_by_id: dict[str, list[str]]) -> str:
+    """A command's or event's name; for a reply, the name of the command it answers (by id, in order)."""
+    kind = m.get("kind")
+    if kind == "command":
+        return str(m.get("execute", ""))
+    if kind == "reply":
+        queue = names_by_id.get(_dumps(m.get("id")), [])
+        return queue.pop(0) if queue else ""
+    return str(m.get("event", ""))
+
+
 def _normalize_phase(phase: tr.Phase, rules: list[Rule], strict: bool, images: list[str],
-                     other: tr.Phase | None = None) -> tuple[list[_Cmd], list[_Evt]]:
+                     fired: set[str] | None = None, other: tr.Phase | None = None) -> tuple[list[_Cmd], list[_Evt]]:
+    """The phase's commands (each with its reply) and events, normalized; *fired* collects the ids of
+    the rules that changed at least one message."""
+    fired = set() if fired is None else fired
     # Normalization rewrites the copies freely: from here on they are plain JSON objects.
     msgs = cast(list[dict[str, Any]], copy.deepcopy(phase.get("messages") or []))
     if not strict:
@@ -274,26 +339,10 @@ def _normalize_phase(phase: tr.Phase, rules: list[Rule], strict: bool, images: l
     events: list[_Evt] = []
     for m in msgs:
         kind = m.get("kind")
-        if kind == "command":
-            name = m.get("execute", "")
-        elif kind == "reply":
-            queue = names_by_id.get(_dumps(m.get("id")), [])
-            name = queue.pop(0) if queue else ""
-        else:
-            name = m.get("event", "")
+        name = _message_name(m, names_by_id)
         # Commands without id (qemu.qmp's own qmp_capabilities) get their replies in order, like QMP does.
         mid = _dumps(m.get("id"))
-        dropped = False
-        for r in active:
-            if r.kind not in ("any", kind):
-                continue
-            if r.execute is not None and not r.execute.fullmatch(name):
-                continue
-            if r.action == "drop-message":
-                dropped = True
-                break
-            _apply(r, m, images)
-        if dropped:
+        if not _normalize_message(m, kind, name, active, images, fired):
             if kind == "command":       # its reply goes with it (to a command nobody compares)
                 open_by_id.setdefault(mid, []).append(_Cmd("", name, {}, None))
             continue
@@ -305,10 +354,9 @@ def _normalize_phase(phase: tr.Phase, rules: list[Rule], strict: bool, images: l
             cmds.append(c)
             open_by_id.setdefault(mid, []).append(c)
         elif kind == "reply":
-            body = {k: v for k, v in m.items() if k in ("return", "error")}
             pending = open_by_id.get(mid, [])
             if pending:
-                pending.pop(0).reply = body
+                pending.pop(0).reply = {k: v for k, v in m.items() if k in ("return", "error")}
         elif kind == "event":
             body = {k: v for k, v in m.items() if k in ("event", "data")}
             events.append(_Evt(_dumps(body), name, body))
@@ -422,6 +470,22 @@ def _evt_label(e: dict[str, Any]) -> str:
     return f"{e['event']}{' ' + short(e['data'], 90) if e.get('data') is not None else ''}"
 
 
+def _moves(ka: list[str], kb: list[str], ops: Sequence[tuple[str, int, int, int, int]]) -> dict[int, int]:
+    """B index → A index of the items gone from one place in A and back (same key) at another in B."""
+    gone: dict[str, list[int]] = {}
+    for op, i1, i2, _j1, _j2 in ops:
+        if op in ("delete", "replace"):
+            for i in range(i1, i2):
+                gone.setdefault(ka[i], []).append(i)
+    moved_to: dict[int, int] = {}
+    for op, _i1, _i2, j1, j2 in ops:
+        if op in ("insert", "replace"):
+            for j in range(j1, j2):
+                if gone.get(kb[j]):
+                    moved_to[j] = gone[kb[j]].pop(0)
+    return moved_to
+
+
 def align(a: list[Any], b: list[Any]) -> list[tuple[str, int | None, int | None]]:
     """Rows (op, i, j), op in equal/change/delete/insert/moved, in B's order.
 
@@ -431,20 +495,8 @@ def align(a: list[Any], b: list[Any]) -> list[tuple[str, int | None, int | None]
     """
     ka, kb = [x.key for x in a], [x.key for x in b]
     ops = difflib.SequenceMatcher(None, ka, kb, autojunk=False).get_opcodes()
-    gone: dict[str, list[int]] = {}
-    for op, i1, i2, _j1, _j2 in ops:
-        if op in ("delete", "replace"):
-            for i in range(i1, i2):
-                gone.setdefault(ka[i], []).append(i)
-    moved_to: dict[int, int] = {}     # j -> i
-    moved_from: set[int] = set()
-    for op, _i1, _i2, j1, j2 in ops:
-        if op in ("insert", "replace"):
-            for j in range(j1, j2):
-                if gone.get(kb[j]):
-                    i = gone[kb[j]].pop(0)
-                    moved_to[j] = i
-                    moved_from.add(i)
+    moved_to = _moves(ka, kb, ops)
+    moved_from = set(moved_to.values())
     rows: list[tuple[str, int | None, int | None]] = []
 
     def extra(j: int) -> tuple[str, int | None, int | None]:
@@ -488,9 +540,10 @@ class TraceDiff:
     strict: bool
     differences: list[Difference]
     hunks: list[Hunk]
-    rules: list[str]
+    rules: list[str]        # ids of the rules that changed at least one message, in table order
     a_info: _SideInfo = field(default_factory=lambda: _SideInfo())
     b_info: _SideInfo = field(default_factory=lambda: _SideInfo())
+    table: str = str(NORMALIZE_TABLE)   # the normalization table, with every rule in force
 
     @property
     def equivalent(self) -> bool:
@@ -504,7 +557,7 @@ class TraceDiff:
                 "strict": self.strict, "a": {"label": self.a_label, **self.a_info},
                 "b": {"label": self.b_label, **self.b_info}, "summary": self.summary(),
                 "differences": [d.to_json() for d in self.differences],
-                "normalization": {"table": str(NORMALIZE_TABLE), "rules": self.rules}}
+                "normalization": {"table": self.table, "rules": self.rules}}
 
     def render(self, color: bool = False, context: int = 2) -> str:
         return render_hunks(f"--- {self.a_label}{_info(self.a_info)}", f"+++ {self.b_label}{_info(self.b_info)}",
@@ -579,67 +632,62 @@ def _image_paths(*phases: tr.Phase | None) -> list[str]:
     return out
 
 
-def _diff_phase(label: str, pa: tr.Phase, pb: tr.Phase, rules: list[Rule],
-                strict: bool) -> tuple[list[Difference], list[Hunk]]:
-    diffs: list[Difference] = []
-    ca, ea = _normalize_phase(pa, rules, strict, _image_paths(pa) if strict else _image_paths(pa, pb), pb)
-    cb, eb = _normalize_phase(pb, rules, strict, _image_paths(pb) if strict else _image_paths(pa, pb), pa)
+def _command_row(label: str, op: str, i: int | None, j: int | None, a: _Cmd | None, b: _Cmd | None,
+                 diffs: list[Difference]) -> Row:
+    """One aligned command pair as a row, adding its differences to *diffs*."""
+    if op == "delete" and a is not None:
+        diffs.append(Difference(label, "missing", a.name, i, None))
+        return Row("-", _label(a.body))
+    if op == "insert" and b is not None:
+        diffs.append(Difference(label, "extra", b.name, None, j))
+        return Row("+", _label(b.body))
+    assert a is not None and b is not None
+    details: list[str] = []
+    mark = " "
+    if op == "moved":
+        mark = ">"
+        d = Difference(label, "reordered", b.name, i, j, [f"command #{i} in A is #{j} in B"])
+        diffs.append(d)
+        details += d.details
+    if op == "change":
+        mark = "~"
+        lines = value_diff({k: v for k, v in a.body.items() if k != "execute"},
+                           {k: v for k, v in b.body.items() if k != "execute"})
+        diffs.append(Difference(label, "changed", b.name, i, j, lines))
+        details += lines
+    if a.reply != b.reply:
+        lines = [f"reply {x}" for x in value_diff(a.reply if a.reply is not None else _ABSENT,
+                                                  b.reply if b.reply is not None else _ABSENT)]
+        diffs.append(Difference(label, "reply", b.name, i, j, lines))
+        details += lines
+        mark = "~" if mark == " " else mark
+    return Row(mark, _label(b.body), details)
+
+
+def _event_row(label: str, op: str, i: int | None, j: int | None, a: _Evt | None, b: _Evt | None,
+               diffs: list[Difference]) -> Row | None:
+    """One aligned event pair as a row (None for an event only in A that needs no row), adding its
+    differences to *diffs*."""
+    if op == "delete" and a is not None:
+        diffs.append(Difference(label, "event-missing", a.name, i, None))
+        return Row("-", _evt_label(a.body))
+    if op == "insert" and b is not None:
+        diffs.append(Difference(label, "event-extra", b.name, None, j))
+        return Row("+", _evt_label(b.body))
+    if op == "moved" and b is not None:
+        d = Difference(label, "event-reordered", b.name, i, j, [f"event #{i} in A is #{j} in B"])
+        diffs.append(d)
+        return Row(">", _evt_label(b.body), d.details)
+    if op == "change" and a is not None and b is not None:
+        lines = value_diff(a.body.get("data"), b.body.get("data"), "data")
+        diffs.append(Difference(label, "event-changed", b.name, i, j, lines))
+        return Row("~", _evt_label(b.body), lines)
+    return Row(" ", _evt_label(b.body)) if b is not None else None
+
+
+def _outcome_rows(label: str, pa: tr.Phase, pb: tr.Phase, strict: bool, diffs: list[Difference]) -> list[Row]:
+    """The phases' operation, ok and error (image paths in errors normalized unless *strict*)."""
     rows: list[Row] = []
-    for op, i, j in align(ca, cb):
-        a = ca[i] if i is not None else None
-        b = cb[j] if j is not None else None
-        if op == "delete" and a is not None:
-            diffs.append(Difference(label, "missing", a.name, i, None))
-            rows.append(Row("-", _label(a.body)))
-            continue
-        if op == "insert" and b is not None:
-            diffs.append(Difference(label, "extra", b.name, None, j))
-            rows.append(Row("+", _label(b.body)))
-            continue
-        assert a is not None and b is not None
-        details: list[str] = []
-        mark = " "
-        if op == "moved":
-            mark = ">"
-            d = Difference(label, "reordered", b.name, i, j, [f"command #{i} in A is #{j} in B"])
-            diffs.append(d)
-            details += d.details
-        if op == "change":
-            mark = "~"
-            lines = value_diff({k: v for k, v in a.body.items() if k != "execute"},
-                               {k: v for k, v in b.body.items() if k != "execute"})
-            diffs.append(Difference(label, "changed", b.name, i, j, lines))
-            details += lines
-        if a.reply != b.reply:
-            lines = [f"reply {x}" for x in value_diff(a.reply if a.reply is not None else _ABSENT,
-                                                      b.reply if b.reply is not None else _ABSENT)]
-            diffs.append(Difference(label, "reply", b.name, i, j, lines))
-            details += lines
-            mark = "~" if mark == " " else mark
-        rows.append(Row(mark, _label(b.body), details))
-    hunks = [Hunk(f"{label}: commands (A {len(ca)}, B {len(cb)})", rows)]
-    erows: list[Row] = []
-    for op, i, j in align(ea, eb):
-        ev_a = ea[i] if i is not None else None
-        ev_b = eb[j] if j is not None else None
-        if op == "delete" and ev_a is not None:
-            diffs.append(Difference(label, "event-missing", ev_a.name, i, None))
-            erows.append(Row("-", _evt_label(ev_a.body)))
-        elif op == "insert" and ev_b is not None:
-            diffs.append(Difference(label, "event-extra", ev_b.name, None, j))
-            erows.append(Row("+", _evt_label(ev_b.body)))
-        elif op == "moved" and ev_b is not None:
-            d = Difference(label, "event-reordered", ev_b.name, i, j, [f"event #{i} in A is #{j} in B"])
-            diffs.append(d)
-            erows.append(Row(">", _evt_label(ev_b.body), d.details))
-        elif op == "change" and ev_a is not None and ev_b is not None:
-            lines = value_diff(ev_a.body.get("data"), ev_b.body.get("data"), "data")
-            diffs.append(Difference(label, "event-changed", ev_b.name, i, j, lines))
-            erows.append(Row("~", _evt_label(ev_b.body), lines))
-        elif ev_b is not None:
-            erows.append(Row(" ", _evt_label(ev_b.body)))
-    hunks.append(Hunk(f"{label}: events (A {len(ea)}, B {len(eb)})", erows))
-    orows: list[Row] = []
     images = _image_paths(pa, pb)
     for key in ("operation", "ok", "error"):
         va, vb = pa.get(key), pb.get(key)
@@ -648,11 +696,25 @@ def _diff_phase(label: str, pa: tr.Phase, pb: tr.Phase, rules: list[Rule],
                       for v in (va, vb))
         if va != vb:
             diffs.append(Difference(label, "outcome", key, details=[f"{key}: {short(va)} → {short(vb)}"]))
-            orows.append(Row("-", f"{key}: {short(va)}"))
-            orows.append(Row("+", f"{key}: {short(vb)}"))
+            rows += [Row("-", f"{key}: {short(va)}"), Row("+", f"{key}: {short(vb)}")]
         else:
-            orows.append(Row(" ", f"{key}: {short(va)}"))
-    hunks.append(Hunk(f"{label}: outcome", orows))
+            rows.append(Row(" ", f"{key}: {short(va)}"))
+    return rows
+
+
+def _diff_phase(label: str, pa: tr.Phase, pb: tr.Phase, rules: list[Rule],
+                strict: bool, fired: set[str] | None = None) -> tuple[list[Difference], list[Hunk]]:
+    diffs: list[Difference] = []
+    ca, ea = _normalize_phase(pa, rules, strict, _image_paths(pa) if strict else _image_paths(pa, pb), fired, pb)
+    cb, eb = _normalize_phase(pb, rules, strict, _image_paths(pb) if strict else _image_paths(pa, pb), fired, pa)
+    rows = [_command_row(label, op, i, j, ca[i] if i is not None else None, cb[j] if j is not None else None, diffs)
+            for op, i, j in align(ca, cb)]
+    erows = [r for op, i, j in align(ea, eb)
+             if (r := _event_row(label, op, i, j, ea[i] if i is not None else None,
+                                 eb[j] if j is not None else None, diffs)) is not None]
+    hunks = [Hunk(f"{label}: commands (A {len(ca)}, B {len(cb)})", rows),
+             Hunk(f"{label}: events (A {len(ea)}, B {len(eb)})", erows),
+             Hunk(f"{label}: outcome", _outcome_rows(label, pa, pb, strict, diffs))]
     return diffs, hunks
 
 
@@ -660,6 +722,7 @@ def diff_traces(a: tr.Trace, b: tr.Trace, *, strict: bool = False, a_label: str 
                 b_label: str = "B", rules_path: str | Path | None = None) -> TraceDiff:
     """Compare two traces phase by phase after normalization (see the module docstring)."""
     rules = load_rules(rules_path)
+    fired: set[str] = set()
     pa, pb = _phase_keys(a), _phase_keys(b)
     bmap = dict(pb)
     diffs: list[Difference] = []
@@ -670,7 +733,7 @@ def diff_traces(a: tr.Trace, b: tr.Trace, *, strict: bool = False, a_label: str 
             diffs.append(Difference(label, "phase-missing", label, details=[f"phase {label} only in A"]))
             hunks.append(Hunk(f"{label}: only in A", [Row("-", f"phase {label} ({ph.get('operation')})")]))
             continue
-        d, h = _diff_phase(label, ph, other, rules, strict)
+        d, h = _diff_phase(label, ph, other, rules, strict, fired)
         diffs += d
         hunks += h
     amap = dict(pa)
@@ -678,7 +741,7 @@ def diff_traces(a: tr.Trace, b: tr.Trace, *, strict: bool = False, a_label: str 
         if label not in amap:
             diffs.append(Difference(label, "phase-extra", label, details=[f"phase {label} only in B"]))
             hunks.append(Hunk(f"{label}: only in B", [Row("+", f"phase {label} ({ph.get('operation')})")]))
-    used = [r.id for r in rules if r.strict or not strict]
-    info = (_SideInfo(source=t.get("source"), host={"libvirt": t["host"].get("libvirt"), "qemu": t["host"].get("qemu")})
-            for t in (a, b))
-    return TraceDiff(a_label, b_label, strict, diffs, hunks, used, *info)
+    applied = [r.id for r in rules if r.id in fired]      # table order, each once
+    ia, ib = (_SideInfo(source=t.get("source"), host={"libvirt": t["host"].get("libvirt"),
+                                                      "qemu": t["host"].get("qemu")}) for t in (a, b))
+    return TraceDiff(a_label, b_label, strict, diffs, hunks, applied, ia, ib, str(rules_path or NORMALIZE_TABLE))
