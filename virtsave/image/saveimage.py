@@ -197,13 +197,27 @@ def write_header(f: BinaryIO, xml: str, cookie: str | None = None, *, was_runnin
     return read_header(io.BytesIO(blob))
 
 
-def finalize(fd: int) -> None:
-    """Flip the magic of a finished image from ``LibvirtQemudPart`` to ``LibvirtQemudSave``.
+def sync_directory(path: str | os.PathLike[str]) -> None:
+    """``fsync`` the directory holding *path*, so that its entry (the file's name) is on disk too."""
+    dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
-    Call only after the stream is complete and synced: libvirt's promise is that a
-    complete magic means a complete image.
+
+def finalize(fd: int, path: str | os.PathLike[str] | None = None) -> None:
+    """Flip the magic of a finished image at *path* (open as *fd*; default: the path the kernel
+    names for *fd*) from ``LibvirtQemudPart`` to ``LibvirtQemudSave``, durably.
+
+    Call only after the stream is complete. libvirt's promise is that a complete magic means a
+    complete image, also after a power loss, so the order is: the data on disk (``fsync`` of the
+    file), the file's name on disk (``fsync`` of its directory), only then the magic, itself synced.
+    A crash before the last step leaves a ``LibvirtQemudPart`` image, never a complete-looking
+    one without its data or name.
     """
     os.fsync(fd)
+    sync_directory(path if path is not None else os.readlink(f"/proc/self/fd/{fd}"))
     if os.pread(fd, 16, 0) != MAGIC_PARTIAL:
         raise ImageError("refusing to finalize: image does not start with LibvirtQemudPart", offset=0)
     os.pwrite(fd, MAGIC, 0)
