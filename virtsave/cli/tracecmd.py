@@ -151,13 +151,14 @@ def trace_cmd(
 
     state = "running" if running else "paused" if paused else None
     conn = lp.connect(OPTIONS.uri)
-    info(f"tracing {op} of {domain} (libvirtd monitor logging on for the duration)")
     # No live progress bar here: polling libvirt's job stats sends query-migrate to QEMU, which
     # would put our own commands into the conversation being traced.
     with logcapture.output_policy(keep=keep_log_outputs, announce=_notice):
         trace = capture.trace_domain(conn, domain, op, file, uri=OPTIONS.uri, bypass_cache=bypass_cache,
                                      image_format=image_format, parallel_channels=parallel_channels, state=state,
-                                     progress=None, on_warning=lambda m: info(f"warning: {m}"))
+                                     progress=None, on_warning=lambda m: info(f"warning: {m}"),
+                                     on_start=lambda: info(f"tracing {op} of {domain} (libvirtd monitor logging "
+                                                           "on for the duration)"))
     tr.dump(trace, out)
     info(_summary(trace))
     bad = _failed_phase(trace)
