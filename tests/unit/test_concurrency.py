@@ -108,10 +108,10 @@ class _Dom:
     def __init__(self, kind: int, operation: int | None) -> None:
         self.kind, self.operation = kind, operation
 
-    def jobInfo(self) -> list[int]:  # noqa: N802 - libvirt's name
+    def jobInfo(self) -> list[int]:
         return [self.kind, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
 
-    def jobStats(self, _flags: int = 0) -> dict[str, int]:  # noqa: N802
+    def jobStats(self, _flags: int = 0) -> dict[str, int]:
         return {"type": self.kind} | ({"operation": self.operation} if self.operation is not None else {})
 
 

@@ -11,6 +11,7 @@ Every failure fuzzing found is fixed and kept here as an ``@example`` (regressio
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import fuzzing as fz
@@ -18,7 +19,9 @@ from hypothesis import example, given, settings
 
 
 def budget(name: str) -> settings:
-    return settings(settings.get_profile("virtsave-fuzz"), max_examples=fz.BY_NAME[name].examples)
+    """The target's share of the bounded budget (``$VIRTSAVE_FUZZ_SCALE`` scales it, e.g. 0.1 while developing)."""
+    scale = float(os.environ.get("VIRTSAVE_FUZZ_SCALE") or 1)
+    return settings(settings.get_profile("virtsave-fuzz"), max_examples=max(1, int(fz.BY_NAME[name].examples * scale)))
 
 
 def strategy(name: str) -> Any:
@@ -27,12 +30,16 @@ def strategy(name: str) -> Any:
 
 @budget("log-import")
 @given(strategy("log-import"))
+@example(fz.regression("log-deep-payload"))
+@example(fz.regression("log-list-id"))
 def test_fuzz_libvirtd_log_import(inp: tuple[str, bytes]) -> None:
     fz.check_log_import(inp)
 
 
 @budget("log-scan")
 @given(strategy("log-scan"))
+@example(fz.regression("log-deep-payload"))
+@example(fz.regression("log-list-id"))
 def test_fuzz_libvirtd_log_scan(inp: tuple[str, bytes]) -> None:
     fz.check_log_scan(inp)
 
@@ -45,24 +52,32 @@ def test_fuzz_qemu_domain_log(inp: tuple[str, bytes]) -> None:
 
 @budget("trace-load")
 @given(strategy("trace-load"))
+@example(fz.regression("trace-huge-int"))
+@example(fz.regression("trace-deep-nesting"))
 def test_fuzz_trace_load(inp: tuple[str, bytes]) -> None:
     fz.check_trace_load(inp)
 
 
 @budget("trace-replay-plan")
 @given(strategy("trace-replay-plan"))
+@example(fz.regression("trace-huge-int"))
+@example(fz.regression("trace-deep-nesting"))
 def test_fuzz_trace_replay_plan(inp: tuple[str, bytes]) -> None:
     fz.check_trace_replay_plan(inp)
 
 
 @budget("trace-export")
 @given(strategy("trace-export"))
+@example(fz.regression("trace-huge-int"))
+@example(fz.regression("trace-deep-nesting"))
 def test_fuzz_trace_export(inp: tuple[str, bytes]) -> None:
     fz.check_trace_export(inp)
 
 
 @budget("trace-diff")
 @given(strategy("trace-diff"))
+@example(fz.regression("trace-huge-int"))
+@example(fz.regression("trace-deep-nesting"))
 def test_fuzz_trace_diff(inp: tuple[str, bytes]) -> None:
     fz.check_trace_diff(inp)
 

@@ -16,7 +16,6 @@ still written first: it is the evidence of the failure); 130 after Ctrl-C.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
+from virtsave.core import jsonload
 from virtsave.core.errors import AmbiguousMonitor, VirtsaveError
 from virtsave.core.files import private_writer
 from virtsave.libvirtd import capture
@@ -173,8 +173,8 @@ def validate_cmd(
     """Check a trace file against the trace JSON Schema (exit 0 valid, 2 invalid)."""
     raw = tr.read_bytes(path)  # size-capped: a trace is untrusted input
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = jsonload.loads(raw)
+    except ValueError as exc:  # malformed, undecodable, nested too deeply, an integer past the digit limit
         problems = [f"(top): not valid JSON: {exc}"]
     else:
         problems = tr.validate(data)

@@ -33,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -43,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any, BinaryIO, cast
 
+from virtsave.core import jsonload
 from virtsave.core.errors import ImageError
 from virtsave.trace import model as tr
 
@@ -678,8 +678,8 @@ class _Walker:
 
     def _set_vmdesc(self, raw: bytes, offset: int) -> None:
         try:
-            self.vmdesc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.vmdesc = jsonload.loads(raw)
+        except ValueError as exc:
             raise self.s.error(f"corrupt vmstate description: {exc}", offset) from None
         if not isinstance(self.vmdesc, dict) or not isinstance(self.vmdesc.get("devices"), list):
             raise self.s.error("corrupt vmstate description: no device list", offset)
@@ -868,8 +868,8 @@ def _read_vmdesc_from_end(f: BinaryIO, size: int, stream_offset: int) -> tuple[d
         return None, 0
     p, n = found
     try:
-        desc = json.loads(data[p + 5:p + 5 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        desc = jsonload.loads(data[p + 5:p + 5 + n])
+    except ValueError:
         return None, 0
     if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
         return None, 0

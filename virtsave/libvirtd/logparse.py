@@ -69,6 +69,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtsave.core import jsonload
 from virtsave.core.errors import AmbiguousMonitor, LogError
 from virtsave.trace import model as _trace
 
@@ -578,7 +579,7 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                     if job is not None:
                         sc.jobs[job.index] = job
                     unwritten[key] = cmd
-                    outstanding.setdefault(key, {})[cmd["id"]] = cmd
+                    outstanding.setdefault(key, {})[_id_key(cmd["id"])] = cmd
             elif k == "write":
                 if keep:
                     _flush(key)
@@ -603,9 +604,10 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                         continue
                     rid = obj.get("id")
                     out = outstanding.get(key, {})
-                    cmd0 = out.pop(rid, None)
+                    cmd0 = out.pop(_id_key(rid), None)
                     if cmd0 is None and rid is None and len(out) == 1:   # error replies may lack the id
-                        rid, cmd0 = out.popitem()
+                        _, cmd0 = out.popitem()
+                        rid = cmd0["id"]
                     msg: dict[str, Any] = {"kind": "reply", "id": rid}
                     if "error" in obj:
                         msg["error"] = obj["error"]
@@ -898,7 +900,7 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                             if job is not None:
                                 sc.jobs[job.index] = job
                             unwritten[key] = cmd
-                            outstanding.setdefault(key, {})[cmd["id"]] = cmd
+                            outstanding.setdefault(key, {})[_id_key(cmd["id"])] = cmd
                             pend = ("send", cmd)
                         else:
                             pend = SKIP
@@ -921,9 +923,10 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                                 continue
                             rid = obj.get("id")
                             out = outstanding.get(key, {})
-                            cmd0 = out.pop(rid, None)
+                            cmd0 = out.pop(_id_key(rid), None)
                             if cmd0 is None and rid is None and len(out) == 1:
-                                rid, cmd0 = out.popitem()
+                                _, cmd0 = out.popitem()
+                                rid = cmd0["id"]
                             msg: dict[str, Any] = {"kind": "reply", "id": rid}
                             if "error" in obj:
                                 msg["error"] = obj["error"]
@@ -1040,10 +1043,22 @@ def _greeting_version(line: bytes) -> str | None:
         return None
 
 
+def _id_key(value: Any) -> Any:
+    """A QMP ``id`` as a dict key: QMP allows any JSON value (libvirt sends strings), so a list or
+    object id (a corrupt or crafted log) is keyed by its JSON text.
+
+    >>> _id_key("libvirt-7"), _id_key(["x", 1])
+    ('libvirt-7', '["x", 1]')
+    """
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
 def _loads(b: bytes) -> Any:
     try:
-        return json.loads(b.decode("utf-8", "replace"))
-    except ValueError:
+        return jsonload.loads(b.decode("utf-8", "replace"))
+    except ValueError:  # malformed, nested too deeply, an integer past Python's digit limit
         return None
 
 
