@@ -32,6 +32,9 @@ def strategy(name: str) -> Any:
 @given(strategy("log-import"))
 @example(fz.regression("log-deep-payload"))
 @example(fz.regression("log-list-id"))
+@example(fz.regression("log-event-data-list"))
+@example(fz.regression("log-arguments-list"))
+@example(fz.regression("log-time-backwards"))
 def test_fuzz_libvirtd_log_import(inp: tuple[str, bytes]) -> None:
     fz.check_log_import(inp)
 
@@ -40,6 +43,9 @@ def test_fuzz_libvirtd_log_import(inp: tuple[str, bytes]) -> None:
 @given(strategy("log-scan"))
 @example(fz.regression("log-deep-payload"))
 @example(fz.regression("log-list-id"))
+@example(fz.regression("log-event-data-list"))
+@example(fz.regression("log-arguments-list"))
+@example(fz.regression("log-time-backwards"))
 def test_fuzz_libvirtd_log_scan(inp: tuple[str, bytes]) -> None:
     fz.check_log_scan(inp)
 

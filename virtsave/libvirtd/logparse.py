@@ -563,10 +563,10 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                 if keep:
                     _flush(key)
                     obj = _loads(r.payload)
-                    execute_ = obj.get("execute") or obj.get("exec-oob") if isinstance(obj, dict) else None
-                    if not isinstance(execute_, str):
+                    if not _well_formed("command", obj):
                         sc.stats.malformed += 1
                         continue
+                    execute_ = obj.get("execute") or obj.get("exec-oob")
                     cmd: dict[str, Any] = {"kind": "command", "execute": execute_}
                     if "arguments" in obj:
                         cmd["arguments"] = obj["arguments"]
@@ -599,7 +599,7 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                 if keep:
                     _flush(key)
                     obj = _loads(r.payload)
-                    if not isinstance(obj, dict):
+                    if not _well_formed("reply", obj):
                         sc.stats.malformed += 1
                         continue
                     rid = obj.get("id")
@@ -626,7 +626,7 @@ def _scan_records(path: str | os.PathLike[str], *, collect: Iterable[str] = (), 
                 if keep:
                     _flush(key)
                     obj = _loads(r.payload)
-                    if not isinstance(obj, dict) or "event" not in obj:
+                    if not _well_formed("event", obj):
                         sc.stats.malformed += 1
                         continue
                     sc.messages.setdefault(key, []).append(
@@ -883,11 +883,11 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                         if key in want:
                             flush(key)
                             obj = _loads(line[p0:p1])
-                            execute_ = obj.get("execute") or obj.get("exec-oob") if isinstance(obj, dict) else None
-                            if not isinstance(execute_, str):
+                            if not _well_formed("command", obj):
                                 st.malformed += 1
                                 pend = SKIP
                                 continue
+                            execute_ = obj.get("execute") or obj.get("exec-oob")
                             cmd: dict[str, Any] = {"kind": "command", "execute": execute_}
                             if "arguments" in obj:
                                 cmd["arguments"] = obj["arguments"]
@@ -918,7 +918,7 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                         if key in want:
                             flush(key)
                             obj = _loads(line[p0:p1])
-                            if not isinstance(obj, dict):
+                            if not _well_formed("reply", obj):
                                 st.malformed += 1
                                 continue
                             rid = obj.get("id")
@@ -951,7 +951,7 @@ def scan(path: str | os.PathLike[str], *, collect: Iterable[str] = (), since: An
                         if key in want:
                             flush(key)
                             obj = _loads(line[p0:p1])
-                            if not isinstance(obj, dict) or "event" not in obj:
+                            if not _well_formed("event", obj):
                                 st.malformed += 1
                                 continue
                             sc.messages.setdefault(key, []).append(
@@ -1041,6 +1041,34 @@ def _greeting_version(line: bytes) -> str | None:
         return f"{int(q['major'])}.{int(q['minor'])}.{int(q['micro'])}"
     except (TypeError, KeyError, ValueError):
         return None
+
+
+def _int_like(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _well_formed(kind: str, obj: Any) -> bool:
+    """*obj* has the shape the trace model gives a QMP *kind* (``command``/``reply``/``event``): a
+    monitor line whose payload has not is malformed (counted, skipped), so an import is always a
+    valid trace.
+
+    >>> _well_formed("command", {"execute": "stop"}), _well_formed("command", {"execute": "stop", "arguments": []})
+    (True, False)
+    >>> _well_formed("event", {"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})
+    True
+    """
+    if not isinstance(obj, dict):
+        return False
+    if kind == "command":
+        execute = obj.get("execute") or obj.get("exec-oob")
+        return isinstance(execute, str) and execute != "" and isinstance(obj.get("arguments", {}), dict)
+    if kind == "reply":
+        err = obj.get("error", {})
+        return "error" not in obj or (isinstance(err, dict) and isinstance(err.get("class", ""), str)
+                                      and isinstance(err.get("desc", ""), str))
+    ev, ts = obj.get("event"), obj.get("timestamp")
+    return isinstance(ev, str) and ev != "" and (
+        ts is None or (isinstance(ts, dict) and all(_int_like(ts.get(k, 0)) for k in ("seconds", "microseconds"))))
 
 
 def _id_key(value: Any) -> Any:
@@ -1136,7 +1164,8 @@ def _status(msgs: list[dict[str, Any]], anchor: int) -> tuple[bool | None, str |
                 ok = False
                 error = error or _errtext(m["error"])
         elif m["kind"] == "event" and m["event"] == "MIGRATION":
-            st = (m.get("data") or {}).get("status")
+            data = m.get("data")
+            st = data.get("status") if isinstance(data, dict) else None
             if st == "completed" and ok is None:
                 ok = True
             elif st in ("failed", "cancelled"):
@@ -1219,7 +1248,7 @@ def build_phases(sc: Scan, keys: list[str], lo: float | None = None, hi: float |
 
 def _public(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Strip private fields, compute ``t`` relative to the first message and the ``fds`` count."""
-    t0 = part[0]["_t"]
+    t0 = min(m["_t"] for m in part)  # the file order of threads' lines is not always time order
     out = []
     for m in part:
         if m["kind"] == "command":
