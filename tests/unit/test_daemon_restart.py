@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from unit.test_logcapture import DEFAULT_OUT, FakeDaemon
 
+from unit.test_logcapture import DEFAULT_OUT, FakeDaemon
 from virtsave.core.errors import ConnectionFailed
 from virtsave.libvirtd import logcapture as lc
 
