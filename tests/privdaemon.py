@@ -100,9 +100,9 @@ class PrivateDaemons:
         self.start_virtlogd()
         self.start_libvirtd()
 
-    def _enter(self) -> list[str]:
+    def _enter(self, *options: str) -> list[str]:
         assert self.anchor is not None
-        return ["nsenter", "-t", str(self.anchor.pid), "-m", "--"]
+        return ["nsenter", "-t", str(self.anchor.pid), "-m", *options, "--"]
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.base / f"{name}.out", "ab")  # noqa: SIM115 - the daemon's stderr, closed with it
@@ -163,7 +163,7 @@ class PrivateDaemons:
         full = {**os.environ, "VIRTSAVE_STATE_DIR": str(self.state_dir), "COLUMNS": "200", **(env or {})}
         full.pop("LIBVIRT_DEFAULT_URI", None)
         full.pop("VIRTSAVE_ADMIN_URI", None)
-        return subprocess.Popen([*self._enter(), f"--wd={REPO}", sys.executable, "-m", "virtsave.cli", *args],
+        return subprocess.Popen([*self._enter(f"--wd={REPO}"), sys.executable, "-m", "virtsave.cli", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full)
 
     def run(self, *args: str, timeout: float = 600, env: dict[str, str] | None = None

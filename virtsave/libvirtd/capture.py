@@ -121,7 +121,7 @@ def _redact(trace: tr.Trace) -> tr.Trace:
 
 
 def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetime, want: str,
-                  operation: str, ok: bool) -> tuple[list[tr.Message], str | None, list[str]]:
+                  operation: str, ok: bool | None) -> tuple[list[tr.Message], str | None, list[str]]:
     """Messages (and monitor) of *name*'s monitors between *since* and *until* in the window, and
     the names of messages in that window the parser could not place in a phase.
 
@@ -151,10 +151,11 @@ class MixedTrace(VirtsaveError):
     """The traced window holds another libvirt client's save/restore of the same domain."""
 
 
-def foreign_job(phases: list[tr.Phase], want: str, operation: str, ok: bool) -> str | None:
+def foreign_job(phases: list[tr.Phase], want: str, operation: str, ok: bool | None) -> str | None:
     """Why the parsed *phases* of one traced step are not all this step's own, or None.
 
-    One step (*operation*, e.g. ``managed-save``; libvirt answered *ok*) is one libvirt job, so its
+    One step (*operation*, e.g. ``managed-save``; libvirt answered *ok*, None when no answer came:
+    the daemon went away) is one libvirt job, so its
     window holds at most one phase named *want*, done by a job of that operation (the log's
     ``Starting job: API=…``), and a successful one only if libvirt told us it succeeded — anything
     else is another client's job (``virsh save`` of the same domain) that libvirt ran before or
@@ -172,12 +173,17 @@ def foreign_job(phases: list[tr.Phase], want: str, operation: str, ok: bool) -> 
         job = (p.get("attribution") or {}).get("job")
         if job and OPERATIONS.get(job, job) != operation:
             return f"a {OPERATIONS.get(job, job)} job ({job})"
-    if not ok and any(p.get("ok") for p in mine):
+    if ok is False and any(p.get("ok") for p in mine):
         job = next(((p.get("attribution") or {}).get("job") for p in mine if p.get("ok")), None)
         return f"a {operation} job that succeeded while libvirt refused ours" + (f" ({job})" if job else "")
     if len(mine) > 1:
         return f"{len(mine)} {want} conversations in the window of one {operation}"
     return None
+
+
+def _answer(res: lp.OpResult) -> bool | None:
+    """What libvirt answered: ok, failed, or None when it never answered (the daemon went away)."""
+    return None if res.detail.get("daemon_lost") else bool(res.ok)
 
 
 def refuse_busy_domain(dom: libvirt.virDomain, name: str) -> None:
@@ -333,7 +339,7 @@ def _trace_domain(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, o
                 res: lp.OpResult = s["result"]
                 try:
                     messages, monitor, unphased = _parse_window(window, name, s["since"], s["until"], s["phase"],
-                                                                s["operation"], bool(res.ok))
+                                                                s["operation"], _answer(res))
                 except LogError as exc:
                     if res.ok:  # it worked, yet nothing was logged: the capture itself failed
                         raise LogError(f"{s['operation']} of {name} succeeded but its monitor traffic was not "
