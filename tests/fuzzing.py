@@ -709,6 +709,11 @@ def regression(name: str) -> tuple[str, bytes]:
         # Commands whose arguments are a list: the import wrote a trace its own schema refuses.
         # Fixed: logparse counts payloads without the trace model's shape as malformed (_well_formed).
         return _REGRESSION_LOG, log.replace(b'{"execute":"stop","id"', b'{"execute":"stop","arguments":[],"id"')
+    if name == "log-huge-numbers":
+        # 5000-digit thread ids, return values, errnos and fds: int() raised ValueError past Python's
+        # digit limit. Fixed: logparse reads at most 18 digits as a number (a longer run is garbage).
+        big = b"9" * 5000
+        return _REGRESSION_LOG, re.sub(rb"(with ret=|errno=|fd=|Thread )\d+", rb"\g<1>" + big, log)
     if name == "log-time-backwards":
         # The migrate command's line stamped a minute before the save began (threads' lines interleave;
         # here exaggerated): t = -60 s, refused by the schema. Fixed: t counts from the phase's earliest.

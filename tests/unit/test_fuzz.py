@@ -35,6 +35,7 @@ def strategy(name: str) -> Any:
 @example(fz.regression("log-event-data-list"))
 @example(fz.regression("log-arguments-list"))
 @example(fz.regression("log-time-backwards"))
+@example(fz.regression("log-huge-numbers"))
 def test_fuzz_libvirtd_log_import(inp: tuple[str, bytes]) -> None:
     fz.check_log_import(inp)
 
@@ -46,6 +47,7 @@ def test_fuzz_libvirtd_log_import(inp: tuple[str, bytes]) -> None:
 @example(fz.regression("log-event-data-list"))
 @example(fz.regression("log-arguments-list"))
 @example(fz.regression("log-time-backwards"))
+@example(fz.regression("log-huge-numbers"))
 def test_fuzz_libvirtd_log_scan(inp: tuple[str, bytes]) -> None:
     fz.check_log_scan(inp)
 

@@ -115,13 +115,14 @@ _RE_EVNAME = re.compile(rb'"event"\s*:\s*"([^"]+)"')
 _RE_VMNAME = re.compile(rb"vm=(0x[0-9a-fA-F]+),? name=([^ ,)\r\n]+)")
 _RE_MONVM = re.compile(rb"mon:(0x[0-9a-fA-F]+) vm:(0x[0-9a-fA-F]+|\(nil\))")
 _RE_JOB = re.compile(rb"Starting job: API=(\w+)")
-_RE_JOBEND = re.compile(rb"Thread (\d+) \([^)]*\) finished job (\w+) with ret=(-?\d+)")
+# Numbers in log lines: at most 18 digits (a longer run is garbage, not a number Python may refuse to convert).
+_RE_JOBEND = re.compile(rb"Thread (\d{1,18}) \([^)]*\) finished job (\w+) with ret=(-?\d{1,18})(?!\d)")
 _RE_PATH = re.compile(rb"(?:migratePath|incoming\.path)=(/\S+)")
 _RE_LIBVIRT_VERSION = re.compile(rb"libvirt version: ([0-9][0-9.]*)")
 _RE_QEMU_VERSION = re.compile(rb"qemu version: ([0-9][0-9.]*[0-9])")
 _RE_HOSTNAME = re.compile(rb"hostname: (\S+)")
-_RE_ERRNO = re.compile(rb"errno=(-?\d+)")
-_RE_FD = re.compile(rb"fd=(-?\d+)")
+_RE_ERRNO = re.compile(rb"errno=(-?\d{1,18})(?!\d)")
+_RE_FD = re.compile(rb"fd=(-?\d{1,18})(?!\d)")
 
 
 class _Clock:
@@ -329,6 +330,8 @@ def iter_records(path: str | os.PathLike[str], stats: LogStats | None = None, *,
 def _tid(line: bytes) -> int:
     # "YYYY-MM-DD HH:MM:SS.mmm+0000: <tid>: …" — tid starts at column 30.
     end = line.find(b":", 30)
+    if not 30 < end <= 48:  # at most 18 digits
+        return 0
     try:
         return int(line[30:end])
     except ValueError:
