@@ -89,7 +89,7 @@ def test_finalize_flips_magic(tmp_path: Path) -> None:
     p = tmp_path / "img"
     with open(p, "w+b") as f:
         saveimage.write_header(f, "<domain/>")
-        saveimage.finalize(f.fileno())
+        saveimage.finalize(f.fileno(), p)
     assert saveimage.read_header_path(p).partial is False
 
 

@@ -16,7 +16,6 @@ still written first: it is the evidence of the failure); 130 after Ctrl-C.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
+from virtsave.core import jsonload
 from virtsave.core.errors import AmbiguousMonitor, VirtsaveError
 from virtsave.core.files import private_writer
 from virtsave.libvirtd import capture
@@ -151,13 +151,14 @@ def trace_cmd(
 
     state = "running" if running else "paused" if paused else None
     conn = lp.connect(OPTIONS.uri)
-    info(f"tracing {op} of {domain} (libvirtd monitor logging on for the duration)")
     # No live progress bar here: polling libvirt's job stats sends query-migrate to QEMU, which
     # would put our own commands into the conversation being traced.
     with logcapture.output_policy(keep=keep_log_outputs, announce=_notice):
         trace = capture.trace_domain(conn, domain, op, file, uri=OPTIONS.uri, bypass_cache=bypass_cache,
                                      image_format=image_format, parallel_channels=parallel_channels, state=state,
-                                     progress=None, on_warning=lambda m: info(f"warning: {m}"))
+                                     progress=None, on_warning=lambda m: info(f"warning: {m}"),
+                                     on_start=lambda: info(f"tracing {op} of {domain} (libvirtd monitor logging "
+                                                           "on for the duration)"))
     tr.dump(trace, out)
     info(_summary(trace))
     bad = _failed_phase(trace)
@@ -172,8 +173,8 @@ def validate_cmd(
     """Check a trace file against the trace JSON Schema (exit 0 valid, 2 invalid)."""
     raw = tr.read_bytes(path)  # size-capped: a trace is untrusted input
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = jsonload.loads(raw)
+    except ValueError as exc:  # malformed, undecodable, nested too deeply, an integer past the digit limit
         problems = [f"(top): not valid JSON: {exc}"]
     else:
         problems = tr.validate(data)

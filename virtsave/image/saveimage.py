@@ -33,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -43,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any, BinaryIO, cast
 
+from virtsave.core import jsonload
 from virtsave.core.errors import ImageError
 from virtsave.trace import model as tr
 
@@ -197,13 +197,27 @@ def write_header(f: BinaryIO, xml: str, cookie: str | None = None, *, was_runnin
     return read_header(io.BytesIO(blob))
 
 
-def finalize(fd: int) -> None:
-    """Flip the magic of a finished image from ``LibvirtQemudPart`` to ``LibvirtQemudSave``.
+def sync_directory(path: str | os.PathLike[str]) -> None:
+    """``fsync`` the directory holding *path*, so that its entry (the file's name) is on disk too."""
+    dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
-    Call only after the stream is complete and synced: libvirt's promise is that a
-    complete magic means a complete image.
+
+def finalize(fd: int, path: str | os.PathLike[str] | None = None) -> None:
+    """Flip the magic of a finished image at *path* (open as *fd*; default: the path the kernel
+    names for *fd*) from ``LibvirtQemudPart`` to ``LibvirtQemudSave``, durably.
+
+    Call only after the stream is complete. libvirt's promise is that a complete magic means a
+    complete image, also after a power loss, so the order is: the data on disk (``fsync`` of the
+    file), the file's name on disk (``fsync`` of its directory), only then the magic, itself synced.
+    A crash before the last step leaves a ``LibvirtQemudPart`` image, never a complete-looking
+    one without its data or name.
     """
     os.fsync(fd)
+    sync_directory(path if path is not None else os.readlink(f"/proc/self/fd/{fd}"))
     if os.pread(fd, 16, 0) != MAGIC_PARTIAL:
         raise ImageError("refusing to finalize: image does not start with LibvirtQemudPart", offset=0)
     os.pwrite(fd, MAGIC, 0)
@@ -664,8 +678,8 @@ class _Walker:
 
     def _set_vmdesc(self, raw: bytes, offset: int) -> None:
         try:
-            self.vmdesc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.vmdesc = jsonload.loads(raw)
+        except ValueError as exc:
             raise self.s.error(f"corrupt vmstate description: {exc}", offset) from None
         if not isinstance(self.vmdesc, dict) or not isinstance(self.vmdesc.get("devices"), list):
             raise self.s.error("corrupt vmstate description: no device list", offset)
@@ -854,8 +868,8 @@ def _read_vmdesc_from_end(f: BinaryIO, size: int, stream_offset: int) -> tuple[d
         return None, 0
     p, n = found
     try:
-        desc = json.loads(data[p + 5:p + 5 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        desc = jsonload.loads(data[p + 5:p + 5 + n])
+    except ValueError:
         return None, 0
     if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
         return None, 0

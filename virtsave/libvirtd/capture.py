@@ -55,6 +55,7 @@ from typing import Any, cast
 
 import libvirt
 
+from virtsave.core import locks
 from virtsave.core import paths as config
 from virtsave.core.errors import DomainStateError, ImageError, LogError, UnsupportedError, VirtsaveError
 from virtsave.image import saveimage
@@ -124,16 +125,23 @@ def _redact(trace: tr.Trace) -> tr.Trace:
     return redact.redact_trace(trace)
 
 
-def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetime,
-                  want: str) -> tuple[list[tr.Message], str | None, list[str]]:
+def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetime, want: str,
+                  operation: str, ok: bool | None) -> tuple[list[tr.Message], str | None, list[str]]:
     """Messages (and monitor) of *name*'s monitors between *since* and *until* in the window, and
-    the names of messages in that window the parser could not place in a phase."""
+    the names of messages in that window the parser could not place in a phase.
+
+    Raises :class:`MixedTrace` when the window holds another libvirt client's save or restore of
+    the domain (see :func:`foreign_job`): its messages are never written as this operation's."""
     from virtsave.libvirtd import logparse
 
     parsed = logparse.trace_from_log(path, domain=name, since=since - _SLACK, until=until + _SLACK)
+    phases = parsed.get("phases", [])
+    foreign = foreign_job(phases, want, operation, ok)
+    if foreign:
+        raise MixedTrace(f"another libvirt client worked on {name} during the traced {operation}: {foreign}; "
+                         "its conversation is not written as this trace's")
     log = parsed.get("log")
     unphased = list(log["unphased_messages"])[: log["unphased"]] if log else []
-    phases = parsed.get("phases", [])
     picked = [p for p in phases if p.get("name") == want] or phases
     messages: list[tr.Message] = []
     for p in picked:
@@ -179,6 +187,65 @@ def _await_job_ends(log: Path, offset: int, steps: list[dict[str, Any]], name: s
             break
         time.sleep(0.05)
     return [st["phase"] for st in pending]
+
+
+class MixedTrace(VirtsaveError):
+    """The traced window holds another libvirt client's save/restore of the same domain."""
+
+
+def foreign_job(phases: list[tr.Phase], want: str, operation: str, ok: bool | None) -> str | None:
+    """Why the parsed *phases* of one traced step are not all this step's own, or None.
+
+    One step (*operation*, e.g. ``managed-save``; libvirt answered *ok*, None when no answer came:
+    the daemon went away) is one libvirt job, so its
+    window holds at most one phase named *want*, done by a job of that operation (the log's
+    ``Starting job: API=…``), and a successful one only if libvirt told us it succeeded — anything
+    else is another client's job (``virsh save`` of the same domain) that libvirt ran before or
+    instead of ours.
+
+    >>> ph = {"name": "save", "ok": True, "attribution": {"job": "remoteDispatchDomainSaveFlags"}}
+    >>> foreign_job([ph], "save", "managed-save", ok=False)
+    'a save job (remoteDispatchDomainSaveFlags)'
+    >>> foreign_job([{**ph, "attribution": {"job": "remoteDispatchDomainManagedSave"}}], "save", "managed-save", True)
+    """
+    from virtsave.libvirtd.logparse import OPERATIONS
+
+    mine = [p for p in phases if p.get("name") == want]
+    for p in phases:
+        job = (p.get("attribution") or {}).get("job")
+        if job and OPERATIONS.get(job, job) != operation:
+            return f"a {OPERATIONS.get(job, job)} job ({job})"
+    if ok is False and any(p.get("ok") for p in mine):
+        job = next(((p.get("attribution") or {}).get("job") for p in mine if p.get("ok")), None)
+        return f"a {operation} job that succeeded while libvirt refused ours" + (f" ({job})" if job else "")
+    if len(mine) > 1:
+        return f"{len(mine)} {want} conversations in the window of one {operation}"
+    return None
+
+
+def _answer(res: lp.OpResult) -> bool | None:
+    """What libvirt answered: ok, failed, or None when it never answered (the daemon went away)."""
+    return None if res.detail.get("daemon_lost") else bool(res.ok)
+
+
+def refuse_busy_domain(dom: libvirt.virDomain, name: str) -> None:
+    """Refuse at once when another client has a libvirt job (save, migration, dump …) running on *name*:
+    its conversation would land in the trace's window."""
+    try:
+        kind = dom.jobInfo()[0]
+    except libvirt.libvirtError:
+        return
+    if kind not in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
+        return
+    what = "a job"
+    with contextlib.suppress(libvirt.libvirtError, TypeError):
+        op = dom.jobStats(0).get("operation")
+        names = {getattr(libvirt, n): n.removeprefix("VIR_DOMAIN_JOB_OPERATION_").lower().replace("_", " ")
+                 for n in dir(libvirt) if n.startswith("VIR_DOMAIN_JOB_OPERATION_")}
+        if op in names and names[op] != "unknown":
+            what = f"a {names[op]} job"
+    raise DomainStateError(f"cannot trace {name}: another libvirt client has {what} running on it; "
+                           "try again when it is done")
 
 
 # --------------------------------------------------------------------------- the traced run
@@ -231,15 +298,36 @@ def _check_op(op: str, file: str | None, image_format: str | None, parallel_chan
 def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: str | os.PathLike[str] | None = None,
                  *, uri: str | None = None, bypass_cache: bool = False, image_format: str | None = None,
                  parallel_channels: int | None = None, state: str | None = None,
-                 progress: Progress | None = None, on_warning: Callable[[str], None] | None = None) -> tr.Trace:
+                 progress: Progress | None = None, on_warning: Callable[[str], None] | None = None,
+                 on_start: Callable[[], None] | None = None) -> tr.Trace:
     """Run *op* on domain *name* with monitor logging on and return its trace (redacted).
 
     *state* (``"running"``/``"paused"``) is the state after restore/start, as in ``virsh``.
+    *on_start* is called once the checks passed, just before the daemon's logging is switched on.
+
+    One trace per domain at a time: a second ``trace_domain`` of the same domain (any virtsave
+    process) raises :class:`~virtsave.core.locks.Busy` at once, naming the first one's pid. A
+    domain on which another libvirt client has a job running is refused at once
+    (:func:`refuse_busy_domain`); a job of another client that libvirt runs inside the traced
+    window raises :class:`MixedTrace` (no trace is returned: never a mixed one).
     """
     file = os.path.abspath(os.fspath(file)) if file else None
     _check_op(op, file, image_format, parallel_channels)
     dom = lp.lookup(conn, name)
     name = dom.name()
+    with locks.exclusive(f"trace-{dom.UUIDString()}", f"trace --op {op} of {name}", busy=f"cannot trace {name}"):
+        try:
+            return _trace_domain(conn, dom, name, op, file, uri=uri, bypass_cache=bypass_cache,
+                                 image_format=image_format, parallel_channels=parallel_channels, state=state,
+                                 progress=progress, on_warning=on_warning, on_start=on_start)
+        except MixedTrace as exc:
+            raise MixedTrace(f"{exc}; {name} is {lp.state_name(dom)}") from None
+
+
+def _trace_domain(conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, op: str, file: str | None, *,
+                  uri: str | None, bypass_cache: bool, image_format: str | None, parallel_channels: int | None,
+                  state: str | None, progress: Progress | None,
+                  on_warning: Callable[[str], None] | None, on_start: Callable[[], None] | None) -> tr.Trace:
     if op == "restore":
         if dom.isActive():
             raise DomainStateError(f"cannot trace restore of {name}: it is running (save it first)")
@@ -250,6 +338,7 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
             raise ImageError(f"{file} holds domain {other.group(1) if other else m.group(1)}, not {name}")
     elif not dom.isActive():
         raise DomainStateError(f"cannot trace {op} of {name}: domain is {lp.state_name(dom)}, not running")
+    refuse_busy_domain(dom, name)
 
     xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
     options = {"bypass_cache": bypass_cache, "image_format": image_format,
@@ -271,6 +360,8 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
     run = _Run(conn, name, progress)
     trace = tr.new_trace("libvirt", host=host_info(conn),
                          domain={"name": name, "uuid": dom.UUIDString(), "xml": xml, "argv": []})
+    if on_start is not None:
+        on_start()
     try:
         with logcapture.capture(uri or _conn_uri(conn), on_warning=on_warning) as cap:
             was_running = dom.isActive()
@@ -293,7 +384,8 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
             for s in run.steps:
                 res: lp.OpResult = s["result"]
                 try:
-                    messages, monitor, unphased = _parse_window(window, name, s["since"], s["until"], s["phase"])
+                    messages, monitor, unphased = _parse_window(window, name, s["since"], s["until"], s["phase"],
+                                                                s["operation"], _answer(res))
                 except LogError as exc:
                     if res.ok:  # it worked, yet nothing was logged: the capture itself failed
                         raise LogError(f"{s['operation']} of {name} succeeded but its monitor traffic was not "

@@ -47,6 +47,8 @@ import os
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -54,7 +56,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from virtsave.core import paths as config
 from virtsave.core.errors import ConnectionFailed, LogError, UnsupportedError
@@ -70,8 +72,10 @@ __all__ = [
     "Owner",
     "Paths",
     "State",
+    "admin_socket",
     "admin_uri_for",
     "capture",
+    "daemon_identity",
     "get_settings",
     "output_policy",
     "parse_admin_output",
@@ -114,6 +118,10 @@ class AdminRunner:
             msg = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             raise ConnectionFailed(f"virt-admin -c {self.admin_uri} {args[0]}: {msg}")
         return proc.stdout
+
+    def daemon_identity(self) -> list[int] | None:
+        """``[pid, start time]`` of the daemon (see :func:`daemon_identity`)."""
+        return daemon_identity(self.admin_uri)
 
     def get_filters(self) -> str:
         return parse_admin_output(self._run("daemon-log-filters"), "filters")
@@ -193,6 +201,47 @@ def admin_uri_for(uri: str | None) -> str:
     if Path("/run/libvirt/virtqemud-admin-sock").exists() and not Path("/run/libvirt/libvirt-admin-sock").exists():
         return f"virtqemud://{path}"
     return f"libvirtd://{path}"
+
+
+def admin_socket(admin_uri: str) -> Path | None:
+    """The Unix socket behind admin URI *admin_uri* (its ``?socket=`` when given), or None.
+
+    >>> admin_socket("libvirtd:///system"), admin_socket("libvirtd:///system?socket=/tmp/a.sock")
+    (PosixPath('/run/libvirt/libvirt-admin-sock'), PosixPath('/tmp/a.sock'))
+    """
+    parts = urlsplit(admin_uri)
+    sock = parse_qs(parts.query).get("socket")
+    if sock:
+        return Path(sock[0])
+    name = {"libvirtd": "libvirt-admin-sock", "virtqemud": "virtqemud-admin-sock"}.get(parts.scheme)
+    if name is None:
+        return None
+    if parts.path.startswith("/session"):
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        return Path(runtime) / "libvirt" / name if runtime else None
+    return Path("/run/libvirt") / name
+
+
+def daemon_identity(admin_uri: str) -> list[int] | None:
+    """``[pid, start time]`` of the daemon listening on *admin_uri*'s socket (``SO_PEERCRED``), or None
+    when it does not answer. A restarted daemon has another identity — and none of the log settings
+    set at run time before (they live in its memory only)."""
+    path = admin_socket(admin_uri)
+    if path is None:
+        return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    except OSError:
+        return None
+    return [pid, proc_starttime(pid) or 0]
+
+
+def _identity(runner: Any) -> list[int] | None:
+    """The daemon's identity through *runner* (None when the runner cannot tell, e.g. a test double)."""
+    return runner.daemon_identity() if hasattr(runner, "daemon_identity") else None
 
 
 def parse_admin_output(text: str, kind: str) -> str:
@@ -280,7 +329,9 @@ class State:
     """What ``logcapture.json`` holds while logging is switched on.
 
     ``original_*`` are the operator's settings as ``virt-admin`` showed them; ``applied_*`` ours as
-    it showed them back. ``filters_wrapped``: whether the daemon shows a filter's match wrapped in
+    it showed them back; ``daemon`` the daemon's ``[pid, start time]`` when they were applied (a
+    restarted daemon has lost them: see :func:`daemon_identity`).
+    ``filters_wrapped``: whether the daemon shows a filter's match wrapped in
     ``*…*`` (None: not known). ``raise_to``: the level the operator's outputs were raised to
     (None: not raised); ``raised``: those outputs as they were.
     """
@@ -296,6 +347,7 @@ class State:
     filters_wrapped: bool | None = None
     raise_to: int | None = None
     raised: list[str] = field(default_factory=list)
+    daemon: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -394,7 +446,10 @@ def _restore(runner: Any, state: State, paths: Paths) -> str | None:
     except ConnectionFailed as exc:
         # Daemon gone: its settings died with it. Nothing to restore.
         warning = f"daemon not reachable while restoring log settings ({exc}); state cleared"
-    if cur is not None:
+    now = _identity(runner) if cur is not None and state.daemon else None
+    if cur is not None and now is not None and now != state.daemon:
+        warning = _restarted_note(state, now, cur)
+    elif cur is not None:
         cur_f, cur_o = cur
         if ls.same(cur_f, state.applied_filters) and ls.same(cur_o, state.applied_outputs):
             warning = _put_back(runner, state)
@@ -407,6 +462,18 @@ def _restore(runner: Any, state: State, paths: Paths) -> str | None:
         paths.state.unlink()
     shutil.rmtree(paths.dir, ignore_errors=True)
     return warning
+
+
+def _restarted_note(state: State, now: list[int], cur: tuple[str, str]) -> str:
+    """libvirtd restarted while capturing: our settings (and the operator's run-time ones) died with the
+    old process; the new one shows its configured settings, which are left as they are."""
+    old = state.daemon[0] if state.daemon else "?"
+    lost = ("" if ls.same(cur[0], state.original_filters) and ls.same(cur[1], state.original_outputs) else
+            f"; the settings it had before the capture (filters {state.original_filters!r}, outputs "
+            f"{state.original_outputs!r}) were set at run time and went with the old process: not put back")
+    return (f"libvirtd restarted during the capture (pid {old} → {now[0]}): the capture's log settings went "
+            f"with it; it now shows its configured ones (filters {cur[0]!r}, outputs {cur[1]!r}){lost}; "
+            "capture state cleared")
 
 
 def _restore_force(runner: Any, state: State, paths: Paths) -> None:
@@ -505,8 +572,9 @@ class CaptureSession:
             state = _load_state(self.paths)
             if state is not None:
                 state.prune()
-                if not state.owners:  # every earlier owner died: repair, then start afresh
-                    self.warning = _restore(self.runner, state, self.paths)
+                restarted = state.daemon is not None and _identity(self.runner) not in (None, state.daemon)
+                if not state.owners or restarted:  # every earlier owner died, or the daemon lost our settings:
+                    self.warning = _restore(self.runner, state, self.paths)   # repair, then start afresh
                     state = None
             if state is None:
                 state = self._open(me)
@@ -560,6 +628,7 @@ class CaptureSession:
                 got_f, got_o = set_settings(self.runner, right_f, None, outputs_first=False)
             # libvirt's own spelling, so the "still ours?" check at the end compares equal.
             state.applied_filters, state.applied_outputs = got_f, got_o
+            state.daemon = _identity(self.runner)
         except BaseException:
             _restore_force(self.runner, state, self.paths)
             raise

@@ -68,7 +68,6 @@ from __future__ import annotations
 import calendar
 import datetime as _dt
 import heapq
-import json
 import mmap
 import os
 import re
@@ -77,6 +76,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtsave.core import jsonload
 from virtsave.core.errors import AmbiguousMonitor, LogError
 from virtsave.trace import model as _trace
 
@@ -130,13 +130,14 @@ _RE_STATUS = re.compile(rb'"status"\s*:\s*"([^"]*)"')
 _RE_VMNAME = re.compile(rb"vm=(0x[0-9a-fA-F]+),? name=([^ ,)\r\n]+)")
 _RE_MONVM = re.compile(rb"mon:(0x[0-9a-fA-F]+) vm:(0x[0-9a-fA-F]+|\(nil\))")
 _RE_JOB = re.compile(rb"Starting job: API=(\w+)")
-_RE_JOBEND = re.compile(rb"Thread (\d+) \([^)]*\) finished job (\w+) with ret=(-?\d+)")
+# Numbers in log lines: at most 18 digits (a longer run is garbage, not a number Python may refuse to convert).
+_RE_JOBEND = re.compile(rb"Thread (\d{1,18}) \([^)]*\) finished job (\w+) with ret=(-?\d{1,18})(?!\d)")
 _RE_PATH = re.compile(rb"(?:migratePath|incoming\.path)=(/\S+)")
 _RE_LIBVIRT_VERSION = re.compile(rb"libvirt version: ([0-9][0-9.]*)")
 _RE_QEMU_VERSION = re.compile(rb"qemu version: ([0-9][0-9.]*[0-9])")
 _RE_HOSTNAME = re.compile(rb"hostname: (\S+)")
-_RE_ERRNO = re.compile(rb"errno=(-?\d+)")
-_RE_FD = re.compile(rb"fd=(-?\d+)")
+_RE_ERRNO = re.compile(rb"errno=(-?\d{1,18})(?!\d)")
+_RE_FD = re.compile(rb"fd=(-?\d{1,18})(?!\d)")
 _RE_MON = re.compile(rb"QEMU_MONITOR_([A-Z_]+): mon=(0x[0-9a-fA-F]+)")   # a line's probe: its first match
 
 # The probe patterns of the fast path. Their literal head (``Q``) lets the regex engine jump from
@@ -212,8 +213,10 @@ def _tid(line: bytes) -> int:
 
 
 def _loads(b: bytes) -> Any:
+    """A payload's JSON, or None when malformed, nested too deep or holding an integer past Python's
+    digit limit (:func:`virtsave.core.jsonload.loads`): counted as malformed, never raised."""
     try:
-        return json.loads(b.decode("utf-8", "replace"))
+        return jsonload.loads(b.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         return None
 
@@ -1006,8 +1009,8 @@ class _Machine:
     def _command(self, tr: _Track, payload: bytes, t: float, job: _Job | None, ls: int) -> None:
         obj = _loads(payload)
         execute = (obj.get("execute") or obj.get("exec-oob")) if isinstance(obj, dict) else None
-        if not isinstance(execute, str):
-            self.undecodable += 1
+        if not isinstance(execute, str) or not isinstance(obj.get("arguments", {}), dict):
+            self.undecodable += 1      # not the shape of a QMP command (the trace model's): malformed
             return
         body: dict[str, Any] = {"kind": "command", "execute": execute}
         if "arguments" in obj:
@@ -1022,7 +1025,7 @@ class _Machine:
 
     def _reply(self, tr: _Track, payload: bytes, t: float) -> None:
         obj = _loads(payload)
-        if not isinstance(obj, dict):
+        if not isinstance(obj, dict) or not isinstance(obj.get("error", {}), dict):
             self.undecodable += 1
             return
         rid = obj.get("id")
@@ -1039,7 +1042,8 @@ class _Machine:
 
     def _event(self, tr: _Track, payload: bytes, t: float) -> None:
         obj = _loads(payload)
-        if not isinstance(obj, dict) or "event" not in obj:
+        if (not isinstance(obj, dict) or not isinstance(obj.get("event"), str)
+                or not isinstance(obj.get("data", {}), dict) or not isinstance(obj.get("timestamp", {}), dict)):
             self.undecodable += 1
             return
         body = {"kind": "event", "event": obj["event"], "data": obj.get("data"), "timestamp": obj.get("timestamp")}
@@ -1309,14 +1313,15 @@ def _public(part: list[_Msg]) -> list[dict[str, Any]]:
     out = []
     for m in part:
         b = m.body
+        t = max(m.t - t0, 0.0)     # a log whose clock went back (hand-edited, spliced) never gives t < 0
         if b["kind"] == "command":
-            msg = _trace.command(b["execute"], b.get("arguments"), id=b["id"], fds=max(m.fds, m.fdsent), t=m.t - t0)
+            msg = _trace.command(b["execute"], b.get("arguments"), id=b["id"], fds=max(m.fds, m.fdsent), t=t)
             if m.errno:
                 msg["write_errno"] = m.errno
         elif b["kind"] == "reply":
-            msg = {**b, "t": round(m.t - t0, 6)}
+            msg = {**b, "t": round(t, 6)}
         else:
-            msg = _trace.event(b["event"], b["data"], b["timestamp"], t=m.t - t0)
+            msg = _trace.event(b["event"], b["data"], b["timestamp"], t=t)
         out.append(msg)
     return out
 

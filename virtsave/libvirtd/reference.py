@@ -58,6 +58,9 @@ DEFAULT_URI = "qemu:///system"
 #: Where the system QEMU driver keeps managed-save images (``<save_dir>/<name>.save``).
 MANAGED_SAVE_DIR = "/var/lib/libvirt/qemu/save"
 POLL_INTERVAL = 0.2
+#: When libvirtd goes away during a job, how long (seconds) to wait for it to come back and say where
+#: the guest is (``$VIRTSAVE_DAEMON_WAIT`` overrides; a restart by an operator or systemd takes ~1-3 s).
+DAEMON_RETURN_WAIT = 15.0
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -381,6 +384,79 @@ def _settled_state(dom: libvirt.virDomain, was_running: bool) -> str:
     return st
 
 
+def _daemon_gone(dom: libvirt.virDomain | None) -> bool:
+    """The connection *dom* came from is closed: libvirtd went away (killed, restarted, crashed)."""
+    if dom is None:
+        return False
+    try:
+        return not dom.connect().isAlive()
+    except (libvirt.libvirtError, AttributeError):
+        return False
+
+
+def _image_note(image: str | None) -> str:
+    """``; image PATH is complete`` (or partial, or absent): where a saved guest's memory is."""
+    if not image:
+        return ""
+    from virtsave.image.saveimage import MAGIC, MAGIC_PARTIAL
+
+    try:
+        with open(image, "rb") as f:
+            magic = f.read(16)
+    except FileNotFoundError:
+        return f"; no image at {image}"
+    except OSError as exc:
+        return f"; image {image} unreadable ({exc.strerror})"
+    what = {MAGIC: "complete", MAGIC_PARTIAL: "partial (LibvirtQemudPart: libvirt did not finish it)"}
+    return f"; image {image} is {what.get(magic, 'not a save image')}"
+
+
+def _reconnect(uri: str, wait: float) -> libvirt.virConnect | None:
+    deadline = time.monotonic() + wait
+    while True:
+        with contextlib.suppress(libvirt.libvirtError):
+            return libvirt.open(uri)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
+def after_daemon_loss(dom: libvirt.virDomain, name: str, image: str | None,
+                      wait: float | None = None) -> tuple[str, str]:
+    """(state, one-line note) of *name* after libvirtd went away during a job on it.
+
+    Reconnects (waiting up to *wait* seconds, default :data:`DAEMON_RETURN_WAIT`) and looks: a
+    restarted libvirtd cancels a save it did not finish and resumes the guest, or finds it saved;
+    which one happened, and whether *image* is complete, is the note. A daemon that does not come
+    back leaves the state unknown (and the note says so)."""
+    if wait is None:
+        wait = float(os.environ.get("VIRTSAVE_DAEMON_WAIT") or DAEMON_RETURN_WAIT)
+    try:
+        uri = dom.connect().getURI()
+    except libvirt.libvirtError:
+        uri = None
+    conn = _reconnect(uri, wait) if uri else None
+    if conn is None:
+        return "unknown", (f"libvirtd is not back after {wait:g} s, so where {name} is stays unknown until it "
+                           f"is (a restarted libvirtd finishes or cancels the job it was doing){_image_note(image)}")
+    try:
+        st = _settled_state(conn.lookupByName(name), was_running=True)
+    except libvirt.libvirtError as exc:
+        return "unknown", f"libvirtd is back but cannot tell where {name} is ({_first_line(str(exc))})"
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+    return st, f"libvirtd is back: domain {name} is {st}{_image_note(image)}"
+
+
+def _with_tail(err: VirtsaveError, tail: str) -> VirtsaveError:
+    """*err* with ``; tail`` on its one line (same class and exit code)."""
+    code = err.exit_code
+    out = type(err)(f"{err}; {tail}")
+    out.exit_code = code
+    return out
+
+
 def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: bool,
          what: str, image: str | None = None, image_error: bool = False,
          after_fail: Callable[[], str] | None = None,
@@ -390,20 +466,27 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
     try:
         value = abortable(call, dom, flags)
     except libvirt.libvirtError as exc:
+        gone = _daemon_gone(dom)
         err = map_error(exc, what, image=image if image_error else None)
+        if gone:
+            err = ConnectionFailed(f"{what}: libvirtd went away before answering "
+                                   f"({_first_line(exc.get_error_message() or str(exc))})")
         if flags.get("interrupted"):
             err = OperationFailed(f"interrupted: {err}")
             err.exit_code = 130
         res = OpResult(name, operation, False, round(time.monotonic() - t0, 3), image, None, str(err))
         res.detail.update(flags)
-        if after_fail:
+        if gone and dom is not None:
+            res.state, tail = after_daemon_loss(dom, name, image)
+            res.detail["daemon_lost"] = True
+            err = _with_tail(err, tail)
+        elif after_fail:
             res.state = after_fail()
             if res.state:
                 # one line, but say where the guest is: a failed save leaves it running
-                code = err.exit_code
-                err = type(err)(f"{err}; domain {name} is {res.state}")
-                err.exit_code = code
-                res.error = str(err)
+                err = _with_tail(err, f"domain {name} is {res.state}"
+                                 + (_image_note(image) if res.state == "shut off" else ""))
+        res.error = str(err)
         if raise_on_error:
             err.result = res  # type: ignore[attr-defined]
             raise err from None
@@ -550,7 +633,8 @@ def start(conn: libvirt.virConnect, name: str, *, bypass_cache: bool = False, st
     st = _stat(path)
     with _watch(lambda: dom, name, "start", progress) as last:
         res, _ = _run(name, "start", lambda: dom.createWithFlags(flags), raise_on_error=raise_on_error,
-                      what=f"start of {name} failed", image=path, image_error=had, dom=dom)
+                      what=f"start of {name} failed", image=path, image_error=had, dom=dom,
+                      after_fail=lambda: state_name(dom))
     res.image_size = st.st_size if st else None
     res.detail.update(from_managed_save=had, flags=flags)
     res.stats, res.state = dict(last), state_name(dom)

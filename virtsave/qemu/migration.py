@@ -13,7 +13,8 @@ Save — :func:`saving` yields an :class:`Outgoing` image:
    :meth:`Outgoing.uri` turns the URI libvirt uses into the one for our image and says why;
 3. after ``migrate``, :func:`await_completion` waits for the ``MIGRATION`` event;
 4. :meth:`Outgoing.finish` is the one place an image becomes complete (helper done, header
-   put back if QEMU opened the file itself, fsync, magic ``LibvirtQemudSave``);
+   put back if QEMU opened the file itself, fsync of the data and of the directory, magic
+   ``LibvirtQemudSave``, fsync);
 5. on any failure the partial image is removed and the guest resumed if it was running
    (libvirt sends ``cont`` too); :func:`end_saved_qemu` ends QEMU after a completed save (SIGTERM
    as libvirt does, or ``quit``).
@@ -341,13 +342,14 @@ class Outgoing(_Stream):
 
         The one place a save image is finalized: the ``exec:`` helper must be done, the
         header is put back where QEMU opened the file by path (it may truncate), then
-        :func:`~virtsave.image.saveimage.finalize` syncs and flips the magic.
+        :func:`~virtsave.image.saveimage.finalize` syncs the data and the directory entry, then
+        flips the magic and syncs again.
         """
         if self.transport == "tcp":
             if self.use_exec:
                 wait_exec_helper(self.path)
             os.pwrite(self.fd, self.header_bytes, 0)
-        saveimage.finalize(self.fd)
+        saveimage.finalize(self.fd, self.path)
         return os.fstat(self.fd).st_size
 
     def discard(self) -> None:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+from virtsave.core import jsonload
+
 __all__ = [
     "BLOCKDEV_REFERENCE_KEYS",
     "FD_KEYS",
@@ -223,7 +225,7 @@ def _parse_json(text: str) -> dict[str, Any] | None:
     if not text.lstrip().startswith("{"):
         return None
     try:
-        obj = json.loads(text)
+        obj = jsonload.loads(text)
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from virtsave.core import jsonload
 from virtsave.core.errors import TraceError
 from virtsave.trace import model as tr
 from virtsave.trace.redact import redact_trace
@@ -184,7 +185,7 @@ def parse_replies(text: str) -> list[dict[str, Any]]:
     for block in text.split("\n\n"):
         if block.strip():
             try:
-                out.append(json.loads(block))
+                out.append(jsonload.loads(block))
             except ValueError as exc:
                 raise TraceError(f"not a .replies file: {exc}") from None
     return out

@@ -59,6 +59,7 @@ from collections.abc import Iterator
 from importlib import resources
 from typing import IO, Any, Final, Literal, NotRequired, Required, TypedDict, Unpack, cast
 
+from virtsave.core import jsonload
 from virtsave.core.errors import TraceError
 from virtsave.core.files import private_writer
 
@@ -480,8 +481,10 @@ def validate(trace: object) -> list[str]:
 def loads(text: str | bytes, *, name: str = "trace") -> Trace:
     """Parse and validate a trace; raise :class:`TraceError` with one clear line."""
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = jsonload.loads(text)
+    except jsonload.JSONRefused as exc:
+        raise TraceError(f"{name}: {exc}") from None
+    except ValueError as exc:  # malformed, undecodable, an integer past Python's digit limit
         raise TraceError(f"{name}: not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise TraceError(f"{name}: not a virtsave trace (no \"format\": \"{FORMAT}\")")
