@@ -125,8 +125,8 @@ def direct_save_cmd(
     xml: Annotated[Path | None, typer.Option("--xml", metavar="FILE",
                    help="domain XML for the header (needed for 'virsh restore'; else a minimal one)")] = None,
     no_quit: Annotated[bool, typer.Option("--no-quit", help="leave QEMU paused instead of quitting it")] = False,
-    image_format: Annotated[str, typer.Option("--image-format", help="raw | sparse (mapped-ram, QEMU ≥ 9)")]
-    = "raw",
+    image_format: Annotated[str, typer.Option(
+        "--image-format", help="raw | sparse (mapped-ram, QEMU ≥ 9) | gzip | bzip2 | xz | lzop | zstd")] = "raw",
     parallel_channels: Annotated[int, typer.Option("--parallel-channels", metavar="N",
                                  help="multifd channels for --image-format sparse")] = 1,
     bypass_cache: Annotated[bool, typer.Option("--bypass-cache",
@@ -155,7 +155,7 @@ def direct_save_cmd(
 @direct_app.command("restore", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def direct_restore_cmd(
     ctx: typer.Context,
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="libvirt save image (raw or sparse)")],
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="libvirt save image (any format)")],
     transport: Annotated[str, typer.Option("--transport", help="unix | tcp (QMP socket kind)")] = "unix",
     paused: Annotated[bool, typer.Option("--paused", help="leave the guest paused")] = False,
     serial_log: Annotated[Path | None, typer.Option("--serial-log", metavar="PATH",

@@ -2,8 +2,9 @@
 
 :func:`save` drives an existing QEMU over its QMP socket the way libvirt does
 (``stop``, capabilities, ``getfd`` + ``migrate fd:migrate``, wait for the ``MIGRATION``
-event), but QEMU writes straight into the image file (no ``libvirt_iohelper`` pipe) and
-gets ``quit`` instead of a SIGTERM-and-poll at the end. :func:`restore` launches a QEMU
+event), but QEMU writes straight into the image file (no ``libvirt_iohelper`` pipe; for a
+compressed format into the compressor's pipe, the compressor into the file) and gets ``quit``
+instead of a SIGTERM-and-poll at the end. :func:`restore` launches a QEMU
 from an argv with ``-incoming defer``, feeds it the image from its stream offset, ``cont``.
 What is sent is decided here; how the image is written and read (fds, URIs over Unix or
 TCP, finalizing, the failure path) is :mod:`virtsave.qemu.migration`, shared with replay.
@@ -37,14 +38,18 @@ from virtsave.trace import model as _trace
 
 __all__ = ["restore", "save"]
 
-#: The formats QEMU writes itself (compressed ones need a compressor process: not yet).
-SAVE_FORMATS = ("raw", "sparse")
+#: What direct save writes: QEMU's stream as it is (raw), mapped-ram (sparse), or through a
+#: compressor like libvirt's (:data:`~virtsave.qemu.migration.COMPRESSORS`).
+SAVE_FORMATS = ("raw", "sparse", *migration.COMPRESSORS)
 
 
 def _check_save(fmt: str, options: SaveOptions, transport: str, version: tuple[int, int, int] | None) -> None:
     """Refuse, before the guest is paused, what this QEMU or transport cannot do."""
     if fmt not in SAVE_FORMATS:
-        raise UnsupportedError(f"direct save writes raw or sparse images, not {fmt}")
+        raise UnsupportedError(f"direct save writes {', '.join(SAVE_FORMATS)} images, not {fmt}")
+    if fmt in migration.COMPRESSORS and transport != "unix":
+        raise UnsupportedError(f"direct save of a {fmt} image needs a unix: QMP socket (QEMU gets the "
+                               "compressor's pipe by fd passing)")
     if fmt == "sparse" and version is not None and version < (9, 0, 0):
         raise UnsupportedError(f"image format sparse (mapped-ram) needs QEMU >= 9.0 "
                                f"(this QEMU is {'.'.join(map(str, version))})")
@@ -90,8 +95,10 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
     """Save the QEMU at *qmp_address* into *image_path* (libvirt's format, 0600).
 
     *options*: ``image_format`` ``raw`` (default: QEMU's stream written sequentially into the
-    fd) or ``sparse`` (libvirt ≥ 11.2's format: QEMU's mapped-ram, with ``parallel_channels``
-    multifd threads writing RAM pages at fixed offsets; needs QEMU ≥ 9.0); ``bypass_cache``
+    fd), ``gzip``/``bzip2``/``xz``/``lzop``/``zstd`` (that stream through the format's compressor,
+    multi-threaded where it can; unix: QMP sockets only) or ``sparse`` (libvirt ≥ 11.2's format:
+    QEMU's mapped-ram, with ``parallel_channels`` multifd threads writing RAM pages at fixed
+    offsets; needs QEMU ≥ 9.0); ``bypass_cache``
     (sparse only) has QEMU write the pages with O_DIRECT (its ``direct-io`` parameter, as
     libvirt's ``--bypass-cache``); ``state`` the state the image records; ``xml`` the domain XML.
 
