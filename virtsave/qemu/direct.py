@@ -143,7 +143,7 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
 
 
 def _check_restore(options: SaveOptions) -> None:
-    options.only("state", "parallel_channels", what="direct restore")
+    options.only("state", "parallel_channels", "bypass_cache", what="direct restore")
 
 
 def restore(image_path: str | os.PathLike[str], argv: list[str], options: SaveOptions | None = None, *,
@@ -154,8 +154,9 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], options: SaveOp
 
     The guest then runs if the image says it was running, unless *options* ``state`` says
     otherwise; a sparse image loads with ``parallel_channels`` multifd channels (default one
-    stream). Returns the running :class:`~virtsave.qemu.launch.QemuProcess` (call ``.stop()``
-    to end it) and the result. QEMU is killed again if anything fails.
+    stream), and with ``bypass_cache`` its pages are read with O_DIRECT (QEMU's ``direct-io``).
+    Returns the running :class:`~virtsave.qemu.launch.QemuProcess` (call ``.stop()`` to end it)
+    and the result. QEMU is killed again if anything fails.
     """
     options = options or SaveOptions()
     _check_restore(options)
@@ -164,6 +165,8 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], options: SaveOp
     binary_ver = qemu_launch.binary_version(argv[0] if argv else "qemu-system-x86_64")
     use_exec = transport == "tcp" and not migration.has_file_uri(binary_ver)
     with migration.loading(image, transport=transport, use_exec=use_exec) as inc:
+        if options.bypass_cache:
+            inc.add_direct()
         plan = inc.plan_launch(argv, serial_log=serial_log)
         plan.owns_run_dir = False  # QEMU keeps running after we return: its socket dir must stay
         proc = inc.start(plan)
@@ -188,8 +191,13 @@ def _load(s: QMPSession, inc: migration.Incoming, options: SaveOptions, progress
         caps += [{"capability": "mapped-ram", "state": True},
                  {"capability": "multifd", "state": options.channels > 1}]
     s.execute("migrate-set-capabilities", {"capabilities": caps})
+    params: dict[str, Any] = {}
     if sparse and options.channels > 1:
-        s.execute("migrate-set-parameters", {"multifd-channels": options.channels})
+        params["multifd-channels"] = options.channels
+    if inc.direct_fd is not None:
+        params["direct-io"] = True
+    if params:
+        s.execute("migrate-set-parameters", params)
     mark = s.event_mark()
     s.execute("migrate-incoming", {"uri": inc.uri()[0]})
     migration.await_completion(s, mark, what=f"loading {inc.path}", timeout=timeout, qemu=inc.qemu,

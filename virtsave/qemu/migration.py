@@ -489,6 +489,8 @@ class Incoming(_Stream):
     operation: ClassVar[str] = "restore"
     #: The fdset the image goes in at launch (None: inherited as a plain fd).
     fdset: int | None = None
+    #: An O_DIRECT read fd in that fdset too (:meth:`add_direct`), else None.
+    direct_fd: int | None = None
     helper: subprocess.Popen[bytes] | None = None
     qemu: qemu_launch.QemuProcess | None = None
 
@@ -509,6 +511,20 @@ class Incoming(_Stream):
             inc.close()
             raise
         return inc
+
+    def add_direct(self) -> None:
+        """Put an O_DIRECT read fd beside the plain one in the image's fdset: with QEMU's
+        ``direct-io`` its multifd channels read the pages through it, past the page cache
+        (libvirt's ``--bypass-cache`` on restore). Sparse images over a unix: socket only."""
+        if self.fdset is None:
+            raise UnsupportedError("--bypass-cache on restore needs a sparse image and a unix: QMP socket")
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as exc:
+            raise UnsupportedError(f"--bypass-cache: cannot open {self.path} with O_DIRECT "
+                                   f"({exc.strerror}; e.g. tmpfs)") from None
+        self._own_fds.append(fd)
+        self.direct_fd = fd
 
     def _decompress(self) -> None:
         """Like libvirt: a decompressor reads the image and feeds QEMU through a pipe
@@ -538,6 +554,8 @@ class Incoming(_Stream):
         """A paused ``-incoming defer`` launch of *argv* (run by *binary*, default ``argv[0]``) that
         gives QEMU this image."""
         add_fds = [(self.fdset, self.fd, "virtsave-incoming")] if self.fdset is not None else []
+        if self.fdset is not None and self.direct_fd is not None:
+            add_fds.append((self.fdset, self.direct_fd, "virtsave-incoming-direct"))
         pass_fds = (self.qemu_fd,) if self.helper is not None or (self.transport == "unix" and not add_fds) else ()
         return qemu_launch.plan_launch(argv, incoming="defer", transport=self.transport, paused=True,
                                        serial_log=serial_log, add_fds=add_fds, pass_fds=pass_fds,
