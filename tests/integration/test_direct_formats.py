@@ -53,7 +53,12 @@ def _hand_started(name: str, uid: str, sock: Path, fill: int) -> list[str]:
             "-qmp", f"unix:{sock},server=on,wait=off"]
 
 
-@pytest.mark.parametrize("fmt", list(migration.COMPRESSORS))
+#: xz and bzip2 compress the filler's random data at a few MB/s on this machine kind: minutes.
+SLOW = ("xz", "bzip2")
+
+
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f
+                                 for f in migration.COMPRESSORS])
 def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, workdir, hand_qemus, fmt):
     name, uid, fill = guest.unique_name(), str(_uuid.uuid4()), 8
     xml_file = workdir / "dom.xml"

@@ -8,7 +8,8 @@ a first-touch fault in the microVM), elsewhere buffered may. The data written is
 file in ``/dev/shm``), like the guest memory the saves write: a disk or host that spots zeros must
 not flatter the limit.
 
-The pure parts (dd's summary line, the limits and ratios) are plain functions with doctests.
+The pure parts (dd's summary line, rates, the best method) are plain functions with doctests; P2
+and P3b themselves are :func:`virtsave.harness.bench.figures`.
 
 Example::
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from virtsave.core.errors import OperationFailed
 
-__all__ = ["BLOCK", "Limit", "measure_limits", "parse_dd", "rate", "restore_read_ratio", "save_write_ratio"]
+__all__ = ["BLOCK", "Limit", "drop_page_cache", "measure_limits", "parse_dd", "rate"]
 
 BLOCK = 16 * 1024 * 1024
 #: ``<bytes> bytes (…) copied, <seconds> s, <rate>`` — dd's last line (coreutils, LC_ALL=C).
@@ -60,24 +61,6 @@ def rate(nbytes: int, seconds: float) -> float:
     (2000.0, True)
     """
     return nbytes / seconds if seconds > 0 else float("nan")
-
-
-def save_write_ratio(image_bytes: int, seconds: float, write_limit: float) -> float:
-    """P2: the save's rate (bytes it wrote ÷ its wall time) over the write limit.
-
-    >>> round(save_write_ratio(1_800_000_000, 2.0, 1e9), 3)
-    0.9
-    """
-    return rate(image_bytes, seconds) / write_limit
-
-
-def restore_read_ratio(image_bytes: int, seconds: float, read_limit: float) -> float:
-    """P3b: the image's bytes over the restore-to-running time, over the read limit.
-
-    >>> restore_read_ratio(700_000_000, 1.0, 1e9)
-    0.7
-    """
-    return rate(image_bytes, seconds) / read_limit
 
 
 @dataclass
@@ -119,17 +102,19 @@ def _random_source(blocks: int) -> Path:
     return src
 
 
-def _quiet(cold: bool) -> None:
+def drop_page_cache() -> None:
+    """Write back, then drop the page cache (root): the next read comes from the disk."""
     os.sync()
-    if cold:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def measure_limits(directory: str | os.PathLike[str], size_mib: int, repeats: int = 3, *,
-                   log: Callable[[str], None] = lambda _m: None) -> tuple[Limit, Limit]:
+                   log: Callable[[str], None] = lambda _m: None,
+                   drop_caches: Callable[[], None] = drop_page_cache) -> tuple[Limit, Limit]:
     """(write limit, read limit) of *directory*, each method *repeats* times, alternating.
 
-    *size_mib* is rounded to whole 16 MiB blocks (at least 16). The file is removed afterwards.
+    *size_mib* is rounded to whole 16 MiB blocks (at least 16). Each write starts after ``sync``,
+    each read after *drop_caches*. The file is removed afterwards.
     """
     blocks = max(1, size_mib * 1024 * 1024 // BLOCK)
     target = Path(directory) / f".vs-limit-{os.getpid()}"
@@ -140,11 +125,11 @@ def measure_limits(directory: str | os.PathLike[str], size_mib: int, repeats: in
             log(f"[{r + 1}/{repeats}] disk limits: dd {blocks * 16} MiB O_DIRECT and buffered, write and cold read")
             for method, flags in (("O_DIRECT", ["oflag=direct"]), ("buffered+fsync", ["conv=fsync"])):
                 target.unlink(missing_ok=True)
-                _quiet(cold=False)
+                os.sync()
                 n, t = _dd(f"if={src}", f"of={target}", "bs=16M", f"count={blocks}", *flags)
                 write.rates.setdefault(method, []).append(rate(n, t))
             for method, flags in (("O_DIRECT", ["iflag=direct"]), ("buffered", [])):
-                _quiet(cold=True)
+                drop_caches()
                 n, t = _dd(f"if={target}", "of=/dev/null", "bs=16M", *flags)
                 read.rates.setdefault(method, []).append(rate(n, t))
     finally:
