@@ -87,8 +87,11 @@ def test_image_smaller_than_libvirts_by_more_than_a_tenth_misses_too() -> None:
 def test_cli_presets() -> None:
     cfg, scale = benchcli.config(["--quick", "--bulk-parallel", "2", "--out", "/x"])
     assert (cfg.ram_mib, cfg.fill_mib, cfg.repeats, cfg.preset, scale) == (512, 384, 2, "quick", False)
-    assert (cfg.bulk.guests, cfg.bulk.ram_mib, cfg.bulk.parallel, cfg.outdir) == (4, 256, 2, "/x")
+    assert (cfg.bulk.guests, cfg.bulk.ram_mib, cfg.bulk.parallel, cfg.bulk.repeats, cfg.outdir) == (4, 256, 2, 1, "/x")
     cfg, scale = benchcli.config(["--scale"])
     assert scale and cfg.scale_sizes == (256, 1024, 2048, 4096) and cfg.repeats == 2
     cfg, _ = benchcli.config([])
-    assert (cfg.ram_mib, cfg.fill_mib, cfg.bulk.parallel, cfg.bulk.ram_mib) == (2048, 1536, 4, 512)
+    assert (cfg.ram_mib, cfg.fill_mib, cfg.bulk.parallel, cfg.bulk.ram_mib, cfg.bulk.bypass_cache) == (
+        2048, 1536, 4, 256, False)
+    cfg, _ = benchcli.config(["--bulk-ram", "512", "--bulk-bypass-cache"])
+    assert (cfg.bulk.ram_mib, cfg.bulk.fill_mib, cfg.bulk.bypass_cache) == (512, 128, True)
