@@ -18,11 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import needs_mapped_ram
 
+from virtsave.core.operation import SaveOptions
 from virtsave.harness import guest
 from virtsave.image import saveimage
 from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu import migration
+from virtsave.qemu.backend import DirectBackend
 from virtsave.trace import model as trace
 
 pytestmark = pytest.mark.integration
@@ -83,6 +86,36 @@ def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, w
         assert head == b"QEVM"
         before = guest.tick_mark(name)  # QEMU quit after the save: its last tick is the counter saved
         conn.restore(str(img))
+        c = guest.wait_ticks_continue(before, timeout=90)
+        assert c.survived, c
+    finally:
+        guest.remove(conn, name)
+
+
+@needs_mapped_ram
+def test_a_qemu_restored_from_sparse_saves_zstd_that_libvirt_restores(conn, workdir, hand_qemus):
+    """Sparse save, restore reading with O_DIRECT (--bypass-cache), then a zstd save of that restored
+    QEMU: mapped-ram, multifd and direct-io it was loaded with must not leak into the piped stream."""
+    name, uid, fill = guest.unique_name(), str(_uuid.uuid4()), 8
+    xml = guest.guest_xml(name, 256, fill, domain_uuid=uid)
+    argv = _hand_started(name, uid, workdir / "qmp.sock", fill)[:-2]  # the backend adds its own QMP
+    try:
+        with DirectBackend(argv, serial_log=guest.serial_log(name)) as b:
+            hand_qemus.append(b.launch().pid)
+            guest.wait_tick(name, 2, timeout=120)
+            sparse, zimg = workdir / "s.save", workdir / "z.save"
+            b.save(b.target, sparse, SaveOptions(image_format="sparse", parallel_channels=2, bypass_cache=True,
+                                                 xml=xml))
+            b.close()
+            mark = guest.tick_mark(name)
+            res = b.restore(sparse, SaveOptions(parallel_channels=2, bypass_cache=True))
+            assert res.state == "running" and b.qemu is not None
+            hand_qemus.append(b.qemu.pid)
+            assert guest.wait_ticks_continue(mark, timeout=60).survived
+            b.save(b.target, zimg, SaveOptions(image_format="zstd", xml=xml))
+        assert saveimage.read_header_path(zimg, allow_partial=False).format == "zstd"
+        before = guest.tick_mark(name)
+        conn.restore(str(zimg))
         c = guest.wait_ticks_continue(before, timeout=90)
         assert c.survived, c
     finally:

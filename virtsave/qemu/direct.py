@@ -57,8 +57,19 @@ def _check_save(fmt: str, options: SaveOptions, transport: str, version: tuple[i
         raise UnsupportedError("direct save --bypass-cache needs --image-format sparse over a unix: QMP socket")
 
 
-def _settings(fmt: str, options: SaveOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The migration capabilities and parameters of a save (libvirt's, for the format)."""
+def _settings(fmt: str, options: SaveOptions,
+              current: dict[str, bool] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The migration capabilities and parameters of a save (libvirt's, for the format).
+
+    *current*: the capabilities QEMU has on now (``query-migrate-capabilities``). A QEMU that was
+    itself restored from a sparse image still has mapped-ram/multifd (and ``direct-io``) on, which a
+    stream into an fd or pipe must not inherit; like libvirt, whatever is on and not wanted is
+    switched off.
+
+    >>> caps, params = _settings("zstd", SaveOptions(), {"events": True, "mapped-ram": True, "multifd": True})
+    >>> [(c["capability"], c["state"]) for c in caps], params["direct-io"]
+    ([('events', True), ('mapped-ram', False), ('multifd', False)], False)
+    """
     caps: list[dict[str, Any]] = [{"capability": "events", "state": True}]
     params: dict[str, Any] = {"max-bandwidth": migration.UNLIMITED_BANDWIDTH}
     if fmt == "sparse":
@@ -68,6 +79,11 @@ def _settings(fmt: str, options: SaveOptions) -> tuple[list[dict[str, Any]], dic
             params["multifd-channels"] = options.channels
         if options.bypass_cache:
             params["direct-io"] = True
+    wanted = {c["capability"] for c in caps}
+    caps += [{"capability": name, "state": False} for name, on in (current or {}).items()
+             if on and name not in wanted]
+    if current and current.get("mapped-ram") and "direct-io" not in params:
+        params["direct-io"] = False
     return caps, params
 
 
@@ -118,7 +134,8 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
         version = migration.qemu_version(s) if transport == "tcp" or fmt == "sparse" else None
         xml = options.xml or migration.synthesize_xml(s)
         _check_save(fmt, options, transport, version)
-        caps, params = _settings(fmt, options)
+        current = {c["capability"]: bool(c.get("state")) for c in s.execute("query-migrate-capabilities") or []}
+        caps, params = _settings(fmt, options, current)
         # Set up before pausing: the guest's downtime starts at "stop".
         s.execute("migrate-set-capabilities", {"capabilities": caps})
         s.execute("migrate-set-parameters", params)
