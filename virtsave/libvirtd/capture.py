@@ -87,9 +87,9 @@ def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
     path = Path(domain_log) if domain_log else QEMU_LOG_DIR / f"{name}.log"
     if path.is_file():
         with contextlib.suppress(VirtsaveError):
-            starts = domainlog.parse_domain_log(path)
-            if starts and starts[-1].argv:
-                return list(starts[-1].argv)
+            last = domainlog.last_start(path)  # the newest only: a long history costs ms per start
+            if last is not None and last.argv:
+                return list(last.argv)
     if domain_log:
         return []  # the caller named a log; do not silently describe another machine
     if xml and conn is not None:
