@@ -4,7 +4,8 @@
   neither reads nor leaves anything in /var/lib/virtsave or /run/virtsave.
 - No daemon: the default libvirt URI is libvirt's in-process ``test:///default`` driver; a test
   that opens any other URI whose socket exists fails (``qemu:///system`` belongs to integration
-  tests), and ``virt-admin`` is a stub that fails the command loudly.
+  tests), and ``virt-admin`` is a stub that fails the command loudly (``VIRTSAVE_ADMIN_CLIENT=virt-admin``:
+  the log capture goes through it instead of the daemon's admin socket).
 - The CLI runs in-process (typer's ``CliRunner``) through the ``cli`` fixture, which returns what
   ``subprocess.run`` would (``returncode``, ``stdout``, ``stderr``); ``run_cli`` in tests/conftest.py
   stays for the few subprocess smoke tests of exit codes.
@@ -61,6 +62,7 @@ def isolated_from_machine(tmp_path_factory: pytest.TempPathFactory,
     stub = stubs / "virt-admin"
     stub.write_text("#!/bin/sh\necho \"virt-admin called by a unit test: $*\" >&2\nexit 97\n")
     stub.chmod(0o755)
+    monkeypatch.setenv("VIRTSAVE_ADMIN_CLIENT", "virt-admin")  # never the real admin socket
     monkeypatch.setenv("PATH", f"{stubs}{os.pathsep}{os.environ.get('PATH', '')}")
     real_open, real_open_ro = libvirt.open, libvirt.openReadOnly
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from virtsave.harness.benchreport import Figure, Samples, dd_write_rate, render_table, write_results
+from virtsave.harness.benchreport import Figure, OpPair, Samples, margin, render_table, write_results, write_scale
 
 
 def test_figure_goals():
@@ -34,7 +34,22 @@ def test_report_files(tmp_path):
     assert paths["png"].stat().st_size > 1000 and paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_dd_rate_measures_and_cleans(tmp_path):
-    rate = dd_write_rate(tmp_path, 8)
-    assert rate > 1e6
-    assert list(tmp_path.iterdir()) == []
+def test_report_plots_operations_side_by_side(tmp_path):
+    figs = [Figure("P7", "bulk", 0.3, "<=", 0.6), Figure("P2", "rate", 0.45, ">=", 0.9)]
+    ops = [OpPair("save", 5.0, 1.0), OpPair("bulk start ×4", 7.0, float("nan"))]
+    samples = [Samples("zstd image", [1e9, 1.1e9], unit="B")]
+    paths = write_results(tmp_path, figs, samples, {"machine": "m"}, ops)
+    data = json.loads(paths["json"].read_text())
+    assert data["operations"][0] == {"operation": "save", "libvirt": 5.0, "direct": 1.0}
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert "1050.0MB " in paths["txt"].read_text()
+    assert [margin(f) for f in figs] == [2.0, 0.5]
+
+
+def test_scale_report_has_one_line_per_path_and_operation(tmp_path):
+    points = [{"ram_mib": ram, "fill_mib": ram * 3 // 4, "path": p, "operation": op, "values": [ram / 512, ram / 400]}
+              for ram in (256, 1024) for p in ("libvirt", "direct") for op in ("save", "restore")]
+    paths = write_scale(tmp_path, points, {"machine": "m"})
+    data = json.loads(paths["json"].read_text())
+    assert len(data["points"]) == 8 and data["points"][0]["median"] == (0.5 + 0.64) / 2
+    assert paths["png"].stat().st_size > 1000

@@ -7,6 +7,7 @@ transport, what makes an image complete, and what a failed save leaves behind.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -157,6 +158,28 @@ def test_restore_hands_qemu_the_image(tmp_path: Path, fmt: str, transport: str, 
         assert inc.uri(wanted)[0] == uri.format(fd=inc.fd, off=inc.header.stream_offset, path=img)
     finally:
         inc.close()
+
+
+def test_bypass_cache_restore_puts_an_o_direct_fd_into_the_sparse_images_fdset(tmp_path: Path) -> None:
+    inc = migration.Incoming.open(str(_image(tmp_path, "sparse")))
+    try:
+        try:
+            inc.add_direct()
+        except UnsupportedError as exc:
+            if "O_DIRECT" in str(exc):
+                pytest.skip(f"the test's temporary directory has no O_DIRECT ({tmp_path}: tmpfs?)")
+            raise
+        assert inc.direct_fd is not None and os.O_DIRECT & fcntl.fcntl(inc.direct_fd, fcntl.F_GETFL)
+        plan = inc.plan_launch(["qemu-system-x86_64", "-m", "128"])
+        assert "virtsave-incoming-direct" in " ".join(plan.argv) and inc.direct_fd in plan.pass_fds
+    finally:
+        inc.close()
+    raw = migration.Incoming.open(str(_image(tmp_path, "raw")))
+    try:
+        with pytest.raises(UnsupportedError, match="sparse image"):
+            raw.add_direct()
+    finally:
+        raw.close()
 
 
 def test_compressed_image_goes_through_its_decompressor(tmp_path: Path) -> None:

@@ -95,8 +95,8 @@ def test_libvirt_backend_refuses_before_acting(lv) -> None:  # type: ignore[no-u
 
 def test_direct_restore_refuses_what_it_cannot_do() -> None:
     b = DirectBackend(["qemu-system-x86_64"])
-    with pytest.raises(UnsupportedError, match="direct restore does not take bypass_cache"):
-        b.restore("/nonexistent.save", SaveOptions(bypass_cache=True))
+    with pytest.raises(UnsupportedError, match="direct restore does not take xml"):
+        b.restore("/nonexistent.save", SaveOptions(xml="<domain/>"))
     assert b.qemu is None
 
 

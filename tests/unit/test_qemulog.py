@@ -78,3 +78,20 @@ def _empty(tmp_path: Path) -> Path:
     p = tmp_path / "empty.log"
     p.write_text("")
     return p
+
+
+def test_last_start_is_the_newest_start_parsed_alone(tmp_path: Path) -> None:
+    every = qemulog.parse_domain_log(FXA)
+    last = qemulog.last_start(FXA)
+    assert last is not None and last.to_dict() == every[-1].to_dict()
+    text = FXA.read_text()
+    cut = tmp_path / "cut.log"  # the newest block cut in its command line: what a start in progress leaves
+    cut.write_text(text[: text.rindex("-msg timestamp=on")])
+    c = qemulog.last_start(cut)
+    assert c is not None and not c.complete and c.time_iso == every[-1].time_iso
+    none = tmp_path / "none.log"
+    none.write_text("no starts here\n")
+    assert qemulog.last_start(none) is None
+    with pytest.raises(errors.LogError):
+        qemulog.argv_from_domain_log(none)
+    assert qemulog.argv_from_domain_log(FXA) == every[-1].argv and qemulog.argv_from_domain_log(FXA, 0) == every[0].argv

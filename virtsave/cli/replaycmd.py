@@ -146,8 +146,8 @@ def direct_save_cmd(
     xml: Annotated[Path | None, typer.Option("--xml", metavar="FILE",
                    help="domain XML for the header (needed for 'virsh restore'; else a minimal one)")] = None,
     no_quit: Annotated[bool, typer.Option("--no-quit", help="leave QEMU paused instead of quitting it")] = False,
-    image_format: Annotated[str, typer.Option("--image-format", help="raw | sparse (mapped-ram, QEMU ≥ 9)")]
-    = "raw",
+    image_format: Annotated[str, typer.Option(
+        "--image-format", help="raw | sparse (mapped-ram, QEMU ≥ 9) | gzip | bzip2 | xz | lzop | zstd")] = "raw",
     parallel_channels: Annotated[int, typer.Option("--parallel-channels", metavar="N",
                                  help="multifd channels for --image-format sparse")] = 1,
     bypass_cache: Annotated[bool, typer.Option("--bypass-cache",

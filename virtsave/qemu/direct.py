@@ -2,8 +2,9 @@
 
 :func:`save` drives an existing QEMU over its QMP socket the way libvirt does
 (``stop``, capabilities, ``getfd`` + ``migrate fd:migrate``, wait for the ``MIGRATION``
-event), but QEMU writes straight into the image file (no ``libvirt_iohelper`` pipe) and
-gets ``quit`` instead of a SIGTERM-and-poll at the end. :func:`restore` launches a QEMU
+event), but QEMU writes straight into the image file (no ``libvirt_iohelper`` pipe; for a
+compressed format into the compressor's pipe, the compressor into the file) and gets ``quit``
+instead of a SIGTERM-and-poll at the end. :func:`restore` launches a QEMU
 from an argv with ``-incoming defer``, feeds it the image from its stream offset, ``cont``.
 What is sent is decided here; how the image is written and read (fds, URIs over Unix or
 TCP, finalizing, the failure path) is :mod:`virtsave.qemu.migration`, shared with replay.
@@ -37,14 +38,18 @@ from virtsave.trace import model as _trace
 
 __all__ = ["restore", "save"]
 
-#: The formats QEMU writes itself (compressed ones need a compressor process: not yet).
-SAVE_FORMATS = ("raw", "sparse")
+#: What direct save writes: QEMU's stream as it is (raw), mapped-ram (sparse), or through a
+#: compressor like libvirt's (:data:`~virtsave.qemu.migration.COMPRESSORS`).
+SAVE_FORMATS = ("raw", "sparse", *migration.COMPRESSORS)
 
 
 def _check_save(fmt: str, options: SaveOptions, transport: str, version: tuple[int, int, int] | None) -> None:
     """Refuse, before the guest is paused, what this QEMU or transport cannot do."""
     if fmt not in SAVE_FORMATS:
-        raise UnsupportedError(f"direct save writes raw or sparse images, not {fmt}")
+        raise UnsupportedError(f"direct save writes {', '.join(SAVE_FORMATS)} images, not {fmt}")
+    if fmt in migration.COMPRESSORS and transport != "unix":
+        raise UnsupportedError(f"direct save of a {fmt} image needs a unix: QMP socket (QEMU gets the "
+                               "compressor's pipe by fd passing)")
     if fmt == "sparse" and version is not None and version < (9, 0, 0):
         raise UnsupportedError(f"image format sparse (mapped-ram) needs QEMU >= 9.0 "
                                f"(this QEMU is {'.'.join(map(str, version))})")
@@ -52,8 +57,19 @@ def _check_save(fmt: str, options: SaveOptions, transport: str, version: tuple[i
         raise UnsupportedError("direct save --bypass-cache needs --image-format sparse over a unix: QMP socket")
 
 
-def _settings(fmt: str, options: SaveOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The migration capabilities and parameters of a save (libvirt's, for the format)."""
+def _settings(fmt: str, options: SaveOptions,
+              current: dict[str, bool] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The migration capabilities and parameters of a save (libvirt's, for the format).
+
+    *current*: the capabilities QEMU has on now (``query-migrate-capabilities``). A QEMU that was
+    itself restored from a sparse image still has mapped-ram/multifd (and ``direct-io``) on, which a
+    stream into an fd or pipe must not inherit; like libvirt, whatever is on and not wanted is
+    switched off.
+
+    >>> caps, params = _settings("zstd", SaveOptions(), {"events": True, "mapped-ram": True, "multifd": True})
+    >>> [(c["capability"], c["state"]) for c in caps], params["direct-io"]
+    ([('events', True), ('mapped-ram', False), ('multifd', False)], False)
+    """
     caps: list[dict[str, Any]] = [{"capability": "events", "state": True}]
     params: dict[str, Any] = {"max-bandwidth": migration.UNLIMITED_BANDWIDTH}
     if fmt == "sparse":
@@ -63,6 +79,11 @@ def _settings(fmt: str, options: SaveOptions) -> tuple[list[dict[str, Any]], dic
             params["multifd-channels"] = options.channels
         if options.bypass_cache:
             params["direct-io"] = True
+    wanted = {c["capability"] for c in caps}
+    caps += [{"capability": name, "state": False} for name, on in (current or {}).items()
+             if on and name not in wanted]
+    if current and current.get("mapped-ram") and "direct-io" not in params:
+        params["direct-io"] = False
     return caps, params
 
 
@@ -90,8 +111,10 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
     """Save the QEMU at *qmp_address* into *image_path* (libvirt's format, 0600).
 
     *options*: ``image_format`` ``raw`` (default: QEMU's stream written sequentially into the
-    fd) or ``sparse`` (libvirt ≥ 11.2's format: QEMU's mapped-ram, with ``parallel_channels``
-    multifd threads writing RAM pages at fixed offsets; needs QEMU ≥ 9.0); ``bypass_cache``
+    fd), ``gzip``/``bzip2``/``xz``/``lzop``/``zstd`` (that stream through the format's compressor,
+    multi-threaded where it can; unix: QMP sockets only) or ``sparse`` (libvirt ≥ 11.2's format:
+    QEMU's mapped-ram, with ``parallel_channels`` multifd threads writing RAM pages at fixed
+    offsets; needs QEMU ≥ 9.0); ``bypass_cache``
     (sparse only) has QEMU write the pages with O_DIRECT (its ``direct-io`` parameter, as
     libvirt's ``--bypass-cache``); ``state`` the state the image records; ``xml`` the domain XML.
 
@@ -111,7 +134,8 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
         version = migration.qemu_version(s) if transport == "tcp" or fmt == "sparse" else None
         xml = options.xml or migration.synthesize_xml(s)
         _check_save(fmt, options, transport, version)
-        caps, params = _settings(fmt, options)
+        current = {c["capability"]: bool(c.get("state")) for c in s.execute("query-migrate-capabilities") or []}
+        caps, params = _settings(fmt, options, current)
         # Set up before pausing: the guest's downtime starts at "stop".
         s.execute("migrate-set-capabilities", {"capabilities": caps})
         s.execute("migrate-set-parameters", params)
@@ -136,7 +160,7 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
 
 
 def _check_restore(options: SaveOptions) -> None:
-    options.only("state", "parallel_channels", what="direct restore")
+    options.only("state", "parallel_channels", "bypass_cache", what="direct restore")
 
 
 def restore(image_path: str | os.PathLike[str], argv: list[str], options: SaveOptions | None = None, *,
@@ -147,8 +171,9 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], options: SaveOp
 
     The guest then runs if the image says it was running, unless *options* ``state`` says
     otherwise; a sparse image loads with ``parallel_channels`` multifd channels (default one
-    stream). Returns the running :class:`~virtsave.qemu.launch.QemuProcess` (call ``.stop()``
-    to end it) and the result. QEMU is killed again if anything fails.
+    stream), and with ``bypass_cache`` its pages are read with O_DIRECT (QEMU's ``direct-io``).
+    Returns the running :class:`~virtsave.qemu.launch.QemuProcess` (call ``.stop()`` to end it)
+    and the result. QEMU is killed again if anything fails.
     """
     options = options or SaveOptions()
     _check_restore(options)
@@ -157,6 +182,8 @@ def restore(image_path: str | os.PathLike[str], argv: list[str], options: SaveOp
     binary_ver = qemu_launch.binary_version(argv[0] if argv else "qemu-system-x86_64")
     use_exec = transport == "tcp" and not migration.has_file_uri(binary_ver)
     with migration.loading(image, transport=transport, use_exec=use_exec) as inc:
+        if options.bypass_cache:
+            inc.add_direct()
         # A real restore: the QEMU is the guest, its disks, NICs and displays are its own (not a replay's).
         plan = inc.plan_launch(argv, serial_log=serial_log, isolated=False)
         plan.owns_run_dir = False  # QEMU keeps running after we return: its socket dir must stay
@@ -182,8 +209,13 @@ def _load(s: QMPSession, inc: migration.Incoming, options: SaveOptions, progress
         caps += [{"capability": "mapped-ram", "state": True},
                  {"capability": "multifd", "state": options.channels > 1}]
     s.execute("migrate-set-capabilities", {"capabilities": caps})
+    params: dict[str, Any] = {}
     if sparse and options.channels > 1:
-        s.execute("migrate-set-parameters", {"multifd-channels": options.channels})
+        params["multifd-channels"] = options.channels
+    if inc.direct_fd is not None:
+        params["direct-io"] = True
+    if params:
+        s.execute("migrate-set-parameters", params)
     mark = s.event_mark()
     s.execute("migrate-incoming", {"uri": inc.uri()[0]})
     migration.await_completion(s, mark, what=f"loading {inc.path}", timeout=timeout, qemu=inc.qemu,

@@ -10,10 +10,13 @@ Save — :func:`saving` yields an :class:`Outgoing` image:
 2. QEMU gets the file: over a Unix socket by SCM_RIGHTS (:attr:`Outgoing.qemu_fd` for ``getfd``
    → ``fd:NAME``, or ``add-fd`` → ``file:/dev/fdset/N,offset=…``); over TCP it opens the file
    by path (``file:PATH,offset=N``, QEMU ≥ 8.2) or an ``exec:`` dd helper built here does.
-   :meth:`Outgoing.uri` turns the URI libvirt uses into the one for our image and says why;
+   :meth:`Outgoing.uri` turns the URI libvirt uses into the one for our image and says why.
+   Compressed formats (gzip … zstd) put a compressor between QEMU and the file, as libvirt does:
+   QEMU writes its stream into a pipe (``getfd`` → ``fd:migrate``), the compressor
+   (:func:`compressor_argv`, multi-threaded where the format's tool can) writes the image;
 3. after ``migrate``, :func:`await_completion` waits for the ``MIGRATION`` event;
-4. :meth:`Outgoing.finish` is the one place an image becomes complete (helper done, header
-   put back if QEMU opened the file itself, fsync of the data and of the directory, magic
+4. :meth:`Outgoing.finish` is the one place an image becomes complete (helper or compressor done,
+   header put back if QEMU opened the file itself, fsync of the data and of the directory, magic
    ``LibvirtQemudSave``, fsync);
 5. on any failure the partial image is removed and the guest resumed if it was running
    (libvirt sends ``cont`` too); :func:`end_saved_qemu` ends QEMU after a completed save (SIGTERM
@@ -40,10 +43,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -58,7 +63,8 @@ from virtsave.image import saveimage
 from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu.qmp import QMPSession
 
-__all__ = ["END_WAYS", "FDSET_URI", "UNLIMITED_BANDWIDTH", "Incoming", "Outgoing", "await_completion", "create_image",
+__all__ = ["COMPRESSORS", "END_WAYS", "FDSET_URI", "UNLIMITED_BANDWIDTH", "Incoming", "Outgoing", "await_completion",
+           "compressor_argv", "create_image",
            "end_saved_qemu", "exec_restore_uri", "exec_save_uri", "has_file_uri", "loading",
            "migration_progress", "open_image", "qemu_version", "saving", "synthesize_xml", "wait_exec_helper"]
 
@@ -66,6 +72,21 @@ __all__ = ["END_WAYS", "FDSET_URI", "UNLIMITED_BANDWIDTH", "Incoming", "Outgoing
 UNLIMITED_BANDWIDTH = 9223372036853727232
 FDSET_URI = re.compile(r"^file:/dev/fdset/(\d+)(?:,offset=(0x[0-9a-fA-F]+|\d+))?$")
 TRANSPORTS = ("unix", "tcp")
+#: Compressors of libvirt's compressed formats, best first: each reads QEMU's stream on stdin and
+#: writes what libvirt's ``FORMAT -dc`` reads back, at the tool's default level (libvirt runs
+#: ``FORMAT -c``). The multi-threaded ones are tried first (pigz / lbzip2 / pbzip2 when installed;
+#: ``xz -T0`` and ``zstd -T0``); lzop has no threads.
+COMPRESSORS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "gzip": (("pigz", "-c"), ("gzip", "-c")),
+    "bzip2": (("lbzip2", "-c"), ("pbzip2", "-c"), ("bzip2", "-c")),
+    "xz": (("xz", "-c", "-T0"),),
+    "lzop": (("lzop", "-c"),),
+    "zstd": (("zstd", "-c", "-q", "-T0"),),
+}
+#: The pipe between QEMU and the compressor (libvirt's iohelper pipe is 1 MiB as well).
+PIPE_SIZE = 1024 * 1024
+#: How long a compressor may take to drain what QEMU wrote before it reported ``completed``.
+COMPRESSOR_DRAIN = 600.0
 
 
 # -- QEMU facts ---------------------------------------------------------------------------------
@@ -103,6 +124,26 @@ def synthesize_xml(session: QMPSession) -> str:
     return (f"<domain type='qemu'><name>{escape(name)}</name>{uuid_el}"
             f"<memory unit='KiB'>{kib}</memory><currentMemory unit='KiB'>{kib}</currentMemory>"
             f"<vcpu>{cpus}</vcpu><os><type arch='x86_64'>hvm</type></os></domain>")
+
+
+def compressor_argv(image_format: str) -> list[str]:
+    """The compressor command for *image_format*: the first of :data:`COMPRESSORS` installed.
+
+    >>> compressor_argv("zstd")
+    ['zstd', '-c', '-q', '-T0']
+    >>> compressor_argv("sparse")
+    Traceback (most recent call last):
+    ...
+    virtsave.core.errors.UnsupportedError: sparse is not a compressed image format
+    """
+    choices = COMPRESSORS.get(image_format)
+    if choices is None:
+        raise UnsupportedError(f"{image_format} is not a compressed image format")
+    for argv in choices:
+        if shutil.which(argv[0]):
+            return list(argv)
+    raise UnsupportedError(f"no compressor for {image_format} images installed "
+                           f"({' or '.join(a[0] for a in choices)})")
 
 
 # -- exec: helpers (QEMU < 8.2 over TCP; only ever built here, never taken from input) -----------
@@ -306,11 +347,20 @@ class Outgoing(_Stream):
 
     operation: ClassVar[str] = "save"
     header_bytes: bytes = b""
+    #: The compressor process of a compressed image (None: QEMU writes the file itself).
+    compressor: subprocess.Popen[bytes] | None = None
+    compressor_name: str = ""
 
     @classmethod
     def create(cls, path: str, xml: str, cookie: str | None = None, *, was_running: bool = True,
                image_format: str = "raw", transport: str = "unix", use_exec: bool = False) -> Outgoing:
         """Create *path* with a partial header and get the fd QEMU will write through."""
+        compressor = None
+        if image_format in COMPRESSORS:  # refused before any file exists
+            if transport != "unix":
+                raise UnsupportedError(f"a {image_format} image needs a unix: QMP socket (QEMU gets the "
+                                       "compressor's pipe by fd passing)")
+            compressor = compressor_argv(image_format)
         fd, hdr = create_image(path, xml, cookie, was_running=was_running, image_format=image_format)
         out = cls(path, hdr, fd, transport, use_exec, fd,
                   header_bytes=saveimage.encode_header(xml, cookie, was_running=was_running,
@@ -322,10 +372,51 @@ class Outgoing(_Stream):
                 out._own_fds.append(out.qemu_fd)
             else:
                 os.lseek(fd, hdr.stream_offset, os.SEEK_SET)
+            if compressor is not None:
+                out._compress(compressor)
         except BaseException:
             out.close()
+            out.discard()
             raise
         return out
+
+    def _compress(self, argv: list[str]) -> None:
+        """Like libvirt: QEMU writes its stream into a pipe, *argv* reads it and writes the image
+        (its stdout is the image fd, at the stream offset). QEMU gets the pipe's write end."""
+        pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+        self._own_fds.append(pipe_w)
+        with contextlib.suppress(OSError):  # a bigger pipe: fewer context switches (best effort)
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        try:
+            # Own session: a Ctrl-C meant for virtsave must not kill it half-way; we end it.
+            self.compressor = subprocess.Popen(argv, stdin=pipe_r, stdout=self.fd, stderr=subprocess.PIPE,
+                                               start_new_session=True)
+        except OSError as exc:
+            raise UnsupportedError(f"cannot run {argv[0]} for a {self.header.format} image: {exc.strerror}") from None
+        finally:
+            os.close(pipe_r)
+        self.qemu_fd = pipe_w
+        self.compressor_name = argv[0]
+
+    def _finish_compressor(self) -> None:
+        """QEMU closed its end of the pipe when the migration ended; ours goes now, so the
+        compressor sees the end of the stream. It must then exit 0."""
+        proc = self.compressor
+        assert proc is not None
+        if self.qemu_fd in self._own_fds:
+            self._own_fds.remove(self.qemu_fd)
+            os.close(self.qemu_fd)
+        try:
+            _, err = proc.communicate(timeout=COMPRESSOR_DRAIN)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise OperationFailed(f"{self.compressor_name} did not finish writing {self.path} within "
+                                  f"{COMPRESSOR_DRAIN:.0f} s after QEMU completed") from None
+        if proc.returncode != 0:
+            last = (err.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise OperationFailed(f"{self.compressor_name} failed writing {self.path} (exit {proc.returncode}): "
+                                  f"{last}")
 
     def open_direct(self) -> int:
         """A second write fd with O_DIRECT (the caller closes it): QEMU picks fdset members by
@@ -345,6 +436,8 @@ class Outgoing(_Stream):
         :func:`~virtsave.image.saveimage.finalize` syncs the data and the directory entry, then
         flips the magic and syncs again.
         """
+        if self.compressor is not None:
+            self._finish_compressor()
         if self.transport == "tcp":
             if self.use_exec:
                 wait_exec_helper(self.path)
@@ -356,6 +449,12 @@ class Outgoing(_Stream):
         """Remove the (partial) image."""
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+    def close(self) -> None:
+        super().close()
+        if self.compressor is not None and self.compressor.poll() is None:
+            self.compressor.kill()  # a failed save: what it would still write is going away
+            self.compressor.wait()
 
 
 @contextlib.contextmanager
@@ -422,6 +521,8 @@ class Incoming(_Stream):
     operation: ClassVar[str] = "restore"
     #: The fdset the image goes in at launch (None: inherited as a plain fd).
     fdset: int | None = None
+    #: An O_DIRECT read fd in that fdset too (:meth:`add_direct`), else None.
+    direct_fd: int | None = None
     helper: subprocess.Popen[bytes] | None = None
     qemu: qemu_launch.QemuProcess | None = None
 
@@ -442,6 +543,20 @@ class Incoming(_Stream):
             inc.close()
             raise
         return inc
+
+    def add_direct(self) -> None:
+        """Put an O_DIRECT read fd beside the plain one in the image's fdset: with QEMU's
+        ``direct-io`` its multifd channels read the pages through it, past the page cache
+        (libvirt's ``--bypass-cache`` on restore). Sparse images over a unix: socket only."""
+        if self.fdset is None:
+            raise UnsupportedError("--bypass-cache on restore needs a sparse image and a unix: QMP socket")
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as exc:
+            raise UnsupportedError(f"--bypass-cache: cannot open {self.path} with O_DIRECT "
+                                   f"({exc.strerror}; e.g. tmpfs)") from None
+        self._own_fds.append(fd)
+        self.direct_fd = fd
 
     def _decompress(self) -> None:
         """Like libvirt: a decompressor reads the image and feeds QEMU through a pipe
@@ -472,6 +587,8 @@ class Incoming(_Stream):
         """A paused ``-incoming defer`` launch of *argv* (run by *binary*, default ``argv[0]``) that
         gives QEMU this image; *isolated* and *overlay_dir* as :func:`virtsave.qemu.launch.plan_launch`."""
         add_fds = [(self.fdset, self.fd, "virtsave-incoming")] if self.fdset is not None else []
+        if self.fdset is not None and self.direct_fd is not None:
+            add_fds.append((self.fdset, self.direct_fd, "virtsave-incoming-direct"))
         pass_fds = (self.qemu_fd,) if self.helper is not None or (self.transport == "unix" and not add_fds) else ()
         return qemu_launch.plan_launch(argv, incoming="defer", transport=self.transport, paused=True,
                                        serial_log=serial_log, add_fds=add_fds, pass_fds=pass_fds,

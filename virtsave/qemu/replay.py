@@ -265,6 +265,12 @@ def _evidence(phase: _trace.Phase, proc: qemu_launch.QemuProcess) -> Iterator[No
 
 
 def _image_format(traced: _trace.Phase) -> str:
+    """The format the traced save wrote: sparse when it set mapped-ram; a compressed format when its
+    image (or its options) says so — the commands are a raw save's, the compressor sat behind the fd."""
+    header = (traced.get("image") or {}).get("header") or {}
+    for fmt in (header.get("format"), (traced.get("options") or {}).get("image_format")):
+        if fmt in migration.COMPRESSORS:
+            return str(fmt)
     for m in _trace.iter_commands(traced):
         if m["execute"] == "migrate-set-capabilities":
             for c in (m.get("arguments") or {}).get("capabilities", []):
