@@ -57,7 +57,7 @@ def loads(text: str | bytes | bytearray, *, max_depth: int = MAX_DEPTH) -> Any:
         obj = json.loads(text)
     except RecursionError:
         raise JSONRefused(f"JSON nested deeper than {max_depth} levels") from None
-    brackets = text.count("[" if isinstance(text, str) else b"[") + text.count("{" if isinstance(text, str) else b"{")
+    brackets = (text.count("[") + text.count("{")) if isinstance(text, str) else (text.count(b"[") + text.count(b"{"))
     if brackets > max_depth and depth_exceeds(obj, max_depth):
         raise JSONRefused(f"JSON nested deeper than {max_depth} levels")
     return obj
