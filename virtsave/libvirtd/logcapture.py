@@ -188,7 +188,8 @@ def _vsh_quote(value: str) -> str:
 def get_settings(runner: Any) -> tuple[str, str]:
     """(filters, outputs) through *runner*, as shown, in one round trip when it can."""
     if hasattr(runner, "get_settings"):
-        return runner.get_settings()
+        got: tuple[str, str] = runner.get_settings()
+        return got
     return runner.get_filters(), runner.get_outputs()
 
 
@@ -197,7 +198,8 @@ def set_settings(runner: Any, filters: str | None, outputs: str | None, *,
     """Set filters and outputs (None: leave that one; order matters: never log debug lines into
     an output that is not there yet, nor into the operator's before it is raised); read back."""
     if hasattr(runner, "set_settings"):
-        return runner.set_settings(filters, outputs, outputs_first=outputs_first)
+        done: tuple[str, str] = runner.set_settings(filters, outputs, outputs_first=outputs_first)
+        return done
     steps = [(runner.set_filters, filters), (runner.set_outputs, outputs)]
     for setter, value in reversed(steps) if outputs_first else steps:
         if value is not None:

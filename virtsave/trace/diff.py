@@ -237,7 +237,7 @@ def _substituted(sub: tr.Substitution, msgs: list[dict[str, Any]],
         ok = isinstance(i, int) and 0 <= i < len(msgs) and msgs[i].get("kind") == "command"
         return msgs[i] if ok and isinstance(i, int) else None
     idx = sub.get("index")
-    src = (other or {}).get("messages") or []
+    src = other.get("messages") or [] if other is not None else []
     if not isinstance(idx, int) or not 0 <= idx < len(src) or src[idx].get("kind") != "command":
         return None
     name = src[idx].get("execute")
