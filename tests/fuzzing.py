@@ -721,6 +721,12 @@ def regression(name: str) -> tuple[str, bytes]:
         line = log[s:e]
         minute = int(line[14:16])
         return _REGRESSION_LOG, log[:s] + line[:14] + b"%02d" % ((minute - 1) % 60) + line[16:] + log[e:]
+    if name == "image-zero-page-size":
+        # A sparse (mapped-ram) image whose RAM block says page size 0: ZeroDivisionError. Fixed: a page
+        # size that is not a power of two from 512 B to 1 GiB is a one-line ImageError at its offset.
+        img = image_seeds()["sparse"]
+        at = img.index(struct.pack(">I", 1) + struct.pack(">Q", 4096))
+        return "sparse", img[:at + 4] + struct.pack(">Q", 0) + img[at + 12:]
     raise KeyError(name)
 
 
