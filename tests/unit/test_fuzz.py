@@ -92,12 +92,14 @@ def test_fuzz_trace_diff(inp: tuple[str, bytes]) -> None:
 
 @budget("image-inspect")
 @given(strategy("image-inspect"))
+@example(fz.regression("image-zero-page-size"))
 def test_fuzz_image_inspect(inp: tuple[str, bytes]) -> None:
     fz.check_image_inspect(inp)
 
 
 @budget("image-diff")
 @given(strategy("image-diff"))
+@example(fz.regression("image-zero-page-size"))
 def test_fuzz_image_diff(inp: tuple[str, bytes]) -> None:
     fz.check_image_diff(inp)
 

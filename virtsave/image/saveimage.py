@@ -551,6 +551,8 @@ class _Walker:
         if version != 1:
             raise s.error(f"unsupported mapped-ram header version {version}", s.offset - 4)
         page_size = s.be64("mapped-ram page size")
+        if not 512 <= page_size <= 1 << 30 or page_size & (page_size - 1):
+            raise s.error(f"implausible mapped-ram page size {page_size}", s.offset - 8)
         bitmap_offset = s.be64("mapped-ram bitmap offset")
         pages_offset = s.be64("mapped-ram pages offset")
         blk.update(bitmap_offset=bitmap_offset, pages_offset=pages_offset, page_size=page_size)
