@@ -466,7 +466,7 @@ def replay(trace: _trace.Trace, *, image: str | os.PathLike[str] | None = None, 
     out["replay"] = {"mode": mode, "transport": transport, "end": end,  # type: ignore[typeddict-item]
                      "input": input_name, "image": img, "argv_rewrites": {}, "timings": {}}
     run = _Run(trace, out, img, transport, mode, transport == "tcp" and not migration.has_file_uri(version),
-               progress, serial_log, end, tuple(t for t in traced.values() if t is not None))
+               progress, serial_log, end=end, traced=tuple(t for t in traced.values() if t is not None))
     try:
         _run_phases(run, traced, phases, run_for=run_for, serial_pattern=serial_pattern, run_after=run_after,
                     keep_running=keep_running)
