@@ -267,3 +267,22 @@ def test_demo_exit_code_is_its_verdict(cli, monkeypatch, equivalent, code):
     assert res.returncode == code, res.stderr
     assert res.stdout.rstrip().splitlines()[-1].startswith(f"verdict: {'equivalent' if equivalent else 'differs'} —")
     assert cli("--json", "demo").returncode == code
+
+
+@pytest.mark.parametrize(("mode", "end", "expected"), [("faithful", None, "sigterm"), ("essential", None, "quit"),
+                                                      ("faithful", "quit", "quit")])
+def test_replay_hands_its_phases_the_end_and_the_traced_phases(monkeypatch, tmp_path, mode, end, expected):
+    """What replay() gives the phases (caught before anything is launched): how to end the saved QEMU,
+    the traced phases each launch checks, and a private overlay directory."""
+    from virtsave.qemu import replay
+
+    t = tr.new_trace("libvirt", domain={"name": "g", "argv": ["qemu-system-x86_64", "-m", "64"]})
+    save = tr.add_phase(t, "save", "save")
+    save["messages"].append(tr.command("migrate", {"uri": "fd:migrate"}, id="libvirt-1"))
+    seen = {}
+    monkeypatch.setattr(replay, "_run_phases", lambda run, *a, **k: seen.setdefault("run", run))
+    out = replay.replay(t, image=tmp_path / "x.save", mode=mode, end=end, phases=("save",))
+    run = seen["run"]
+    assert run.end == expected == out["replay"]["end"]
+    assert run.traced == (save,)
+    assert isinstance(run.overlays, Path) and run.overlays.is_absolute()
