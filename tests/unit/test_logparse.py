@@ -650,7 +650,8 @@ def _fuzzed(name: str) -> str:
     return log[:s + 14] + f"{(minute - 1) % 60:02d}" + log[s + 16:]
 
 
-@pytest.mark.parametrize("name", ["list-ids", "migration-data-list", "arguments-list", "huge-numbers", "time-backwards"])
+@pytest.mark.parametrize("name", ["list-ids", "migration-data-list", "arguments-list", "huge-numbers",
+                                  "time-backwards"])
 def test_odd_payloads_still_give_a_valid_trace(tmp_path, name):
     """Payloads without the trace model's shape are malformed; odd ids, numbers and clocks no crash."""
     p = write(tmp_path, f"{name}.log", _fuzzed(name))
