@@ -130,14 +130,13 @@ _RE_STATUS = re.compile(rb'"status"\s*:\s*"([^"]*)"')
 _RE_VMNAME = re.compile(rb"vm=(0x[0-9a-fA-F]+),? name=([^ ,)\r\n]+)")
 _RE_MONVM = re.compile(rb"mon:(0x[0-9a-fA-F]+) vm:(0x[0-9a-fA-F]+|\(nil\))")
 _RE_JOB = re.compile(rb"Starting job: API=(\w+)")
-# Numbers in log lines: at most 18 digits (a longer run is garbage, not a number Python may refuse to convert).
-_RE_JOBEND = re.compile(rb"Thread (\d{1,18}) \([^)]*\) finished job (\w+) with ret=(-?\d{1,18})(?!\d)")
+_RE_JOBEND = re.compile(rb"Thread (\d+) \([^)]*\) finished job (\w+) with ret=(-?\d+)")
 _RE_PATH = re.compile(rb"(?:migratePath|incoming\.path)=(/\S+)")
 _RE_LIBVIRT_VERSION = re.compile(rb"libvirt version: ([0-9][0-9.]*)")
 _RE_QEMU_VERSION = re.compile(rb"qemu version: ([0-9][0-9.]*[0-9])")
 _RE_HOSTNAME = re.compile(rb"hostname: (\S+)")
-_RE_ERRNO = re.compile(rb"errno=(-?\d{1,18})(?!\d)")
-_RE_FD = re.compile(rb"fd=(-?\d{1,18})(?!\d)")
+_RE_ERRNO = re.compile(rb"errno=(-?\d+)")
+_RE_FD = re.compile(rb"fd=(-?\d+)")
 _RE_MON = re.compile(rb"QEMU_MONITOR_([A-Z_]+): mon=(0x[0-9a-fA-F]+)")   # a line's probe: its first match
 
 # The probe patterns of the fast path. Their literal head (``Q``) lets the regex engine jump from
@@ -206,8 +205,6 @@ def _dec(b: bytes) -> str:
 def _tid(line: bytes) -> int:
     """The thread id of a log line (``YYYY-MM-DD HH:MM:SS.mmm+0000: <tid>: …``; column 30 on)."""
     end = line.find(b":", 30)
-    if not 30 < end <= 48:  # at most 18 digits
-        return 0
     try:
         return int(line[30:end])
     except ValueError:
@@ -790,44 +787,8 @@ class _Track:
         self.replay = (job for job, n in runs for _ in range(n))
 
 
-def _int_like(v: Any) -> bool:
-    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
-
-
-def _well_formed(kind: str, obj: Any) -> bool:
-    """*obj* has the shape the trace model gives a QMP *kind* (``command``/``reply``/``event``): a
-    monitor line whose payload has not is malformed (counted, skipped), so an import is always a
-    valid trace.
-
-    >>> _well_formed("command", {"execute": "stop"}), _well_formed("command", {"execute": "stop", "arguments": []})
-    (True, False)
-    >>> _well_formed("event", {"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})
-    True
-    """
-    if not isinstance(obj, dict):
-        return False
-    if kind == "command":
-        execute = obj.get("execute") or obj.get("exec-oob")
-        return isinstance(execute, str) and execute != "" and isinstance(obj.get("arguments", {}), dict)
-    if kind == "reply":
-        err = obj.get("error", {})
-        return "error" not in obj or (isinstance(err, dict) and isinstance(err.get("class", ""), str)
-                                      and isinstance(err.get("desc", ""), str))
-    ev, ts = obj.get("event"), obj.get("timestamp")
-    return isinstance(ev, str) and ev != "" and (
-        ts is None or (isinstance(ts, dict) and all(_int_like(ts.get(k, 0)) for k in ("seconds", "microseconds"))))
-
-
-def _id_key(value: Any) -> Any:
-    """A QMP ``id`` as a dict key: QMP allows any JSON value (libvirt sends strings), so a list or
-    object id (a corrupt or crafted log) is keyed by its JSON text.
-
-    >>> _id_key("libvirt-7"), _id_key(["x", 1])
-    ('libvirt-7', '["x", 1]')
-    """
-    if isinstance(value, list | dict):
-        return json.dumps(value, sort_keys=True)
-    return value
+def _hashable(v: Any) -> bool:
+    return isinstance(v, str | int | float | bool) or v is None
 
 
 class _Machine:
@@ -857,7 +818,7 @@ class _Machine:
         self.job_count = 0
         self.first_greeting: str | None = None       # the first QMP greeting's QEMU version
         self.last_new: Monitor | None = None          # the greeting belongs to the newest monitor
-        self.undecodable = 0                          # collected payloads without the trace model's shape
+        self.undecodable = 0                          # collected payloads that are not the JSON expected
 
     def _inside(self, t: float) -> bool:
         return (self.since is None or t >= self.since) and (self.until is None or t <= self.until)
@@ -1044,10 +1005,11 @@ class _Machine:
 
     def _command(self, tr: _Track, payload: bytes, t: float, job: _Job | None, ls: int) -> None:
         obj = _loads(payload)
-        if not _well_formed("command", obj):
+        execute = (obj.get("execute") or obj.get("exec-oob")) if isinstance(obj, dict) else None
+        if not isinstance(execute, str):
             self.undecodable += 1
             return
-        body: dict[str, Any] = {"kind": "command", "execute": obj.get("execute") or obj.get("exec-oob")}
+        body: dict[str, Any] = {"kind": "command", "execute": execute}
         if "arguments" in obj:
             body["arguments"] = obj["arguments"]
         body["id"] = obj.get("id")
@@ -1055,19 +1017,19 @@ class _Machine:
         msg = _Msg(body, t, job=job, fds=1 if fd is not None and fd >= 0 else 0)
         tr.msgs.append(msg)  # type: ignore[union-attr]
         tr.last_cmd = msg
-        tr.outstanding[_id_key(body["id"])] = msg
+        if _hashable(body["id"]):
+            tr.outstanding[body["id"]] = msg
 
     def _reply(self, tr: _Track, payload: bytes, t: float) -> None:
         obj = _loads(payload)
-        if not _well_formed("reply", obj):
+        if not isinstance(obj, dict):
             self.undecodable += 1
             return
         rid = obj.get("id")
         out = tr.outstanding
-        cmd = out.pop(_id_key(rid), None)
+        cmd = out.pop(rid, None) if _hashable(rid) else None
         if cmd is None and rid is None and len(out) == 1:     # error replies may lack the id
-            _, cmd = out.popitem()
-            rid = cmd.body["id"]
+            rid, cmd = out.popitem()
         body: dict[str, Any] = {"kind": "reply", "id": rid}
         if "error" in obj:
             body["error"] = obj["error"]
@@ -1077,7 +1039,7 @@ class _Machine:
 
     def _event(self, tr: _Track, payload: bytes, t: float) -> None:
         obj = _loads(payload)
-        if not _well_formed("event", obj):
+        if not isinstance(obj, dict) or "event" not in obj:
             self.undecodable += 1
             return
         body = {"kind": "event", "event": obj["event"], "data": obj.get("data"), "timestamp": obj.get("timestamp")}
@@ -1314,8 +1276,8 @@ def _errtext(e: Any) -> str:
 
 
 def _public(part: list[_Msg]) -> list[dict[str, Any]]:
-    """The trace messages: public fields, ``t`` relative to the earliest message, the ``fds`` count."""
-    t0 = min(m.t for m in part)  # the file order of threads' lines is not always time order
+    """The trace messages: public fields, ``t`` relative to the first message, the ``fds`` count."""
+    t0 = part[0].t
     out = []
     for m in part:
         b = m.body
