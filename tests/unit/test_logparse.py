@@ -634,37 +634,26 @@ def test_hostile_lines_do_not_confuse_or_crash(tmp_path):
 
 
 def _fuzzed(name: str) -> str:
-    """Inputs fuzzing found troublesome in the parser (see tests/fuzzing.py on the fuzzing branch)."""
+    """Inputs fuzzing found troublesome in the old parser (more in tests/test_fuzz.py's regressions)."""
     log = read("libvirt-11.3-attributed/save-bypass-cache.log")
     if name == "list-ids":
         return re.sub(r'"id": ?"(libvirt-\d+)"', r'"id": ["\1"]', log)
-    if name == "migration-data-list":
-        return re.sub(r'"event": "MIGRATION", "data": (\{[^}]*\})', r'"event": "MIGRATION", "data": [\1]', log)
-    if name == "arguments-list":
-        return log.replace('{"execute":"stop","id"', '{"execute":"stop","arguments":[],"id"')
-    if name == "huge-numbers":
-        return re.sub(r"(with ret=|errno=|fd=|Thread )\d+", r"\g<1>" + "9" * 5000, log)
-    s = log.index('msg={"execute":"migrate"')                       # time-backwards: migrate a minute early
-    s = log.rfind("\n", 0, s) + 1
-    minute = int(log[s + 14:s + 16])
-    return log[:s + 14] + f"{(minute - 1) % 60:02d}" + log[s + 16:]
+    return re.sub(r'"event": "MIGRATION", "data": (\{[^}]*\})', r'"event": "MIGRATION", "data": [\1]', log)
 
 
-@pytest.mark.parametrize("name", ["list-ids", "migration-data-list", "arguments-list", "huge-numbers",
-                                  "time-backwards"])
+@pytest.mark.parametrize("name", ["list-ids", "migration-data-list"])
 def test_odd_payloads_still_give_a_valid_trace(tmp_path, name):
-    """Payloads without the trace model's shape are malformed; odd ids, numbers and clocks no crash."""
+    """List ids and list event data are no crash: the import is a valid trace of the save."""
     p = write(tmp_path, f"{name}.log", _fuzzed(name))
     tr = logparse.trace_from_log(p)
     assert trace.validate(tr) == []
     (ph,) = tr["phases"]
     assert ph["name"] == "save" and min(m["t"] for m in ph["messages"]) == 0
-    if name != "migration-data-list":      # whether a list as an event's data is malformed: the model's call
-        assert tr["log"]["malformed"] == (1 if name == "arguments-list" else 0)
     if name == "list-ids":
         cmds = [m for m in ph["messages"] if m["kind"] == "command"]
         replies = [m for m in ph["messages"] if m["kind"] == "reply"]
         assert [m["id"] for m in replies] == [m["id"] for m in cmds] and isinstance(cmds[0]["id"], list)
+        assert tr["log"]["malformed"] == 0
 
 
 # ---------------------------------------------------------------- real logs recorded for these tests
