@@ -633,6 +633,29 @@ def test_hostile_lines_do_not_confuse_or_crash(tmp_path):
     assert next(m for m in msgs if m["kind"] == "reply")["id"] == [first]
 
 
+def _fuzzed(name: str) -> str:
+    """Inputs fuzzing found troublesome in the old parser (more in tests/test_fuzz.py's regressions)."""
+    log = read("libvirt-11.3-attributed/save-bypass-cache.log")
+    if name == "list-ids":
+        return re.sub(r'"id": ?"(libvirt-\d+)"', r'"id": ["\1"]', log)
+    return re.sub(r'"event": "MIGRATION", "data": (\{[^}]*\})', r'"event": "MIGRATION", "data": [\1]', log)
+
+
+@pytest.mark.parametrize("name", ["list-ids", "migration-data-list"])
+def test_odd_payloads_still_give_a_valid_trace(tmp_path, name):
+    """List ids and list event data are no crash: the import is a valid trace of the save."""
+    p = write(tmp_path, f"{name}.log", _fuzzed(name))
+    tr = logparse.trace_from_log(p)
+    assert trace.validate(tr) == []
+    (ph,) = tr["phases"]
+    assert ph["name"] == "save" and min(m["t"] for m in ph["messages"]) == 0
+    if name == "list-ids":
+        cmds = [m for m in ph["messages"] if m["kind"] == "command"]
+        replies = [m for m in ph["messages"] if m["kind"] == "reply"]
+        assert [m["id"] for m in replies] == [m["id"] for m in cmds] and isinstance(cmds[0]["id"], list)
+        assert tr["log"]["malformed"] == 0
+
+
 # ---------------------------------------------------------------- real logs recorded for these tests
 # tests/unit/data/: windows kept by `VIRTSAVE_KEEP_WINDOW=… virtsave trace …` on libvirt 11.3 + QEMU 10.0.2
 # (filters 1:monitor 1:job 1:qemu.qemu_process), with test guests of this machine.

@@ -189,7 +189,7 @@ _RULES = ((b" : Line [", "greeting"), (b"mon:0x", "monvm"), (b"name=", "named"),
 # Line statistics: what follows each newline (a log line's shape, a continuation, anything else).
 _RX_LINE_HEADS = re.compile(rb"\n(?:[^\n]{4}-[^\n]{5} [^\n]{8}\.|(.)|)")
 _RX_ODD_LINES = re.compile(rb"\n(?![^\n]{4}-[^\n]{5} [^\n]{8}\.)(?=[^ \n])")
-_CHUNK = 8 << 20
+_CHUNK = 4 << 20                 # bytes tokenized at a time: what stays mapped, and the list sizes
 _MISS = object()
 _END = float("inf")
 
