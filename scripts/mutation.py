@@ -91,6 +91,7 @@ _FIRST = ("index 0 then falls back to the first command, which is msgs[0] itself
 _COOKIE = "the cookie's NUL is searched from cookie_offset, which is at least 1: the result is never 0"
 _FAST = ("the buffered fast path then takes fewer (or no) records: the general RAM loop reads the same records "
          "with the same checks and counts")
+_PEEKED = "this read takes bytes peek() has just seen: it cannot run short, so its name is never shown"
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -150,6 +151,15 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("saveimage", "_decode_data", "if c_end <= 0:"): _COOKIE,
     ("saveimage", "_decode_data", "if c_end < 1:"): _COOKIE,
     ("saveimage", "_Stream.read_rest", "self.eof = False"): _EOF,
+    **{("saveimage", "_Walker._configuration", f"s.u8({w})"): _PEEKED for w in ('None', '"XXsubsectionXX"',
+                                                                                 '"SUBSECTION"')},
+    **{("saveimage", "_Walker._after_eof", f"s.u8({w})"): _PEEKED
+       for w in ('None', '"XXvmstate descriptionXX"', '"VMSTATE DESCRIPTION"')},
+    **{("saveimage", "_Walker._after_eof", f"s.skip(len(chunk), {w})"): _PEEKED
+       for w in ('None', '"XXpaddingXX"', '"PADDING"')},
+    ("saveimage", "_Walker._configuration",
+     'cfg: dict[str, Any] = {"offset": at, "machine": raw.decode("ASCII", "replace"), "capabilities": [],'):
+        "codec names are case-insensitive",
     **{("saveimage", "_Walker._skip_continued_pages", line): _FAST for line in (
         "page, mask, end = self.page_size, self.page_size + 1, len(s._buf)",
         "while end - pos > 8 + page:", "while end - pos >= 9 + page:", "flags = None",

@@ -848,3 +848,54 @@ def test_a_bad_flag_inside_a_run_of_continued_pages():
     data = HEAD + ram_start(("b", 8 * PAGE)) + _ram_part(be64(0x08) + s8("b") + bytes(PAGE) + run) + b"\0"
     at = len(HEAD + ram_start(("b", 8 * PAGE))) + 5 + 8 + 2 + PAGE + 8 + PAGE
     assert walk_error(data) == f"corrupt stream: unknown RAM flags 0x1 (at offset {at})"
+
+
+CONFIG_WHATS = {"stream magic", "stream version", "section type", "configuration name length",
+                "configuration machine type", "configuration subsection name",
+                "configuration/target-page-bits version", "configuration/target-page-bits",
+                "configuration/capabilities version", "capability count", "capability name",
+                "configuration/uuid version", "configuration/uuid"}
+
+
+def test_every_cut_of_a_configuration_names_its_field():
+    data = HEAD + config(sub("configuration/target-page-bits", be32(12)),
+                         sub("configuration/capabilities", be32(2) + s8("events") + s8("multifd")),
+                         sub("configuration/uuid", bytes(range(16)))) + b"\0"
+    whats = set()
+    for cut in range(len(data)):
+        m = walk_error(data[:cut])
+        r = _READ.match(m)
+        assert r and int(r.group(3)) == cut - int(r.group(4)), (cut, m)
+        whats.add(r.group(1))
+    assert whats == CONFIG_WHATS
+    assert walk(data).config["capabilities"] == ["events", "multifd"]
+
+
+def test_configuration_edges():
+    caps = sub("configuration/capabilities", be32(256) + s8("c") * 256)
+    assert len(walk(HEAD + config(caps) + b"\0").config["capabilities"]) == 256
+    assert walk(HEAD + config(machine=b"pc\xff") + b"\0").config["machine"] == "pc\ufffd"
+    odd = HEAD + config(sub("configuration/other", b""))
+    assert walk_error(odd, vmdesc={"devices": [], "configuration": {}}) == \
+        f"unknown configuration subsection 'configuration/other' (at offset {len(odd)})"
+
+
+def test_vmsd_struct_fields():
+    struct = {"fields": [{"name": "a", "size": 3}]}
+    s = si._Stream(io.BytesIO(bytes(10)))
+    si._vmsd_skip(s, {"fields": [{"name": "s", "type": "struct", "array_len": 2, "struct": struct}]}, "d")
+    assert s.offset == 6                                  # per element, from the struct, not the field's size
+    s = si._Stream(io.BytesIO(bytes(10)))
+    si._vmsd_skip(s, {"fields": [{"name": "b", "type": "buffer", "size": 5, "struct": struct}]}, "d")
+    assert s.offset == 5                                  # not a struct: its own size
+    s = si._Stream(io.BytesIO(bytes(10)))
+    si._vmsd_skip(s, {"fields": [{"name": "n", "type": "struct", "size": 4, "struct": "not a description"}]}, "d")
+    assert s.offset == 4
+
+
+def test_after_the_end_single_bytes_and_long_padding(monkeypatch):
+    assert walk(HEAD + b"\0" + b"\0").trailing == 1
+    assert walk_error(HEAD + b"\0" + b"X") == \
+        "corrupt stream: unexpected data after the end of the stream (at offset 9)"
+    monkeypatch.setattr(si, "_CHUNK", 4)
+    assert walk(HEAD + b"\0" + bytes(10)).trailing == 10
