@@ -92,6 +92,7 @@ _COOKIE = "the cookie's NUL is searched from cookie_offset, which is at least 1:
 _FAST = ("the buffered fast path then takes fewer (or no) records: the general RAM loop reads the same records "
          "with the same checks and counts")
 _PEEKED = "this read takes bytes peek() has just seen: it cannot run short, so its name is never shown"
+_SPLIT = "only the part before the first colon is used, whatever the split limit"
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -124,6 +125,15 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a truthy non-string path reaches path_problem, which returns None for non-strings: no finding either way",
     ("safety", "check_trace", "why = path_problem(p, None, deny_only=True)"):
         "with deny_only the prefixes are never consulted",
+    **{("safety", "_migrate_problems",
+        'elif t == "file" and isinstance(addr, dict) and not _FDSET.fullmatch(str(addr.get("filename", '
+        + d + '))):'):
+       "a file channel without filename is refused whatever the default: no default is an fdset path"
+       for d in ("None", '"XXXX"')},
+    ("safety", "_uri_problem", 'scheme = uri.split(":", )[0] if ":" in uri else uri'): _SPLIT,
+    **{("safety", "path_problem",
+        "return f\"network storage {path.split(':', " + n + ")[0]}: reaches outside this host's files\""): _SPLIT
+       for n in ("", "2")},
     # saveimage
     ("saveimage", "_plausible_header", 'return int.from_bytes(data[i + 1:i + 5], ) in known_ids'): _BIG,
     ("saveimage", "_plausible_header", 'and int.from_bytes(data[i + 6 + n:i + 10 + n], ) < 1 << 16)'): _BIG,
