@@ -231,7 +231,9 @@ def _functions(source: str) -> dict[str, str]:
     out = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name:
-            out[node.name] = "\n".join(lines[node.lineno:node.end_lineno])   # the body, not the def line
+            src = lines[node.lineno - 1:node.end_lineno]    # with the signature: defaults are mutated too
+            src[0] = src[0].replace(node.name, "f", 1)
+            out[node.name] = "\n".join(src)
     return out
 
 

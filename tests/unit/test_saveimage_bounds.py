@@ -899,3 +899,9 @@ def test_after_the_end_single_bytes_and_long_padding(monkeypatch):
         "corrupt stream: unexpected data after the end of the stream (at offset 9)"
     monkeypatch.setattr(si, "_CHUNK", 4)
     assert walk(HEAD + b"\0" + bytes(10)).trailing == 10
+
+
+def test_available_defaults_to_one_byte():
+    s = si._Stream(io.BytesIO(b"ab"))
+    s.u8("a")
+    assert s.available() and s.available(1) and not s.available(2)
