@@ -134,6 +134,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     **{("safety", "path_problem",
         "return f\"network storage {path.split(':', " + n + ")[0]}: reaches outside this host's files\""): _SPLIT
        for n in ("", "2")},
+    ("safety", "_fdset_use_problems", 'for s in dict.fromkeys(qargv.fdset_references(o.value or "XXXX")):'):
+        "an option without value names no fdset, and neither does 'XXXX'",
     # saveimage
     ("saveimage", "_plausible_header", 'return int.from_bytes(data[i + 1:i + 5], ) in known_ids'): _BIG,
     ("saveimage", "_plausible_header", 'and int.from_bytes(data[i + 6 + n:i + 10 + n], ) < 1 << 16)'): _BIG,

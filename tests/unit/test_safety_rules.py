@@ -554,3 +554,8 @@ def test_more_exact_items_and_edges():
         "chardev-add reads/writes host files or opens connections", "script runs a host program"]
     assert safety.path_problem("nbd:host:10809") == "network storage nbd: reaches outside this host's files"
     assert safety.path_problem("/etc/", deny_only=True) == "a system file, device, log or runtime path"
+
+
+def test_a_path_option_without_value_and_prefixes_shown_as_given():
+    assert reasons("-kernel") == []                     # nothing named: no path to judge
+    assert safety.path_problem("/y", ("/opt/X/",)) == "outside the expected places (/opt/X, …)"
