@@ -905,3 +905,51 @@ def test_available_defaults_to_one_byte():
     s = si._Stream(io.BytesIO(b"ab"))
     s.u8("a")
     assert s.available() and s.available(1) and not s.available(2)
+
+
+@pytest.mark.parametrize(("text", "offset"), [
+    ("<domain>\n<a>\n</b></domain>", 92 + 9 + 4 + 4),       # line 3, column 5
+    ("<domain>\n", 92 + 9),                                  # line 2, column 1
+])
+def test_xml_errors_name_the_exact_offset(text, offset):
+    with pytest.raises(ImageError) as ei:
+        si._parse_xml(text, 92, "domain XML")
+    assert ei.value.offset == offset and str(ei.value).startswith("corrupt image: domain XML is not well-formed XML (")
+
+
+def test_find_vmdesc_edges():
+    j = b'{"":1}'                                             # six bytes: its length holds a 0x06 too
+    tail = b"\0\x06" + be32(len(j)) + j
+    assert si._find_vmdesc(tail) == (1, 6)                   # right after an EOF at index 0
+    assert si._find_vmdesc(b"\x06" + tail) == (2, 6)         # an earlier 0x06 is not taken first
+
+
+def test_seekable_skips_past_the_buffer():
+    class Small(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            return super().read(min(7, size if size is not None and size >= 0 else 7))
+
+    data = bytes(range(200))
+    s = si._Stream(Small(data), size=200, seekable=True)
+    s.peek(3)
+    s.skip(50, "x")
+    assert s.offset == 50 and s.u8("y") == 50
+    s.skip(100, "z")
+    assert s.offset == 151 and s.u8("w") == 151
+    assert s.peek() == bytes([152])                          # peek defaults to one byte
+
+
+def test_non_ascii_names_show_forty_bytes():
+    name = b"\xff" * 50
+    with pytest.raises(ImageError) as ei:
+        si._Stream(io.BytesIO(bytes([50]) + name)).string("section name")
+    assert str(ei.value) == f"corrupt stream: section name {name[:40]!r} is not ASCII (at offset 0)"
+
+
+def test_blocks_first_seen_in_pages_multifd_flushes_and_odd_lengths():
+    data = (HEAD + ram_start(("a", PAGE - 1), ("b", 1))      # the total is page-aligned, the blocks need not be
+            + _ram_part(be64(0x02) + s8("c") + b"\0" + be64(0x200) + be64(0x200)) + b"\0")
+    w = walk(data)
+    assert w.ram["blocks"]["c"] == {"name": "c", "length": None, "pages": 0, "zero_pages": 1, "bytes": 0}
+    assert (w.ram["blocks"]["a"]["length"], w.ram["blocks"]["b"]["length"], w.ram["multifd_flushes"]) == (
+        PAGE - 1, 1, 2)
