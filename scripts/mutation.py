@@ -91,6 +91,14 @@ _FIRST = ("index 0 then falls back to the first command, which is msgs[0] itself
 _COOKIE = "the cookie's NUL is searched from cookie_offset, which is at least 1: the result is never 0"
 _FAST = ("the buffered fast path then takes fewer (or no) records: the general RAM loop reads the same records "
          "with the same checks and counts")
+_PEEKED = "this read takes bytes peek() has just seen: it cannot run short, so its name is never shown"
+_SPLIT = "only the part before the first colon is used, whatever the split limit"
+_WHOLE = ("after the last non-zero byte there are only zeros: no other 0x06 can be found there, and 0x06 at index 0 "
+          "has no EOF byte before it anyway")
+_XMLOPT = ("with resolve_entities false (None is false too) no entity and no external DTD is loaded, so no_network "
+           "has nothing to refuse")
+_WINDOW = ("the description ends the stream, so a wider window, or one of 0–1 bytes read anyway, finds the same "
+           "(or no) description")
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -123,6 +131,17 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a truthy non-string path reaches path_problem, which returns None for non-strings: no finding either way",
     ("safety", "check_trace", "why = path_problem(p, None, deny_only=True)"):
         "with deny_only the prefixes are never consulted",
+    **{("safety", "_migrate_problems",
+        'elif t == "file" and isinstance(addr, dict) and not _FDSET.fullmatch(str(addr.get("filename", '
+        + d + '))):'):
+       "a file channel without filename is refused whatever the default: no default is an fdset path"
+       for d in ("None", '"XXXX"')},
+    ("safety", "_uri_problem", 'scheme = uri.split(":", )[0] if ":" in uri else uri'): _SPLIT,
+    **{("safety", "path_problem",
+        "return f\"network storage {path.split(':', " + n + ")[0]}: reaches outside this host's files\""): _SPLIT
+       for n in ("", "2")},
+    ("safety", "_fdset_use_problems", 'for s in dict.fromkeys(qargv.fdset_references(o.value or "XXXX")):'):
+        "an option without value names no fdset, and neither does 'XXXX'",
     # saveimage
     ("saveimage", "_plausible_header", 'return int.from_bytes(data[i + 1:i + 5], ) in known_ids'): _BIG,
     ("saveimage", "_plausible_header", 'and int.from_bytes(data[i + 6 + n:i + 10 + n], ) < 1 << 16)'): _BIG,
@@ -150,6 +169,39 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("saveimage", "_decode_data", "if c_end <= 0:"): _COOKIE,
     ("saveimage", "_decode_data", "if c_end < 1:"): _COOKIE,
     ("saveimage", "_Stream.read_rest", "self.eof = False"): _EOF,
+    **{("saveimage", "_Walker._configuration", f"s.u8({w})"): _PEEKED for w in ('None', '"XXsubsectionXX"',
+                                                                                 '"SUBSECTION"')},
+    **{("saveimage", "_Walker._after_eof", f"s.u8({w})"): _PEEKED
+       for w in ('None', '"XXvmstate descriptionXX"', '"VMSTATE DESCRIPTION"')},
+    **{("saveimage", "_Walker._after_eof", f"s.skip(len(chunk), {w})"): _PEEKED
+       for w in ('None', '"XXpaddingXX"', '"PADDING"')},
+    ("saveimage", "_Walker._configuration",
+     'cfg: dict[str, Any] = {"offset": at, "machine": raw.decode("ASCII", "replace"), "capabilities": [],'):
+        "codec names are case-insensitive",
+    **{("saveimage", "_find_vmdesc", line): _WHOLE for line in (
+        "p = data.rfind(bytes([SEC_VMDESC]), None, end)", "p = data.rfind(bytes([SEC_VMDESC]), 0, None)",
+        "p = data.rfind(bytes([SEC_VMDESC]), 0, )", "p = data.rfind(bytes([SEC_VMDESC]), 1, end)",
+        "p = data.rfind(bytes([SEC_VMDESC]), None, p)", "p = data.rfind(bytes([SEC_VMDESC]), 1, p)",
+        "if p - 5 <= end:", "if p + 6 <= end:", "if p + 5 < end:")},
+    ("saveimage", "_find_vmdesc", 'n = int.from_bytes(data[p + 1:p + 5], )'): _BIG,
+    ("saveimage", "_find_vmdesc", 'n = int.from_bytes(data[p + 2:p + 5], "big")'):
+        "the same for a description under 16 MiB (the length's high byte is 0); QEMU's are a few KiB",
+    **{("saveimage", "_parse_xml", line): _XMLOPT for line in (
+        "return etree.fromstring(text.encode(), etree.XMLParser(resolve_entities=None, no_network=True))",
+        "return etree.fromstring(text.encode(), etree.XMLParser(resolve_entities=False, no_network=None))",
+        "return etree.fromstring(text.encode(), etree.XMLParser(resolve_entities=False, ))",
+        "return etree.fromstring(text.encode(), etree.XMLParser(resolve_entities=False, no_network=False))")},
+    **{("saveimage", "_parse_xml", line): "lxml always reports a position for a syntax error: the fallback is unused"
+       for line in ("line, col = exc.position if (exc.position) or True else (1, 1)",
+                    "line, col = exc.position if exc.position else (2, 1)",
+                    "line, col = exc.position if exc.position else (1, 2)")},
+    **{("saveimage", "_read_vmdesc_from_end", line): _WINDOW for line in (
+        "window = min(size - stream_offset, 17 * 1024 * 1024)", "window = min(size - stream_offset, 16 * 1025 * 1024)",
+        "window = min(size - stream_offset, 16 * 1024 * 1025)", "if window < 0:", "if window <= 1:")},
+    ("saveimage", "_Stream.skip", "if n < avail:"):
+        "skipping exactly what is buffered takes the other branch, which seeks by 0 (or reads nothing) to the "
+        "same place",
+    ("saveimage", "_Stream.string", 'return raw.decode("ASCII")'): "codec names are case-insensitive",
     **{("saveimage", "_Walker._skip_continued_pages", line): _FAST for line in (
         "page, mask, end = self.page_size, self.page_size + 1, len(s._buf)",
         "while end - pos > 8 + page:", "while end - pos >= 9 + page:", "flags = None",
@@ -211,7 +263,9 @@ def _functions(source: str) -> dict[str, str]:
     out = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name:
-            out[node.name] = "\n".join(lines[node.lineno:node.end_lineno])   # the body, not the def line
+            src = lines[node.lineno - 1:node.end_lineno]    # with the signature: defaults are mutated too
+            src[0] = src[0].replace(node.name, "f", 1)
+            out[node.name] = "\n".join(src)
     return out
 
 

@@ -549,3 +549,20 @@ def test_check_trace_odd_images():
         ph = trace.add_phase(t, "save", "save")
         ph["image"] = odd  # type: ignore[typeddict-item]
     assert safety.check_trace(t) == []
+
+
+def test_more_exact_items_and_edges():
+    (f,) = safety.check_command({"kind": "command", "arguments": {"a": "exec:x"}}, "w")
+    assert f.item == ' {"a":"exec:x"}'                            # no name: an empty one, not "None"
+    (f,) = safety.check_command({"kind": "command", "execute": "screendump", "arguments": {"a": 1, "b": [2, 3]}}, "w")
+    assert f.item == 'screendump {"a":1,"b":[2,3]}'
+    msg = {"kind": "command", "execute": "chardev-add", "arguments": {"id": "c", "script": "/x"}}
+    assert [f.reason for f in safety.check_command(msg, "w")] == [
+        "chardev-add reads/writes host files or opens connections", "script runs a host program"]
+    assert safety.path_problem("nbd:host:10809") == "network storage nbd: reaches outside this host's files"
+    assert safety.path_problem("/etc/", deny_only=True) == "a system file, device, log or runtime path"
+
+
+def test_a_path_option_without_value_and_prefixes_shown_as_given():
+    assert reasons("-kernel") == []                     # nothing named: no path to judge
+    assert safety.path_problem("/y", ("/opt/X/",)) == "outside the expected places (/opt/X, …)"

@@ -848,3 +848,108 @@ def test_a_bad_flag_inside_a_run_of_continued_pages():
     data = HEAD + ram_start(("b", 8 * PAGE)) + _ram_part(be64(0x08) + s8("b") + bytes(PAGE) + run) + b"\0"
     at = len(HEAD + ram_start(("b", 8 * PAGE))) + 5 + 8 + 2 + PAGE + 8 + PAGE
     assert walk_error(data) == f"corrupt stream: unknown RAM flags 0x1 (at offset {at})"
+
+
+CONFIG_WHATS = {"stream magic", "stream version", "section type", "configuration name length",
+                "configuration machine type", "configuration subsection name",
+                "configuration/target-page-bits version", "configuration/target-page-bits",
+                "configuration/capabilities version", "capability count", "capability name",
+                "configuration/uuid version", "configuration/uuid"}
+
+
+def test_every_cut_of_a_configuration_names_its_field():
+    data = HEAD + config(sub("configuration/target-page-bits", be32(12)),
+                         sub("configuration/capabilities", be32(2) + s8("events") + s8("multifd")),
+                         sub("configuration/uuid", bytes(range(16)))) + b"\0"
+    whats = set()
+    for cut in range(len(data)):
+        m = walk_error(data[:cut])
+        r = _READ.match(m)
+        assert r and int(r.group(3)) == cut - int(r.group(4)), (cut, m)
+        whats.add(r.group(1))
+    assert whats == CONFIG_WHATS
+    assert walk(data).config["capabilities"] == ["events", "multifd"]
+
+
+def test_configuration_edges():
+    caps = sub("configuration/capabilities", be32(256) + s8("c") * 256)
+    assert len(walk(HEAD + config(caps) + b"\0").config["capabilities"]) == 256
+    assert walk(HEAD + config(machine=b"pc\xff") + b"\0").config["machine"] == "pc\ufffd"
+    odd = HEAD + config(sub("configuration/other", b""))
+    assert walk_error(odd, vmdesc={"devices": [], "configuration": {}}) == \
+        f"unknown configuration subsection 'configuration/other' (at offset {len(odd)})"
+
+
+def test_vmsd_struct_fields():
+    struct = {"fields": [{"name": "a", "size": 3}]}
+    s = si._Stream(io.BytesIO(bytes(10)))
+    si._vmsd_skip(s, {"fields": [{"name": "s", "type": "struct", "array_len": 2, "struct": struct}]}, "d")
+    assert s.offset == 6                                  # per element, from the struct, not the field's size
+    s = si._Stream(io.BytesIO(bytes(10)))
+    si._vmsd_skip(s, {"fields": [{"name": "b", "type": "buffer", "size": 5, "struct": struct}]}, "d")
+    assert s.offset == 5                                  # not a struct: its own size
+    s = si._Stream(io.BytesIO(bytes(10)))
+    si._vmsd_skip(s, {"fields": [{"name": "n", "type": "struct", "size": 4, "struct": "not a description"}]}, "d")
+    assert s.offset == 4
+
+
+def test_after_the_end_single_bytes_and_long_padding(monkeypatch):
+    assert walk(HEAD + b"\0" + b"\0").trailing == 1
+    assert walk_error(HEAD + b"\0" + b"X") == \
+        "corrupt stream: unexpected data after the end of the stream (at offset 9)"
+    monkeypatch.setattr(si, "_CHUNK", 4)
+    assert walk(HEAD + b"\0" + bytes(10)).trailing == 10
+
+
+def test_available_defaults_to_one_byte():
+    s = si._Stream(io.BytesIO(b"ab"))
+    s.u8("a")
+    assert s.available() and s.available(1) and not s.available(2)
+
+
+@pytest.mark.parametrize(("text", "offset"), [
+    ("<domain>\n<a>\n</b></domain>", 92 + 9 + 4 + 4),       # line 3, column 5
+    ("<domain>\n", 92 + 9),                                  # line 2, column 1
+])
+def test_xml_errors_name_the_exact_offset(text, offset):
+    with pytest.raises(ImageError) as ei:
+        si._parse_xml(text, 92, "domain XML")
+    assert ei.value.offset == offset and str(ei.value).startswith("corrupt image: domain XML is not well-formed XML (")
+
+
+def test_find_vmdesc_edges():
+    j = b'{"":1}'                                             # six bytes: its length holds a 0x06 too
+    tail = b"\0\x06" + be32(len(j)) + j
+    assert si._find_vmdesc(tail) == (1, 6)                   # right after an EOF at index 0
+    assert si._find_vmdesc(b"\x06" + tail) == (2, 6)         # an earlier 0x06 is not taken first
+
+
+def test_seekable_skips_past_the_buffer():
+    class Small(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            return super().read(min(7, size if size is not None and size >= 0 else 7))
+
+    data = bytes(range(200))
+    s = si._Stream(Small(data), size=200, seekable=True)
+    s.peek(3)
+    s.skip(50, "x")
+    assert s.offset == 50 and s.u8("y") == 50
+    s.skip(100, "z")
+    assert s.offset == 151 and s.u8("w") == 151
+    assert s.peek() == bytes([152])                          # peek defaults to one byte
+
+
+def test_non_ascii_names_show_forty_bytes():
+    name = b"\xff" * 50
+    with pytest.raises(ImageError) as ei:
+        si._Stream(io.BytesIO(bytes([50]) + name)).string("section name")
+    assert str(ei.value) == f"corrupt stream: section name {name[:40]!r} is not ASCII (at offset 0)"
+
+
+def test_blocks_first_seen_in_pages_multifd_flushes_and_odd_lengths():
+    data = (HEAD + ram_start(("a", PAGE - 1), ("b", 1))      # the total is page-aligned, the blocks need not be
+            + _ram_part(be64(0x02) + s8("c") + b"\0" + be64(0x200) + be64(0x200)) + b"\0")
+    w = walk(data)
+    assert w.ram["blocks"]["c"] == {"name": "c", "length": None, "pages": 0, "zero_pages": 1, "bytes": 0}
+    assert (w.ram["blocks"]["a"]["length"], w.ram["blocks"]["b"]["length"], w.ram["multifd_flushes"]) == (
+        PAGE - 1, 1, 2)
