@@ -88,6 +88,10 @@ def render_table(figures: list[Figure], samples: list[Samples], machine: str) ->
     return "\n".join(lines)
 
 
+#: The goal-margin axis shows margins between these (log scale).
+MARGIN_CLIP = (0.1, 10.0)
+
+
 @dataclass
 class OpPair:
     """One operation's median seconds on libvirt's path and on virtsave's (NaN: not measured)."""
@@ -145,12 +149,15 @@ def _pyplot() -> Any:
 
 
 def _goal_margins(ax: Any, figures: list[Figure]) -> None:
-    scores = [margin(f) for f in figures]
+    # Log scale, clipped: a figure 80× inside its goal must not flatten the ones near 1.
+    scores = [min(max(margin(f), MARGIN_CLIP[0]), MARGIN_CLIP[1]) for f in figures]
     ax.bar([f.key for f in figures], scores, color=["tab:green" if f.passed else "tab:red" for f in figures])
+    ax.set_yscale("log")
+    ax.set_ylim(MARGIN_CLIP[0], MARGIN_CLIP[1] * 3)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     for i, f in enumerate(figures):
-        ax.text(i, scores[i], f"{f.value:.2f}\n({f.op}{f.goal:g})", ha="center", va="bottom", fontsize=7)
-    ax.set_ylabel("goal margin (>1 = goal met)")
+        ax.text(i, scores[i], f"{f.value:.3g}\n({f.op}{f.goal:g})", ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel(f"goal margin (>1 = met; log, clipped to {MARGIN_CLIP[1]:g})")
     ax.set_title("figures against their goals", fontsize=9)
 
 

@@ -43,6 +43,7 @@ __all__ = ["GUESTS_SCRIPT", "KEYS", "BulkConfig", "main", "run"]
 
 GUESTS_SCRIPT = "/usr/lib/libvirt/libvirt-guests.sh"
 URI = "qemu:///system"  # inside the namespace: the private daemon
+PREFIX = "vs-bulk-"
 KEYS = ("libvirt-guests stop", "libvirt-guests start", "virtsave managed-save --all", "virtsave start --all")
 
 
@@ -124,11 +125,12 @@ def _round(conn: libvirt.virConnect, names: list[str], cfg: BulkConfig, env: dic
 def measure(cfg: BulkConfig, base: Path, host_ns: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Inside the namespace: private daemon, guests, rounds; the samples per command."""
     out: dict[str, list[float]] = {k: [] for k in KEYS}
-    with PrivateDaemon(base, host_ns, guests_conf=guests_config(bypass_cache=cfg.bypass_cache)) as daemon:
+    with PrivateDaemon(base, host_ns, guests_conf=guests_config(bypass_cache=cfg.bypass_cache),
+                       prefix=PREFIX) as daemon:
         conn = libvirt.open(URI)
         try:
             daemon.only_domains(conn, [])  # a fresh daemon: nothing of anyone's
-            names = [guest.unique_name("vs-bulk") for _ in range(cfg.guests)]
+            names = [guest.unique_name(PREFIX.rstrip("-")) for _ in range(cfg.guests)]
             log(f"bulk: booting {cfg.guests} guests of {cfg.ram_mib} MiB ({cfg.fill_mib} MiB filled) "
                 "on a private libvirtd")
             for n in names:

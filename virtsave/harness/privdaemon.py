@@ -111,9 +111,12 @@ class PrivateDaemon:
     """Bind the private directories, start virtlogd + libvirtd there; stop and clean up on exit."""
 
     def __init__(self, base: str | os.PathLike[str], host_ns: str, *, guests_conf: str | None = None,
-                 timeout: float = 180.0) -> None:
+                 prefix: str = "vs-", timeout: float = 180.0) -> None:
         self.base = Path(base)
         self.host_ns = host_ns
+        self.prefix = prefix
+        #: True once /run/libvirt here is the private directory: only then is qemu:///system ours.
+        self.private_run = False
         self.guests_conf = guests_conf if guests_conf is not None else guests_config()
         self.timeout = timeout
 
@@ -137,6 +140,8 @@ class PrivateDaemon:
             d = self.base / name
             d.mkdir(mode=0o755, exist_ok=True)
             _mount_bind(d, host)
+            if host == "/run/libvirt":
+                self.private_run = os.path.samefile(d, host) and mount_namespace() != self.host_ns
         Path("/etc/libvirt/libvirtd.conf").write_text(LIBVIRTD_CONF)
         Path("/etc/libvirt/qemu.conf").write_text(QEMU_CONF)
         Path("/var/log/libvirt/qemu").mkdir(mode=0o755, exist_ok=True)
@@ -148,6 +153,8 @@ class PrivateDaemon:
             raise UnsupportedError(f"{GUESTS_CONF} does not exist: cannot give libvirt-guests.sh a private config")
 
     def _start(self) -> None:
+        if not self.private_run:
+            raise OperationFailed("/run/libvirt is not the private directory: refusing to start a daemon")
         subprocess.run(["virtlogd", "--daemon", "--pid-file", str(self.base / "virtlogd.pid")], check=True)
         _wait_socket("/run/libvirt/virtlogd-sock", self.timeout)
         subprocess.run(["libvirtd", "--daemon", "--pid-file", str(self.base / "libvirtd.pid")], check=True)
@@ -170,11 +177,26 @@ class PrivateDaemon:
             raise OperationFailed(f"the private daemon lists {have}, expected exactly {sorted(names)}: refusing")
 
     def stop(self) -> None:
-        """Destroy and undefine every domain of the private daemon, end both daemons by pid."""
+        """Destroy and undefine the measurement's domains (named *prefix*…) on the private daemon, end
+        both daemons by pid. Nothing is touched through qemu:///system unless /run/libvirt here is
+        the private directory (a failed bind must never reach the shared daemon)."""
+        if self.private_run:
+            self._remove_domains()
+        for name in ("libvirtd.pid", "virtlogd.pid"):
+            pid = _pid(self.base / name)
+            with contextlib.suppress(OSError):  # gone already, or a recycled pid of the host's: not ours
+                if pid is not None and mount_namespace(pid) != self.host_ns:
+                    os.kill(pid, signal.SIGTERM)
+                    _wait_gone(pid, 10.0)
+        kill_leftovers(self.base)
+
+    def _remove_domains(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             conn = libvirt.open("qemu:///system")
             try:
                 for dom in conn.listAllDomains(0):
+                    if not dom.name().startswith(self.prefix):
+                        continue
                     with contextlib.suppress(libvirt.libvirtError):
                         if dom.isActive():
                             dom.destroy()
@@ -182,13 +204,6 @@ class PrivateDaemon:
                         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
             finally:
                 conn.close()
-        for name in ("libvirtd.pid", "virtlogd.pid"):
-            pid = _pid(self.base / name)
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-                _wait_gone(pid, 10.0)
-        kill_leftovers(self.base)
 
 
 def _mount_bind(src: Path, dst: str) -> None:
