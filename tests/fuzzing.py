@@ -732,7 +732,7 @@ def regression(name: str) -> tuple[str, bytes]:
 
 TARGETS = [
     Target("log-import", "libvirtd debug log → trace (virtsave trace --from-log)", log_input(log_seeds),
-           check_log_import, 200),
+           check_log_import, 130),
     Target("log-scan", "libvirtd debug log: records, monitor list, windowed import", log_input(small_log_seeds),
            check_log_scan, 280),
     Target("domain-log", "QEMU domain log → starts, argv, command-line model, safety check",
