@@ -22,6 +22,7 @@ images also field-wise (a 32- or 64-bit big- or little-endian integer set to an 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import gzip
@@ -125,6 +126,9 @@ def scratch(name: str, data: bytes) -> Path:
 
 def cleanup() -> None:
     shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+atexit.register(cleanup)
 
 
 # --------------------------------------------------------------------------- seeds

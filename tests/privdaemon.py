@@ -17,12 +17,14 @@ the client, with no daemon to restart and no admin socket for the log capture.
   exactly where an operator's would be (``qemu:///system``, ``libvirtd:///system``,
   ``/var/lib/libvirt/qemu/save``), with its own state directory (:attr:`PrivateDaemons.state_dir`);
 - the daemons run in the foreground as children of the test, so they are killed and restarted by
-  pid, never by name.
+  pid, never by name; they (and the namespace's anchor) get ``PR_SET_PDEATHSIG``, so a test run that
+  is itself killed does not leave them behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -35,6 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 #: System path inside the namespace → scratch subdirectory (outside).
 MOUNTS = {"/run/libvirt": "run", "/var/lib/libvirt": "lib", "/etc/libvirt": "etc", "/var/cache/libvirt": "cache"}
+
+
+def _die_with_parent() -> None:
+    """preexec: SIGKILL this child when the test process dies (kept across nsenter's exec)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class DaemonError(RuntimeError):
@@ -91,7 +98,8 @@ class PrivateDaemons:
         binds = "".join(f"mount --bind {self.base / sub} {path}\n" for path, sub in MOUNTS.items())
         script = f"set -e\n{binds}echo ready\nexec sleep infinity\n"
         self.anchor = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+                                       preexec_fn=_die_with_parent)
         assert self.anchor.stdout is not None
         line = self.anchor.stdout.readline().strip()
         if line != b"ready":
@@ -108,7 +116,7 @@ class PrivateDaemons:
         log = open(self.base / f"{name}.out", "ab")  # noqa: SIM115 - the daemon's stderr, closed with it
         # nsenter execs the daemon (no fork for a mount namespace): the child's pid is the daemon's.
         return subprocess.Popen([*self._enter(), *argv], stdout=log, stderr=subprocess.STDOUT, cwd="/",
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
     def _wait_socket(self, name: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         sock = self.base / "run" / name
