@@ -559,3 +559,11 @@ def test_more_exact_items_and_edges():
 def test_a_path_option_without_value_and_prefixes_shown_as_given():
     assert reasons("-kernel") == []                     # nothing named: no path to judge
     assert safety.path_problem("/y", ("/opt/X/",)) == "outside the expected places (/opt/X, …)"
+
+
+def test_every_path_of_an_option_is_judged():
+    blk = ('{"driver":"qcow2","file":{"driver":"file","filename":"/dev/fdset/1"},'
+           '"backing":{"file":"","filename":"/opt/b"}}')
+    assert reasons("-blockdev", blk) == ["/dev/fdset/1 is not declared by an -add-fd", f"/opt/b: {OUTSIDE}"]
+    dev = '{"driver":"x","romfile":"/usr/share/a","x":{"romfile":"/opt/b"}}'
+    assert reasons("-device", dev) == ["romfile /opt/b outside /usr/share/"]
