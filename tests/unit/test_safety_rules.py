@@ -567,3 +567,8 @@ def test_every_path_of_an_option_is_judged():
     assert reasons("-blockdev", blk) == ["/dev/fdset/1 is not declared by an -add-fd", f"/opt/b: {OUTSIDE}"]
     dev = '{"driver":"x","romfile":"/usr/share/a","x":{"romfile":"/opt/b"}}'
     assert reasons("-device", dev) == ["romfile /opt/b outside /usr/share/"]
+
+
+def test_an_option_keeps_every_finding():
+    assert reasons("-serial", "exec:x") == ["exec: runs a host command",
+                                            "-serial to a host file, pipe, socket or device"]
