@@ -99,7 +99,6 @@ _XMLOPT = ("with resolve_entities false (None is false too) no entity and no ext
            "has nothing to refuse")
 _WINDOW = ("the description ends the stream, so a wider window, or one of 0–1 bytes read anyway, finds the same "
            "(or no) description")
-_FILE_CHARDEV = '[*out, f"file chardev writes host file {p}"]'
 _NO_QUEUE = "a missing entry gives None instead of []: both are falsy, and the next line only pops a non-empty list"
 _PLACEHOLDER = ("the placeholder of a dropped command only absorbs its reply: its key, name and body are never "
                 "read")
@@ -143,11 +142,6 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        for n in ("", "2")},
     ("safety", "_fdset_use_problems", 'for s in dict.fromkeys(qargv.fdset_references(o.value or "XXXX")):'):
         "an option without value names no fdset, and neither does 'XXXX'",
-    **{("safety", "_check_chardev", line):
-       "a file chardev on a declared fdset is always rewritten whole by the launcher's chardev-log rule "
-       "(launch.RULES), so this check never sees one"
-       for line in ("return out if (scan.ctx.declared_fdset(p)) and False else " + _FILE_CHARDEV,
-                    "return out if scan.ctx.declared_fdset(None) else " + _FILE_CHARDEV)},
     ("safety", "_generic_problems", "fds = qargv.fd_references(v) if (o.value is not None) or True else []"):
         "an option without value has no fd= to find",
     # saveimage

@@ -572,3 +572,10 @@ def test_every_path_of_an_option_is_judged():
 def test_an_option_keeps_every_finding():
     assert reasons("-serial", "exec:x") == ["exec: runs a host command",
                                             "-serial to a host file, pipe, socket or device"]
+
+
+def test_file_chardev_on_a_declared_fdset_with_a_host_logfile():
+    """Not the launcher's to rewrite (its log goes to a host file): the log is the finding, the fdset path is not."""
+    assert reasons("-add-fd", "set=4,fd=40", "-chardev", "file,id=c,path=/dev/fdset/4,logfile=/tmp/l") == [
+        "fdset 4 is used by -chardev (argv[10]), which the launcher cannot rewrite",
+        "chardev logfile writes host file /tmp/l"]
