@@ -180,6 +180,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("saveimage", "_Walker._configuration",
      'cfg: dict[str, Any] = {"offset": at, "machine": raw.decode("ASCII", "replace"), "capabilities": [],'):
         "codec names are case-insensitive",
+    ("saveimage", "_check_fields", 'raise ImageError(f"not a libvirt save image: magic {magic[:17]!r}", offset=0)'):
+        "the magic field is 16 bytes long: [:16] and [:17] are the same",
     **{("saveimage", "_find_vmdesc", line): _WHOLE for line in (
         "p = data.rfind(bytes([SEC_VMDESC]), None, end)", "p = data.rfind(bytes([SEC_VMDESC]), 0, None)",
         "p = data.rfind(bytes([SEC_VMDESC]), 0, )", "p = data.rfind(bytes([SEC_VMDESC]), 1, end)",
@@ -280,7 +282,7 @@ def _diffs(work: Path, m: Module, survivors: list[str]) -> dict[str, tuple[str, 
         orig, mut = funcs.get(f"{base}__mutmut_orig", ""), funcs.get(short, "")
         minus = [ln[1:] for ln in difflib.ndiff(orig.splitlines(), mut.splitlines()) if ln.startswith("- ")]
         plus = [ln[1:] for ln in difflib.ndiff(orig.splitlines(), mut.splitlines()) if ln.startswith("+ ")]
-        fn = base.removeprefix("x_").replace(SEP, ".").strip(".")
+        fn = base.removeprefix("x_").removeprefix("x" + SEP).replace(SEP, ".")
         out[name] = (fn, " / ".join(x.strip() for x in minus), " / ".join(x.strip() for x in plus))
     return out
 

@@ -36,7 +36,7 @@ def test_encode_header_bytes():
     big = si.encode_header("<domain>" + "x" * 1000 + "</domain>", align=512)
     assert len(big) == 1536 and struct.unpack("<I", big[20:24]) == (1536 - 92,)
     exact = si.encode_header("<domain/>", align=1)
-    assert len(exact) == 92 + 10 and exact[-1] == 0
+    assert len(exact) == 92 + 10 and exact[-1] == 0 and struct.unpack("<I", exact[20:24]) == (10,)
 
 
 @pytest.mark.parametrize("fmt", sorted(si.FORMAT_IDS))
@@ -731,12 +731,12 @@ def _mapped_ram(tmp_path, pages: int, bitmap: bytes, *, cut: int | None = None, 
 
 @pytest.mark.parametrize(("pages", "bitmap", "present"), [
     (8, bytes([0xFF, 0xFF]), 8),                 # the byte after the bitmap is not counted
-    (64, bytes([0xFF] * 8), 64),
+    (64, bytes([0xFF] * 9), 64),                 # in chunks of 3 bytes: 3, 3, 2 — never past the bitmap
     (12, bytes([0xFF, 0b0000_1111]), 12),
     (12, bytes([0xFF, 0b1111_0000]), 8),        # bits past the last page are masked off
     (3, bytes([0b1000_0101]), 2),
 ])
-@pytest.mark.parametrize("chunk", [1 << 20, 1])
+@pytest.mark.parametrize("chunk", [1 << 20, 3, 1])
 def test_mapped_ram_bitmaps_counted_per_chunk(tmp_path, monkeypatch, pages, bitmap, present, chunk):
     monkeypatch.setattr(si, "_CHUNK", chunk)
     b = _mapped_ram(tmp_path, pages, bitmap).ram["blocks"]["b"]
@@ -752,7 +752,7 @@ def test_mapped_ram_block_edges(tmp_path, monkeypatch):
                          (start_len + 21, "mapped-ram pages offset", 8)):
         with pytest.raises(ImageError) as ei:
             _mapped_ram(tmp_path, 8, bytes([1]), cut=cut)
-        assert what in str(ei.value) and f"needs {n} bytes" in str(ei.value), (cut, str(ei.value))
+        assert f"stream ends inside {what} (needs {n} bytes" in str(ei.value), (cut, str(ei.value))
     monkeypatch.setattr(si, "_CHUNK", 1)
     with pytest.raises(ImageError) as ei:
         _mapped_ram(tmp_path, 16, bytes([0xFF, 0xFF]), cut=start_len + 28 + 1)
@@ -908,7 +908,7 @@ def test_available_defaults_to_one_byte():
 
 
 @pytest.mark.parametrize(("text", "offset"), [
-    ("<domain>\n<a>\n</b></domain>", 92 + 9 + 4 + 4),       # line 3, column 5
+    ("<domain type='x'>\n<a>\n</b></domain>", 92 + 18 + 4 + 4),       # line 3, column 5
     ("<domain>\n", 92 + 9),                                  # line 2, column 1
 ])
 def test_xml_errors_name_the_exact_offset(text, offset):
@@ -953,3 +953,13 @@ def test_blocks_first_seen_in_pages_multifd_flushes_and_odd_lengths():
     assert w.ram["blocks"]["c"] == {"name": "c", "length": None, "pages": 0, "zero_pages": 1, "bytes": 0}
     assert (w.ram["blocks"]["a"]["length"], w.ram["blocks"]["b"]["length"], w.ram["multifd_flushes"]) == (
         PAGE - 1, 1, 2)
+
+
+def test_header_reads_only_its_data_area(tmp_path):
+    """A cookie not terminated inside data_len is refused even when the stream after it holds a NUL."""
+    with pytest.raises(ImageError, match=r"^cookie is not NUL-terminated \(at offset 102\)$"):
+        _read(_hdr(cookie_offset=10) + b"<domain/>\0<c>".ljust(932, b"y") + b"\0QEVM")
+    p = tmp_path / "plain"
+    p.write_bytes(b"QEVM" + bytes(100))
+    with open(p, "rb") as f:
+        assert si._read_vmdesc_from_end(f, 104, 0) == (None, 0)        # no description at all
