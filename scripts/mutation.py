@@ -79,8 +79,8 @@ MODULES = (
 
 #: Survivors reviewed and judged equivalent: (module, function, mutated line as mutmut writes it) → why.
 #: Keyed by the changed line, not by mutmut's number (numbers shift whenever a function changes).
-_INCOMING = ("every -incoming value the URI check accepts (defer, fd:…, file:/dev/fdset/N…) is one libvirt "
-             "writes, which the launcher's incoming rule rewrites whole: this check only ever sees refused values")
+_INCOMING = ("the only value the URI check accepts for incoming alone is 'defer', which the launcher's incoming "
+             "rule always rewrites whole: the flag never matters here")
 _BIG = "int.from_bytes defaults to big-endian (Python >= 3.11, which virtsave requires)"
 _EOF = ("eof None is falsy like False: the next read asks the source once more and gets b'' again (at its end) "
         "or the data (after a seek)")
@@ -124,7 +124,6 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "an option without value is refused either way: neither '' nor 'XXXX' is a console target",
     ("safety", "_check_incoming", "why = _uri_problem(o.value, None)"): _INCOMING,
     ("safety", "_check_incoming", "why = _uri_problem(o.value, False)"): _INCOMING,
-    ("safety", "_check_incoming", "return [why] if (why) or True else []"): _INCOMING,
     ("safety", "check_trace", "out = check_argv([str(a) for a in argv], _incoming_fdsets(phases), prefixes)"):
         "the first addition to an empty list: = and += give the same list",
     ("safety", "check_trace", "if isinstance(p, str) or p:"):

@@ -579,3 +579,7 @@ def test_file_chardev_on_a_declared_fdset_with_a_host_logfile():
     assert reasons("-add-fd", "set=4,fd=40", "-chardev", "file,id=c,path=/dev/fdset/4,logfile=/tmp/l") == [
         "fdset 4 is used by -chardev (argv[10]), which the launcher cannot rewrite",
         "chardev logfile writes host file /tmp/l"]
+
+
+def test_an_accepted_incoming_uri_the_launcher_keeps():
+    assert reasons("-incoming", "fd:a b") == []        # fd: with a blank: no libvirt form, yet no finding
