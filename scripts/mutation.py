@@ -251,7 +251,9 @@ def _configure(work: Path, m: Module) -> None:
              f'only_mutate = ["{m.path}"]\n'
              f"pytest_add_cli_args_test_selection = {json.dumps(list(m.tests))}\n"
              'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
-             "use_git_change_detection = false\n")
+             "use_git_change_detection = false\n"
+             # a mutant that loops forever is a kill (timeout); do not wait 15 times the tests' time for it
+             "timeout_multiplier = 4.0\n")
     pyproject.write_text(text)
 
 
@@ -293,6 +295,9 @@ def _recheck_survivors(m: Module, work: Path) -> list[str]:
     for rel in m.tests:
         shutil.copy2(REPO / rel, work / rel)
         shutil.copy2(REPO / rel, work / "mutants" / rel)
+    for cfg in (work / "pyproject.toml", work / "mutants" / "pyproject.toml"):
+        if cfg.exists() and "timeout_multiplier" not in cfg.read_text():
+            cfg.write_text(cfg.read_text() + "timeout_multiplier = 4.0\n")
     meta_path = work / "mutants" / f"{m.path}.meta"
     meta = json.loads(meta_path.read_text())
     alive = [k for k, v in meta["exit_code_by_key"].items()
