@@ -181,6 +181,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "codec names are case-insensitive",
     ("saveimage", "_check_fields", 'raise ImageError(f"not a libvirt save image: magic {magic[:17]!r}", offset=0)'):
         "the magic field is 16 bytes long: [:16] and [:17] are the same",
+    **{("saveimage", "_Walker._device", f"self.layout = self.layout or {v}"):
+       "the fallback never applies: by then the layout is set (vmdesc, or footer-scan by _load_tail)"
+       for v in ('"XXfooter-scanXX"', '"FOOTER-SCAN"')},
     **{("saveimage", "_find_vmdesc", line): _WHOLE for line in (
         "p = data.rfind(bytes([SEC_VMDESC]), None, end)", "p = data.rfind(bytes([SEC_VMDESC]), 0, None)",
         "p = data.rfind(bytes([SEC_VMDESC]), 0, )", "p = data.rfind(bytes([SEC_VMDESC]), 1, end)",
