@@ -214,6 +214,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         'flags = int.from_bytes(buf[pos:pos + 8], "big") | mask', "flags = int.from_bytes(buf[pos:pos + 8], ) & mask",
         'flags = int.from_bytes(buf[pos:pos - 8], "big") & mask', "if flags == RAM_PAGE & RAM_CONTINUE:",
         "elif flags == RAM_ZERO & RAM_CONTINUE:")},
+    ("saveimage", "_Walker._skip_continued_pages", 'flags = int.from_bytes(buf[pos:pos + 9], "big") & mask'):
+        "nine bytes shift the record's own flags into the mask (0x28 becomes 0x8__): the fast path then matches "
+        "no valid record and the general RAM loop reads each one as before",
+
 }
 
 
