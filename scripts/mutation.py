@@ -79,8 +79,8 @@ MODULES = (
 
 #: Survivors reviewed and judged equivalent: (module, function, mutated line as mutmut writes it) → why.
 #: Keyed by the changed line, not by mutmut's number (numbers shift whenever a function changes).
-_INCOMING = ("every -incoming value the URI check accepts (defer, fd:…, file:/dev/fdset/N…) is one libvirt "
-             "writes, which the launcher's incoming rule rewrites whole: this check only ever sees refused values")
+_INCOMING = ("the only value the URI check accepts for incoming alone is 'defer', which the launcher's incoming "
+             "rule always rewrites whole: the flag never matters here")
 _BIG = "int.from_bytes defaults to big-endian (Python >= 3.11, which virtsave requires)"
 _EOF = ("eof None is falsy like False: the next read asks the source once more and gets b'' again (at its end) "
         "or the data (after a seek)")
@@ -124,7 +124,6 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "an option without value is refused either way: neither '' nor 'XXXX' is a console target",
     ("safety", "_check_incoming", "why = _uri_problem(o.value, None)"): _INCOMING,
     ("safety", "_check_incoming", "why = _uri_problem(o.value, False)"): _INCOMING,
-    ("safety", "_check_incoming", "return [why] if (why) or True else []"): _INCOMING,
     ("safety", "check_trace", "out = check_argv([str(a) for a in argv], _incoming_fdsets(phases), prefixes)"):
         "the first addition to an empty list: = and += give the same list",
     ("safety", "check_trace", "if isinstance(p, str) or p:"):
@@ -142,6 +141,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        for n in ("", "2")},
     ("safety", "_fdset_use_problems", 'for s in dict.fromkeys(qargv.fdset_references(o.value or "XXXX")):'):
         "an option without value names no fdset, and neither does 'XXXX'",
+    ("safety", "_generic_problems", "fds = qargv.fd_references(v) if (o.value is not None) or True else []"):
+        "an option without value has no fd= to find",
     # saveimage
     ("saveimage", "_plausible_header", 'return int.from_bytes(data[i + 1:i + 5], ) in known_ids'): _BIG,
     ("saveimage", "_plausible_header", 'and int.from_bytes(data[i + 6 + n:i + 10 + n], ) < 1 << 16)'): _BIG,
@@ -178,6 +179,11 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("saveimage", "_Walker._configuration",
      'cfg: dict[str, Any] = {"offset": at, "machine": raw.decode("ASCII", "replace"), "capabilities": [],'):
         "codec names are case-insensitive",
+    ("saveimage", "_check_fields", 'raise ImageError(f"not a libvirt save image: magic {magic[:17]!r}", offset=0)'):
+        "the magic field is 16 bytes long: [:16] and [:17] are the same",
+    **{("saveimage", "_Walker._device", f"self.layout = self.layout or {v}"):
+       "the fallback never applies: by then the layout is set (vmdesc, or footer-scan by _load_tail)"
+       for v in ('"XXfooter-scanXX"', '"FOOTER-SCAN"')},
     **{("saveimage", "_find_vmdesc", line): _WHOLE for line in (
         "p = data.rfind(bytes([SEC_VMDESC]), None, end)", "p = data.rfind(bytes([SEC_VMDESC]), 0, None)",
         "p = data.rfind(bytes([SEC_VMDESC]), 0, )", "p = data.rfind(bytes([SEC_VMDESC]), 1, end)",
@@ -208,6 +214,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         'flags = int.from_bytes(buf[pos:pos + 8], "big") | mask', "flags = int.from_bytes(buf[pos:pos + 8], ) & mask",
         'flags = int.from_bytes(buf[pos:pos - 8], "big") & mask', "if flags == RAM_PAGE & RAM_CONTINUE:",
         "elif flags == RAM_ZERO & RAM_CONTINUE:")},
+    ("saveimage", "_Walker._skip_continued_pages", 'flags = int.from_bytes(buf[pos:pos + 9], "big") & mask'):
+        "nine bytes shift the record's own flags into the mask (0x28 becomes 0x8__): the fast path then matches "
+        "no valid record and the general RAM loop reads each one as before",
+
 }
 
 
@@ -248,7 +258,9 @@ def _configure(work: Path, m: Module) -> None:
              f'only_mutate = ["{m.path}"]\n'
              f"pytest_add_cli_args_test_selection = {json.dumps(list(m.tests))}\n"
              'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\n'
-             "use_git_change_detection = false\n")
+             "use_git_change_detection = false\n"
+             # a mutant that loops forever is a kill (timeout); do not wait 15 times the tests' time for it
+             "timeout_multiplier = 4.0\n")
     pyproject.write_text(text)
 
 
@@ -278,7 +290,7 @@ def _diffs(work: Path, m: Module, survivors: list[str]) -> dict[str, tuple[str, 
         orig, mut = funcs.get(f"{base}__mutmut_orig", ""), funcs.get(short, "")
         minus = [ln[1:] for ln in difflib.ndiff(orig.splitlines(), mut.splitlines()) if ln.startswith("- ")]
         plus = [ln[1:] for ln in difflib.ndiff(orig.splitlines(), mut.splitlines()) if ln.startswith("+ ")]
-        fn = base.removeprefix("x_").replace(SEP, ".").strip(".")
+        fn = base.removeprefix("x_").removeprefix("x" + SEP).replace(SEP, ".")
         out[name] = (fn, " / ".join(x.strip() for x in minus), " / ".join(x.strip() for x in plus))
     return out
 
@@ -290,6 +302,9 @@ def _recheck_survivors(m: Module, work: Path) -> list[str]:
     for rel in m.tests:
         shutil.copy2(REPO / rel, work / rel)
         shutil.copy2(REPO / rel, work / "mutants" / rel)
+    for cfg in (work / "pyproject.toml", work / "mutants" / "pyproject.toml"):
+        if cfg.exists() and "timeout_multiplier" not in cfg.read_text():
+            cfg.write_text(cfg.read_text() + "timeout_multiplier = 4.0\n")
     meta_path = work / "mutants" / f"{m.path}.meta"
     meta = json.loads(meta_path.read_text())
     alive = [k for k, v in meta["exit_code_by_key"].items()

@@ -566,3 +566,27 @@ def test_more_exact_items_and_edges():
 def test_a_path_option_without_value_and_prefixes_shown_as_given():
     assert reasons("-kernel") == []                     # nothing named: no path to judge
     assert safety.path_problem("/y", ("/opt/X/",)) == "outside the expected places (/opt/X, …)"
+
+
+def test_every_path_of_an_option_is_judged():
+    blk = ('{"driver":"qcow2","file":{"driver":"file","filename":"/dev/fdset/1"},'
+           '"backing":{"file":"","filename":"/opt/b"}}')
+    assert reasons("-blockdev", blk) == ["/dev/fdset/1 is not declared by an -add-fd", f"/opt/b: {OUTSIDE}"]
+    dev = '{"driver":"x","romfile":"/usr/share/a","x":{"romfile":"/opt/b"}}'
+    assert reasons("-device", dev) == ["romfile /opt/b outside /usr/share/"]
+
+
+def test_an_option_keeps_every_finding():
+    assert reasons("-serial", "exec:x") == ["exec: runs a host command",
+                                            "-serial to a host file, pipe, socket or device"]
+
+
+def test_file_chardev_on_a_declared_fdset_with_a_host_logfile():
+    """Not the launcher's to rewrite (its log goes to a host file): the log is the finding, the fdset path is not."""
+    assert reasons("-add-fd", "set=4,fd=40", "-chardev", "file,id=c,path=/dev/fdset/4,logfile=/tmp/l") == [
+        "fdset 4 is used by -chardev (argv[10]), which the launcher cannot rewrite",
+        "chardev logfile writes host file /tmp/l"]
+
+
+def test_an_accepted_incoming_uri_the_launcher_keeps():
+    assert reasons("-incoming", "fd:a b") == []        # fd: with a blank: no libvirt form, yet no finding

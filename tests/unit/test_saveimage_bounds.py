@@ -36,7 +36,7 @@ def test_encode_header_bytes():
     big = si.encode_header("<domain>" + "x" * 1000 + "</domain>", align=512)
     assert len(big) == 1536 and struct.unpack("<I", big[20:24]) == (1536 - 92,)
     exact = si.encode_header("<domain/>", align=1)
-    assert len(exact) == 92 + 10 and exact[-1] == 0
+    assert len(exact) == 92 + 10 and exact[-1] == 0 and struct.unpack("<I", exact[20:24]) == (10,)
 
 
 @pytest.mark.parametrize("fmt", sorted(si.FORMAT_IDS))
@@ -731,12 +731,12 @@ def _mapped_ram(tmp_path, pages: int, bitmap: bytes, *, cut: int | None = None, 
 
 @pytest.mark.parametrize(("pages", "bitmap", "present"), [
     (8, bytes([0xFF, 0xFF]), 8),                 # the byte after the bitmap is not counted
-    (64, bytes([0xFF] * 8), 64),
+    (64, bytes([0xFF] * 9), 64),                 # in chunks of 3 bytes: 3, 3, 2 — never past the bitmap
     (12, bytes([0xFF, 0b0000_1111]), 12),
     (12, bytes([0xFF, 0b1111_0000]), 8),        # bits past the last page are masked off
     (3, bytes([0b1000_0101]), 2),
 ])
-@pytest.mark.parametrize("chunk", [1 << 20, 1])
+@pytest.mark.parametrize("chunk", [1 << 20, 3, 1])
 def test_mapped_ram_bitmaps_counted_per_chunk(tmp_path, monkeypatch, pages, bitmap, present, chunk):
     monkeypatch.setattr(si, "_CHUNK", chunk)
     b = _mapped_ram(tmp_path, pages, bitmap).ram["blocks"]["b"]
@@ -752,7 +752,7 @@ def test_mapped_ram_block_edges(tmp_path, monkeypatch):
                          (start_len + 21, "mapped-ram pages offset", 8)):
         with pytest.raises(ImageError) as ei:
             _mapped_ram(tmp_path, 8, bytes([1]), cut=cut)
-        assert what in str(ei.value) and f"needs {n} bytes" in str(ei.value), (cut, str(ei.value))
+        assert f"stream ends inside {what} (needs {n} bytes" in str(ei.value), (cut, str(ei.value))
     monkeypatch.setattr(si, "_CHUNK", 1)
     with pytest.raises(ImageError) as ei:
         _mapped_ram(tmp_path, 16, bytes([0xFF, 0xFF]), cut=start_len + 28 + 1)
@@ -790,7 +790,8 @@ def _ram_part(records: bytes, sid: int = 2) -> bytes:
 def test_page_counts_fast_and_slow_paths(source):
     """Runs of pages continuing a block (the buffered fast path) and pages naming their block (the
     general path) are all counted."""
-    cont = (be64(PAGE | 0x28) + bytes([1]) * PAGE) * 3 + be64(0x22) + b"\0" + be64(0x22) + b"\0" + be64(0x22) + b"\0"
+    # zero pages first (so the buffered fast path sees them), then pages whose data starts like a record
+    cont = (be64(0x22) + b"\0") * 3 + (be64(PAGE | 0x28) + bytes([0x22]) + bytes([1]) * (PAGE - 1)) * 3
     named = (be64(0x08) + s8("b") + bytes([2]) * PAGE) * 2 + be64(0x02) + s8("b") + b"\0" + be64(0x02) + s8("b") + b"\0"
     data = HEAD + ram_start(("b", 8 * PAGE)) + _ram_part(named + cont) + b"\0"
     s = (si._Stream(io.BytesIO(data), size=len(data), seekable=True, file_base=0) if source == "file"
@@ -830,6 +831,7 @@ def test_description_without_the_device_falls_back_to_the_footer_scan(monkeypatc
     desc = {"devices": [{"name": "other", "instance_id": 0, "fields": []}]}
     w = walk(data, vmdesc=desc)
     assert [(x.name, x.length) for x in w.sections][1] == ("dev", 1 + 4 + 4 + 4 + 4 + 11 + 5)
+    assert w.layout == "vmdesc"                          # found by footer, but the image has a description
     monkeypatch.setattr(si, "TAIL_LIMIT", 8)
     w = si._Walker(si._Stream(Trickle(data + bytes(64), 16)), vmdesc=desc)
     with pytest.raises(ImageError) as ei:
@@ -876,8 +878,14 @@ def test_configuration_edges():
     assert len(walk(HEAD + config(caps) + b"\0").config["capabilities"]) == 256
     assert walk(HEAD + config(machine=b"pc\xff") + b"\0").config["machine"] == "pc\ufffd"
     odd = HEAD + config(sub("configuration/other", b""))
-    assert walk_error(odd, vmdesc={"devices": [], "configuration": {}}) == \
-        f"unknown configuration subsection 'configuration/other' (at offset {len(odd)})"
+    for configuration in ({}, {"other": 1}):            # no subsections described
+        assert walk_error(odd, vmdesc={"devices": [], "configuration": configuration}) == \
+            f"unknown configuration subsection 'configuration/other' (at offset {len(odd)})"
+    desc = {"devices": [], "configuration": {"subsections": [{"vmsd_name": "configuration/other",
+                                                            "fields": [{"name": "f", "size": 3}]}]}}
+    cut = HEAD + config(sub("configuration/other", b"ab"))
+    assert walk_error(cut, vmdesc=desc) == ("truncated: stream ends inside configuration/other field f (needs 3 "
+                                            f"bytes) (at offset {len(cut) - 2})")
 
 
 def test_vmsd_struct_fields():
@@ -908,7 +916,7 @@ def test_available_defaults_to_one_byte():
 
 
 @pytest.mark.parametrize(("text", "offset"), [
-    ("<domain>\n<a>\n</b></domain>", 92 + 9 + 4 + 4),       # line 3, column 5
+    ("<domain type='x'>\n<a>\n</b></domain>", 92 + 18 + 4 + 4),       # line 3, column 5
     ("<domain>\n", 92 + 9),                                  # line 2, column 1
 ])
 def test_xml_errors_name_the_exact_offset(text, offset):
@@ -953,3 +961,41 @@ def test_blocks_first_seen_in_pages_multifd_flushes_and_odd_lengths():
     assert w.ram["blocks"]["c"] == {"name": "c", "length": None, "pages": 0, "zero_pages": 1, "bytes": 0}
     assert (w.ram["blocks"]["a"]["length"], w.ram["blocks"]["b"]["length"], w.ram["multifd_flushes"]) == (
         PAGE - 1, 1, 2)
+
+
+def test_header_reads_only_its_data_area(tmp_path):
+    """A cookie not terminated inside data_len is refused even when the stream after it holds a NUL."""
+    with pytest.raises(ImageError, match=r"^cookie is not NUL-terminated \(at offset 102\)$"):
+        _read(_hdr(cookie_offset=10) + b"<domain/>\0<c>".ljust(932, b"y") + b"\0QEVM")
+    p = tmp_path / "plain"
+    p.write_bytes(b"QEVM" + bytes(100))
+    with open(p, "rb") as f:
+        assert si._read_vmdesc_from_end(f, 104, 0) == (None, 0)        # no description at all
+
+
+def test_first_device_with_an_empty_payload_found_by_its_footer():
+    data = HEAD + ram_start(("b", PAGE)) + _device_section(4, 3, "empty", b"") + b"\0"
+    w = si._Walker(si._Stream(Trickle(data, 1 << 20)))
+    assert [x.name for x in w.walk()] == ["ram", "empty"] and w.layout == "footer-scan"
+
+
+def test_a_continued_page_first_in_the_stream():
+    data = HEAD + bytes([1]) + be32(2) + s8("ram") + be32(0) + be32(4) + be64(PAGE | 0x28) + bytes(PAGE) + b"\0"
+    assert walk_error(data) == "corrupt stream: RAM page continues no block (at offset 25)"
+
+
+def test_ram_block_address_cut_short():
+    caps = config(sub("configuration/capabilities", be32(1) + s8("x-ignore-shared")))
+    data = HEAD + caps + bytes([1]) + be32(2) + s8("ram") + be32(0) + be32(4) + be64(PAGE | 0x04) + s8("b") + be64(PAGE)
+    assert walk_error(data + b"\1") == ("truncated: stream ends inside RAM block address (needs 8 bytes, 1 left) "
+                                        f"(at offset {len(data)})")
+
+
+def test_reader_state_before_reading():
+    s = si._Stream(io.BytesIO(b""))
+    assert (s.eof, s.offset, s.seekable, s.file_base, s.where) == (False, 0, False, None, "")
+    w = si._Walker(s)
+    assert (w.eof, w.trailing, w.layout, w.config, w.footers, w._tail_loaded, w.vmdesc_info) == (
+        False, 0, None, None, None, False, {"present": False})
+    assert w.ram == {"total_bytes": None, "blocks": {}, "mapped_ram": False, "multifd_flushes": 0}
+    assert si._Walker(s, vmdesc={"devices": []}).layout == "vmdesc"
