@@ -10,7 +10,9 @@ Per repetition (guest RAM ``ram_mib``, ``fill_mib`` of it filled with non-zero d
   managed save against an untraced one (P4);
 - direct: a QEMU launched from the libvirt domain's own command line, saved with mapped-ram +
   multifd straight into the image (O_DIRECT, QEMU's ``direct-io``) and ``quit``, restored to
-  running (pages read with O_DIRECT); then saved as zstd through ``zstd -T0`` (P8);
+  running (pages read with O_DIRECT); then saved as zstd through ``zstd -T0``, written with
+  O_DIRECT (P8; libvirt's zstd save is measured plain, as the issue defines P8, and with
+  ``--bypass-cache`` for context);
 - the disk's limits (:mod:`virtsave.harness.benchlimits`: the faster of ``dd`` O_DIRECT and buffered,
   write and cold read, into the image directory) — P2 and P3b divide by them;
 - the log parser on a generated log (P5);
@@ -67,7 +69,7 @@ GOALS = {  # key: (title, op, goal)
     "P5": ("log parser throughput (MB/s) on a generated log", ">=", 100.0),
     "P7": ("virtsave managed-save --all ÷ libvirt-guests.sh stop (4 guests)", "<=", 0.6),
     "P7b": ("virtsave start --all ÷ libvirt-guests.sh start (4 guests)", "<=", 0.6),
-    "P8": ("direct zstd save ÷ libvirt zstd save", "<=", 0.5),
+    "P8": ("direct zstd save (O_DIRECT) ÷ libvirt zstd save", "<=", 0.5),
     "P8b": ("|direct zstd image size ÷ libvirt's − 1|", "<=", 0.1),
 }
 #: ``--scale`` guest sizes (MiB); each is filled to 3/4.
@@ -146,6 +148,7 @@ def machine_description() -> str:
 
 SAMPLES = ("libvirt managedsave", "libvirt restore (start)", "libvirt sparse-p2 save", "libvirt sparse-p2 restore",
            "libvirt sparse-p2 --bypass-cache save", "libvirt zstd save", "libvirt zstd restore",
+           "libvirt zstd --bypass-cache save",
            "P4 untraced managedsave", "P4 traced managedsave", "P4 tracing overhead outside libvirt's call",
            "direct save (mapped-ram+multifd)", "direct restore to running", "direct zstd save",
            "direct zstd restore to running", *bulkbench.KEYS)
@@ -161,6 +164,7 @@ def _libvirt_rounds(cfg: Config, lv: LibvirtBackend, name: str, work: Path, s: d
     channels = SaveOptions(parallel_channels=cfg.channels)
     # libvirt's fastest save may be the O_DIRECT one: measure it too, compare with the faster.
     bypass = dataclasses.replace(sparse, bypass_cache=True)
+    zbypass = SaveOptions(image_format="zstd", bypass_cache=True)
     for r in range(cfg.repeats):
         cfg.log(f"[{r + 1}/{cfg.repeats}] libvirt managedsave / start")
         s["libvirt managedsave"].values.append(_timed(lambda: lv.managed_save(name))[0])
@@ -177,6 +181,10 @@ def _libvirt_rounds(cfg: Config, lv: LibvirtBackend, name: str, work: Path, s: d
                                                                     SaveOptions(image_format="zstd")))[0])
         s["libvirt zstd image size"].values.append(os.stat(zstd_img).st_size)
         s["libvirt zstd restore"].values.append(_timed(lambda: lv.restore(zstd_img), cold=True)[0])
+        os.unlink(zstd_img)
+        # Context for P8 (the direct zstd save writes with O_DIRECT): libvirt's own O_DIRECT variant.
+        s["libvirt zstd --bypass-cache save"].values.append(_timed(lambda: lv.save(name, zstd_img, zbypass))[0])
+        lv.restore(zstd_img)
         os.unlink(zstd_img)
 
 
@@ -223,9 +231,9 @@ def _direct_rounds(cfg: Config, dq: DirectBackend, xml: str, work: Path, s: dict
         os.unlink(img)
         if not zstd:
             continue
-        log(f"[{r + 1}/{cfg.repeats}] direct save --image-format zstd (zstd -T0) / restore")
+        log(f"[{r + 1}/{cfg.repeats}] direct save --image-format zstd --bypass-cache (zstd -T0, dd O_DIRECT) / restore")
         target = dq.target
-        zsave = SaveOptions(image_format="zstd", xml=xml)
+        zsave = SaveOptions(image_format="zstd", bypass_cache=True, xml=xml)
         s["direct zstd save"].values.append(_timed(lambda: dq.save(target, zimg, zsave))[0])  # noqa: B023
         s["direct zstd image size"].values.append(os.stat(zimg).st_size)
         dq.close()
