@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virtsave.core.errors import OperationFailed
 from virtsave.core.operation import SaveOptions
 from virtsave.harness import benchlimits, bulkbench, guest
 from virtsave.harness.benchreport import Figure, OpPair, Samples, render_table, write_results, write_scale
@@ -56,7 +57,7 @@ from virtsave.libvirtd.backend import LibvirtBackend
 from virtsave.qemu.backend import DirectBackend
 
 __all__ = ["GOALS", "SAMPLES", "SCALE_SIZES", "Config", "Result", "figures", "machine_description", "run",
-           "run_scale"]
+           "run_scale", "scale_fill"]
 
 GOALS = {  # key: (title, op, goal)
     "P1": ("direct save ÷ libvirt managedsave (wall)", "<=", 0.66),
@@ -72,8 +73,17 @@ GOALS = {  # key: (title, op, goal)
     "P8": ("direct zstd save (O_DIRECT) ÷ libvirt zstd save", "<=", 0.5),
     "P8b": ("|direct zstd image size ÷ libvirt's − 1|", "<=", 0.1),
 }
-#: ``--scale`` guest sizes (MiB); each is filled to 3/4.
+#: ``--scale`` guest sizes (MiB); each is filled to 3/4, leaving at least 128 MiB to the guest's kernel.
 SCALE_SIZES = (256, 1024, 2048, 4096)
+
+
+def scale_fill(ram_mib: int) -> int:
+    """MiB filled in a ``--scale`` guest of *ram_mib*.
+
+    >>> [scale_fill(r) for r in SCALE_SIZES]
+    [128, 768, 1536, 3072]
+    """
+    return min(ram_mib * 3 // 4, ram_mib - 128)
 
 
 @dataclass
@@ -128,12 +138,17 @@ def _allocated(path: str) -> int:
 
 
 def _wait_filled(serial: Path, timeout: float = 900) -> None:
-    """The guest prints ``filled N MiB`` then ``tick 1`` once its memory is written."""
+    """The guest prints ``filled N MiB`` then ``tick 1`` once its memory is written; a guest that
+    ran out of memory panics (and reboots, again and again): that is an error at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(FileNotFoundError):
-            if b"tick 1" in serial.read_bytes():
+            out = serial.read_bytes()
+            if b"tick 1" in out:
                 return
+            if b"Kernel panic" in out:
+                raise OperationFailed(f"the guest panicked while filling its memory (too much to fill for its "
+                                      f"RAM? see {serial})")
         time.sleep(0.2)
     raise TimeoutError(f"guest did not finish filling memory within {timeout:.0f} s ({serial})")
 
@@ -371,7 +386,7 @@ def run(cfg: Config) -> Result:
 
 def _scale_point(cfg: Config, lv: LibvirtBackend, ram: int, work: Path) -> list[dict[str, Any]]:
     """One guest size: libvirt managed save + start, direct save + restore, ``cfg.repeats`` each."""
-    fill = ram * 3 // 4
+    fill = scale_fill(ram)
     name = guest.unique_name("vs-scale")
     s = _new_samples()
     try:
@@ -410,5 +425,5 @@ def run_scale(cfg: Config) -> dict[str, Path]:
         lv.close()
     meta = {"machine": machine_description(), "repeats": cfg.repeats, "channels": cfg.channels,
             "libvirt": vers.libvirt, "qemu": vers.qemu, "sizes_mib": list(cfg.scale_sizes),
-            "fill": "3/4 of RAM", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "fill": "3/4 of RAM, at most RAM - 128 MiB", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return write_scale(cfg.outdir, points, meta)
