@@ -576,7 +576,7 @@ class Incoming(_Stream):
         """Like libvirt: a decompressor reads the image and feeds QEMU through a pipe
         (inherited at exec, so this works whatever the QMP transport)."""
         argv = saveimage.DECOMPRESSORS[self.header.format]
-        pipe_r, pipe_w = os.pipe()
+        pipe_r, pipe_w = _pipe()  # 1 MiB: QEMU reads its stream in small chunks
         self._own_fds.append(pipe_r)
         try:
             self.helper = subprocess.Popen(argv, stdin=self.fd, stdout=pipe_w, stderr=subprocess.DEVNULL)
