@@ -60,9 +60,10 @@ def _hand_started(name: str, uid: str, sock: Path, fill: int) -> list[str]:
 SLOW = ("xz", "bzip2")
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f
-                                 for f in migration.COMPRESSORS])
-def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, workdir, hand_qemus, fmt):
+@pytest.mark.parametrize(("fmt", "extra"), [
+    *[pytest.param(f, (), marks=pytest.mark.slow) if f in SLOW else (f, ()) for f in migration.COMPRESSORS],
+    pytest.param("zstd", ("--bypass-cache",), id="zstd-bypass-cache")])
+def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, workdir, hand_qemus, fmt, extra):
     name, uid, fill = guest.unique_name(), str(_uuid.uuid4()), 8
     xml_file = workdir / "dom.xml"
     xml_file.write_text(guest.guest_xml(name, 256, fill, domain_uuid=uid))
@@ -74,7 +75,7 @@ def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, w
         guest.wait_tick(name, 2, timeout=120)
         img = workdir / f"g.{fmt}.save"
         proc = cli("--json", "direct", "save", "--qmp", f"unix:{sock}", str(img), "--xml", str(xml_file),
-                   "--image-format", fmt, timeout=1200)
+                   "--image-format", fmt, *extra, timeout=1200)
         assert proc.returncode == 0, proc.stderr
         assert q.wait(30) == 0  # quit, not killed
         hdr = saveimage.read_header_path(img, allow_partial=False)

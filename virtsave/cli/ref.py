@@ -152,10 +152,13 @@ def _one_or_all(operation: str, one: str | None, nothing: str, single: Callable[
     returned); both with the same *options* and a progress display while they run."""
     conn = lp.connect(OPTIONS.uri)
     with job_progress(operation) as cb:
+        # Neither a display nor --json (which reports the job stats): no polling — job stats every
+        # 0.2 s per domain load libvirtd and QEMU (a query-migrate each) for nothing.
+        progress = cb if OPTIONS.progress or OPTIONS.json else None
         if one is not None:
-            return single(conn, one, progress=cb, **options)
+            return single(conn, one, progress=progress, **options)
         t0 = time.monotonic()
-        results = bulk(conn, domains or None, parallel, match=match, progress=cb, **options)
+        results = bulk(conn, domains or None, parallel, match=match, progress=progress, **options)
         seconds = time.monotonic() - t0
     # report after the progress display is gone
     if not results and not OPTIONS.json:

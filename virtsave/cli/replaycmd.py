@@ -151,7 +151,8 @@ def direct_save_cmd(
     parallel_channels: Annotated[int, typer.Option("--parallel-channels", metavar="N",
                                  help="multifd channels for --image-format sparse")] = 1,
     bypass_cache: Annotated[bool, typer.Option("--bypass-cache",
-                            help="sparse: QEMU writes pages with O_DIRECT (fastest; not on tmpfs)")] = False,
+                            help="write the image with O_DIRECT, past the page cache (sparse: QEMU's "
+                                 "direct-io; compressed: dd oflag=direct; not on tmpfs)")] = False,
 ) -> None:
     """Save a running QEMU through its QMP socket (stop, migrate into the image, quit)."""
     from virtsave.core.operation import SaveOptions

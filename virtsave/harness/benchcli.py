@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 
 from virtsave.core.errors import VirtsaveError
@@ -52,8 +53,15 @@ def config(argv: list[str] | None = None) -> tuple[bench.Config, bool]:
     return cfg, a.scale
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, scale = config(argv)
+    # Ctrl-C, and SIGTERM (or SIGINT to a background run, which starts ignoring it): clean up first.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         if scale:
             paths = bench.run_scale(cfg)

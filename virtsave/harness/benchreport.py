@@ -203,9 +203,9 @@ def write_scale(outdir: str | os.PathLike[str], points: list[dict[str, Any]], me
             ax.plot([x / 1024 for x, _ in line], [y for _, y in line], marker="o",
                     linestyle="-" if op == "save" else "--", color="tab:blue" if path == "libvirt" else "tab:orange",
                     label=label)
-    ax.set_xlabel("guest RAM (GiB; filled: see the JSON)")
+    ax.set_xlabel("guest RAM (GiB); 3/4 of it filled with random data, at most RAM − 128 MiB")
     ax.set_ylabel("seconds (median)")
-    ax.set_title(f"virtsave bench --scale — {meta.get('machine', '')}"[:90], fontsize=9)
+    ax.set_title(f"virtsave bench --scale — {meta.get('machine', '')}"[:120], fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

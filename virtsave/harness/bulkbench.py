@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,10 @@ def _wait_filled(name: str, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The child: ``python -m virtsave.harness.bulkbench --base DIR --out FILE …`` in a private namespace."""
     p = argparse.ArgumentParser(prog="bulkbench")
@@ -164,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bypass-cache", action="store_true")
     a = p.parse_args(argv)
     cfg = BulkConfig(a.guests, a.ram_mib, a.fill_mib, a.repeats, a.parallel, a.bypass_cache)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # leave through the daemon's clean-up
+        signal.signal(sig, _interrupted)
     try:
         result = measure(cfg, Path(a.base), a.host_ns, lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
     except (VirtsaveError, libvirt.libvirtError) as exc:
         print(f"bulkbench: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bulkbench: interrupted (private daemon and guests cleaned up)", file=sys.stderr)
+        return 130
     Path(a.out).write_text(json.dumps(result) + "\n")
     return 0
 
@@ -184,9 +194,19 @@ def run(cfg: BulkConfig, workdir: str) -> dict[str, Any]:
             "--repeats", str(cfg.repeats), "--parallel", str(cfg.parallel),
             *(["--bypass-cache"] if cfg.bypass_cache else [])]
     try:
-        proc = subprocess.run(argv, env=_env(base / "state"), check=False)
-        if proc.returncode != 0 or not out.exists():
-            raise OperationFailed(f"the bulk comparison failed (exit {proc.returncode}; see above)")
+        proc = subprocess.Popen(argv, env=_env(base / "state"))
+        try:
+            rc = proc.wait()
+        except BaseException:
+            proc.terminate()  # the child cleans up its daemon and guests on SIGTERM
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        if rc != 0 or not out.exists():
+            raise OperationFailed(f"the bulk comparison failed (exit {rc}; see above)")
         return json.loads(out.read_text())  # type: ignore[no-any-return]
     finally:
         kill_leftovers(base)  # whatever a killed child left: by pid, never by name

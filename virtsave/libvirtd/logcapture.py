@@ -106,6 +106,8 @@ class AdminRunner:
 
     def __init__(self, admin_uri: str) -> None:
         self.admin_uri = admin_uri
+        self._holding = False
+        self._held: adminrpc.AdminClient | None = None
 
     @property
     def socket(self) -> str | None:
@@ -114,9 +116,31 @@ class AdminRunner:
             return None
         return adminrpc.socket_for(self.admin_uri)
 
-    def _rpc(self) -> adminrpc.AdminClient:
+    @contextlib.contextmanager
+    def _rpc(self) -> Iterator[adminrpc.AdminClient]:
         assert self.socket is not None
-        return adminrpc.AdminClient(self.socket, timeout=60)
+        if self._holding:  # inside held(): the first call opens the connection the others share
+            if self._held is None:
+                self._held = adminrpc.AdminClient(self.socket, timeout=60).open()
+            yield self._held
+            return
+        with adminrpc.AdminClient(self.socket, timeout=60) as adm:
+            yield adm
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Every call in the block shares one admin connection, opened by the first (a session's
+        start or stop makes two or three calls; each connection costs round trips to the daemon)."""
+        if self._holding:
+            yield
+            return
+        self._holding = True
+        try:
+            yield
+        finally:
+            client, self._held, self._holding = self._held, None, False
+            if client is not None:
+                client.close()
 
     def _run(self, *args: str) -> str:
         # start_new_session: a Ctrl-C on the terminal must not kill virt-admin half-way
@@ -183,6 +207,12 @@ def _vsh_quote(value: str) -> str:
     if "'" in value:
         raise LogError(f"log setting contains a quote, refusing: {value!r}")
     return f"'{value}'"
+
+
+def _one_connection(runner: Any) -> contextlib.AbstractContextManager[None]:
+    """*runner*'s :meth:`AdminRunner.held` when it has one (test runners do not)."""
+    held = getattr(runner, "held", None)
+    return held() if held is not None else contextlib.nullcontext()
 
 
 def get_settings(runner: Any) -> tuple[str, str]:
@@ -534,7 +564,8 @@ def repair_if_stale(uri: str | None = None, *, state_dir: str | os.PathLike[str]
                 _save_state(paths, state)
             return None
         runner = runner or AdminRunner(state.admin_uri)
-        warning = _restore(runner, state, paths)
+        with _one_connection(runner):
+            warning = _restore(runner, state, paths)
     pids = ", ".join(str(o.pid) for o in dead) or "none"
     return warning or (f"restored libvirtd's log settings left by an interrupted virtsave (pid {pids}): "
                        f"filters {state.original_filters!r}, outputs {state.original_outputs!r}")
@@ -607,7 +638,7 @@ class CaptureSession:
         """Join (or open) the shared session and mark the start of this window."""
         me = Owner(pid=os.getpid(), start=proc_starttime(os.getpid()), session=self.session,
                    since=_utcnow().isoformat())
-        with deferred_signals(), _locked(self.paths):
+        with deferred_signals(), _locked(self.paths), _one_connection(self.runner):
             state = _load_state(self.paths)
             if state is not None:
                 state.prune()
@@ -749,7 +780,7 @@ class CaptureSession:
         """Leave the shared session; the last one out restores the settings. Returns a warning, if any."""
         if not self._active:
             return self.warning
-        with deferred_signals(), _locked(self.paths):
+        with deferred_signals(), _locked(self.paths), _one_connection(self.runner):
             self._active = False
             if self._window is not None:
                 with contextlib.suppress(FileNotFoundError):

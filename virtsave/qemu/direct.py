@@ -53,8 +53,9 @@ def _check_save(fmt: str, options: SaveOptions, transport: str, version: tuple[i
     if fmt == "sparse" and version is not None and version < (9, 0, 0):
         raise UnsupportedError(f"image format sparse (mapped-ram) needs QEMU >= 9.0 "
                                f"(this QEMU is {'.'.join(map(str, version))})")
-    if options.bypass_cache and not (fmt == "sparse" and transport == "unix"):
-        raise UnsupportedError("direct save --bypass-cache needs --image-format sparse over a unix: QMP socket")
+    if options.bypass_cache and not ((fmt == "sparse" or fmt in migration.COMPRESSORS) and transport == "unix"):
+        raise UnsupportedError("direct save --bypass-cache needs --image-format sparse or a compressed format "
+                               "over a unix: QMP socket")
 
 
 def _settings(fmt: str, options: SaveOptions,
@@ -115,8 +116,9 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
     multi-threaded where it can; unix: QMP sockets only) or ``sparse`` (libvirt ≥ 11.2's format:
     QEMU's mapped-ram, with ``parallel_channels`` multifd threads writing RAM pages at fixed
     offsets; needs QEMU ≥ 9.0); ``bypass_cache``
-    (sparse only) has QEMU write the pages with O_DIRECT (its ``direct-io`` parameter, as
-    libvirt's ``--bypass-cache``); ``state`` the state the image records; ``xml`` the domain XML.
+    has QEMU write the pages with O_DIRECT (sparse: its ``direct-io`` parameter, as libvirt's
+    ``--bypass-cache``; compressed: ``dd oflag=direct`` writes what the compressor makes); ``state``
+    the state the image records; ``xml`` the domain XML.
 
     The guest is paused first; on success QEMU gets ``quit`` (unless *quit* is False: then it
     stays paused like after ``virsh save --paused``… and you own it); on failure it is resumed
@@ -142,7 +144,8 @@ def save(qmp_address: str, image_path: str | os.PathLike[str], options: SaveOpti
         use_exec = version is not None and transport == "tcp" and not migration.has_file_uri(version)
         recorded = was_running if options.state is None else options.state == "running"
         with migration.saving(image, xml, cookie, session=s, resume=was_running, was_running=recorded,
-                              image_format=fmt, transport=transport, use_exec=use_exec) as out:
+                              image_format=fmt, transport=transport, use_exec=use_exec,
+                              bypass_cache=options.bypass_cache) as out:
             if was_running:
                 s.execute("stop")
             uri = _hand_over(s, out, options.bypass_cache)

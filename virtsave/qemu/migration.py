@@ -146,6 +146,23 @@ def compressor_argv(image_format: str) -> list[str]:
                            f"({' or '.join(a[0] for a in choices)})")
 
 
+def _pipe() -> tuple[int, int]:
+    """A pipe (close-on-exec) of :data:`PIPE_SIZE` where the kernel allows it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # a bigger pipe: fewer context switches (best effort)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return r, w
+
+
+def _spawn(argv: list[str], stdin: int, stdout: int, what: str) -> subprocess.Popen[bytes]:
+    """Start a helper of a save. Own session: a Ctrl-C meant for virtsave must not kill it half-way
+    (the failure path ends it)."""
+    try:
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
+        raise UnsupportedError(f"cannot run {argv[0]} for {what}: {exc.strerror}") from None
+
+
 # -- exec: helpers (QEMU < 8.2 over TCP; only ever built here, never taken from input) -----------
 def exec_done_marker(path: str) -> str:
     """Where the ``exec:`` save helper leaves its exit status (QEMU does not wait for it)."""
@@ -350,11 +367,18 @@ class Outgoing(_Stream):
     #: The compressor process of a compressed image (None: QEMU writes the file itself).
     compressor: subprocess.Popen[bytes] | None = None
     compressor_name: str = ""
+    #: With *bypass_cache*: ``dd`` writing the compressor's output into the image with O_DIRECT.
+    writer: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def create(cls, path: str, xml: str, cookie: str | None = None, *, was_running: bool = True,
-               image_format: str = "raw", transport: str = "unix", use_exec: bool = False) -> Outgoing:
-        """Create *path* with a partial header and get the fd QEMU will write through."""
+               image_format: str = "raw", transport: str = "unix", use_exec: bool = False,
+               bypass_cache: bool = False) -> Outgoing:
+        """Create *path* with a partial header and get the fd QEMU will write through.
+
+        *bypass_cache* (compressed formats; sparse ones do it in QEMU, see :meth:`open_direct`): the
+        compressed stream is written with O_DIRECT, past the page cache, like libvirt's iohelper
+        with ``--bypass-cache``."""
         compressor = None
         if image_format in COMPRESSORS:  # refused before any file exists
             if transport != "unix":
@@ -373,50 +397,70 @@ class Outgoing(_Stream):
             else:
                 os.lseek(fd, hdr.stream_offset, os.SEEK_SET)
             if compressor is not None:
-                out._compress(compressor)
+                out._compress(compressor, direct=bypass_cache)
         except BaseException:
             out.close()
             out.discard()
             raise
         return out
 
-    def _compress(self, argv: list[str]) -> None:
+    def _compress(self, argv: list[str], *, direct: bool) -> None:
         """Like libvirt: QEMU writes its stream into a pipe, *argv* reads it and writes the image
-        (its stdout is the image fd, at the stream offset). QEMU gets the pipe's write end."""
-        pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+        (its stdout is the image fd at the stream offset, or with *direct* the pipe into
+        :meth:`_direct_writer`). QEMU gets the first pipe's write end."""
+        pipe_r, pipe_w = _pipe()
         self._own_fds.append(pipe_w)
-        with contextlib.suppress(OSError):  # a bigger pipe: fewer context switches (best effort)
-            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        target = self._direct_writer() if direct else self.fd
         try:
-            # Own session: a Ctrl-C meant for virtsave must not kill it half-way; we end it.
-            self.compressor = subprocess.Popen(argv, stdin=pipe_r, stdout=self.fd, stderr=subprocess.PIPE,
-                                               start_new_session=True)
-        except OSError as exc:
-            raise UnsupportedError(f"cannot run {argv[0]} for a {self.header.format} image: {exc.strerror}") from None
+            self.compressor = _spawn(argv, pipe_r, target, f"a {self.header.format} image")
         finally:
             os.close(pipe_r)
+            if target != self.fd:
+                os.close(target)
         self.qemu_fd = pipe_w
         self.compressor_name = argv[0]
 
+    def _direct_writer(self) -> int:
+        """Start ``dd`` writing its input into the image with O_DIRECT from the stream offset (4 MiB
+        blocks; GNU dd writes a last short block without O_DIRECT); return the pipe into it."""
+        try:  # the very file we created (not its path again), in an open file description of its own
+            dfd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError as exc:
+            raise UnsupportedError(f"--bypass-cache: cannot open {self.path} with O_DIRECT "
+                                   f"({exc.strerror}; e.g. tmpfs)") from None
+        pipe_r, pipe_w = _pipe()
+        try:
+            os.lseek(dfd, self.header.stream_offset, os.SEEK_SET)
+            self.writer = _spawn(["dd", "bs=4M", "iflag=fullblock", "oflag=direct", "status=none"], pipe_r, dfd,
+                                 "the O_DIRECT writer")
+        except BaseException:
+            os.close(pipe_w)
+            raise
+        finally:
+            os.close(pipe_r)
+            os.close(dfd)
+        return pipe_w
+
     def _finish_compressor(self) -> None:
         """QEMU closed its end of the pipe when the migration ended; ours goes now, so the
-        compressor sees the end of the stream. It must then exit 0."""
-        proc = self.compressor
-        assert proc is not None
+        compressor sees the end of the stream (and then the writer the end of its). Each must
+        exit 0."""
         if self.qemu_fd in self._own_fds:
             self._own_fds.remove(self.qemu_fd)
             os.close(self.qemu_fd)
-        try:
-            _, err = proc.communicate(timeout=COMPRESSOR_DRAIN)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise OperationFailed(f"{self.compressor_name} did not finish writing {self.path} within "
-                                  f"{COMPRESSOR_DRAIN:.0f} s after QEMU completed") from None
-        if proc.returncode != 0:
-            last = (err.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-            raise OperationFailed(f"{self.compressor_name} failed writing {self.path} (exit {proc.returncode}): "
-                                  f"{last}")
+        for proc, name in ((self.compressor, self.compressor_name), (self.writer, "dd (O_DIRECT writer)")):
+            if proc is None:
+                continue
+            try:
+                _, err = proc.communicate(timeout=COMPRESSOR_DRAIN)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise OperationFailed(f"{name} did not finish writing {self.path} within "
+                                      f"{COMPRESSOR_DRAIN:.0f} s after QEMU completed") from None
+            if proc.returncode != 0:
+                last = (err.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+                raise OperationFailed(f"{name} failed writing {self.path} (exit {proc.returncode}): {last}")
 
     def open_direct(self) -> int:
         """A second write fd with O_DIRECT (the caller closes it): QEMU picks fdset members by
@@ -452,21 +496,23 @@ class Outgoing(_Stream):
 
     def close(self) -> None:
         super().close()
-        if self.compressor is not None and self.compressor.poll() is None:
-            self.compressor.kill()  # a failed save: what it would still write is going away
-            self.compressor.wait()
+        for proc in (self.compressor, self.writer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()  # a failed save: what it would still write is going away
+                proc.wait()
 
 
 @contextlib.contextmanager
 def saving(path: str | os.PathLike[str], xml: str, cookie: str | None = None, *, session: QMPSession,
            resume: bool, was_running: bool = True, image_format: str = "raw", transport: str = "unix",
-           use_exec: bool = False) -> Iterator[Outgoing]:
+           use_exec: bool = False, bypass_cache: bool = False) -> Iterator[Outgoing]:
     """Create the image, yield it; if the body fails, remove it and (when *resume*) ``cont`` the guest.
 
     *was_running* is what the header records (the state a restore brings back).
     """
     out = Outgoing.create(os.fspath(path), xml, cookie, was_running=was_running, image_format=image_format,
-                          transport=transport, use_exec=use_exec)
+                          transport=transport, use_exec=use_exec,
+                          bypass_cache=bypass_cache and image_format in COMPRESSORS)
     try:
         yield out
     except BaseException:
@@ -562,7 +608,7 @@ class Incoming(_Stream):
         """Like libvirt: a decompressor reads the image and feeds QEMU through a pipe
         (inherited at exec, so this works whatever the QMP transport)."""
         argv = saveimage.DECOMPRESSORS[self.header.format]
-        pipe_r, pipe_w = os.pipe()
+        pipe_r, pipe_w = _pipe()  # 1 MiB: QEMU reads its stream in small chunks
         self._own_fds.append(pipe_r)
         try:
             self.helper = subprocess.Popen(argv, stdin=self.fd, stdout=pipe_w, stderr=subprocess.DEVNULL)
