@@ -170,8 +170,14 @@ def test_configured_log_level(tmp_path: Path) -> None:
 
 def test_admin_uri_for() -> None:
     assert lc.admin_uri_for("qemu:///system") in ("libvirtd:///system", "virtqemud:///system")
-    with pytest.raises(UnsupportedError):
-        lc.admin_uri_for("qemu+ssh://other/system")
+    for no_shell in ("qemu+tcp://other/system", "qemu://other/system", "qemu+tls://other/system"):
+        with pytest.raises(UnsupportedError):
+            lc.admin_uri_for(no_shell)
+    # over ssh: the admin socket next to the daemon socket the URI names (no login needed to say so)
+    assert lc.admin_uri_for("qemu+ssh://other/system?socket=/run/libvirt/libvirt-sock") \
+        == "libvirtd:///system?socket=/run/libvirt/libvirt-admin-sock"
+    assert lc.admin_uri_for("qemu+ssh://u@other/session?socket=/h/.cache/libvirt/virtqemud-sock") \
+        == "virtqemud:///session?socket=/h/.cache/libvirt/virtqemud-admin-sock"
     with pytest.raises(UnsupportedError):
         lc.admin_uri_for("xen:///system")
 
