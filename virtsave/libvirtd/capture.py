@@ -18,6 +18,12 @@ Operations (``op``):
 libvirt answers those with ``query-migrate`` on the monitor being traced, so the trace then holds
 commands libvirt sent only because we asked. The CLI passes None.
 
+**A daemon on another host** (``qemu+ssh://``): the log capture runs there
+(:mod:`virtsave.libvirtd.logcapture` over a :class:`~virtsave.libvirtd.transport.SshHost`), and the
+domain's QEMU log (its command line), the save images' headers and a cycle's scratch image are read
+and kept there too; phase windows are put on the daemon's clock (its offset measured over the same
+connection). Image paths (``file``) are paths on the daemon's host.
+
 A failed save (e.g. target filesystem full) does not raise: the trace records it (phase
 ``ok: false``, ``error``, the ``failed`` MIGRATION event, libvirt's ``cont``) and the restore
 phase of a cycle is skipped — the guest is still running. Ctrl-C (or SIGTERM) during the
@@ -41,10 +47,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import os
 import re
 import secrets
-import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -52,16 +58,19 @@ from typing import Any, cast
 
 import libvirt
 
-from virtsave.core import paths as config
 from virtsave.core.errors import DomainStateError, ImageError, LogError, UnsupportedError, VirtsaveError
 from virtsave.image import saveimage
-from virtsave.libvirtd import domainlog, logcapture
+from virtsave.libvirtd import domainlog, logcapture, transport
 from virtsave.libvirtd import reference as lp
+from virtsave.libvirtd import uri as liburi
+from virtsave.libvirtd.transport import Host, LocalHost
 from virtsave.trace import argv as qargv
 from virtsave.trace import model as tr
 
 OPS = ("cycle", "managed-save", "save", "restore")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+#: Where the system QEMU driver keeps managed-save images on any host.
+SYSTEM_SAVE_DIR = "/var/lib/libvirt/qemu/save"
 # libvirt writes log timestamps with millisecond resolution: widen the per-phase window by
 # this much on both sides so the first and last lines are not cut off by rounding.
 _SLACK = _dt.timedelta(milliseconds=2)
@@ -72,20 +81,59 @@ Progress = Callable[[dict[str, Any]], None]
 # --------------------------------------------------------------------------- small helpers
 
 
-def host_info(conn: libvirt.virConnect) -> tr.Host:
-    """libvirt and QEMU versions of the daemon behind *conn*, and this host's name."""
+def host_info(conn: libvirt.virConnect, remote: bool = False) -> tr.Host:
+    """libvirt and QEMU versions of the daemon behind *conn*, and the name of its host (this host's
+    name, or the daemon's answer when it is *remote*)."""
     from virtsave.libvirtd import host
 
     v = host.versions(conn)
-    return {"libvirt": v.libvirt, "qemu": v.qemu, "hostname": socket.gethostname()}
+    name = socket.gethostname()
+    if remote:
+        with contextlib.suppress(libvirt.libvirtError):
+            name = conn.getHostname()
+    return {"libvirt": v.libvirt, "qemu": v.qemu, "hostname": name}
+
+
+def _session(conn_uri: str | None) -> bool:
+    target = liburi.parse(conn_uri or lp.DEFAULT_URI)
+    return (target.path if target.is_local else target.remote_path) == "/session"
+
+
+def domain_log_path(host: Host, conn_uri: str | None, name: str) -> str:
+    """Where libvirt keeps *name*'s QEMU log on the daemon's host (a session daemon: in the user's
+    ``~/.cache/libvirt/qemu/log``)."""
+    if _session(conn_uri):
+        return f"{host.info.home}/.cache/libvirt/qemu/log/{name}.log"
+    return f"{QEMU_LOG_DIR}/{name}.log"
+
+
+def managed_save_path(host: Host, conn_uri: str | None, name: str) -> str:
+    """Where the QEMU driver keeps *name*'s managed-save image on the daemon's host."""
+    if _session(conn_uri):
+        return f"{host.info.home}/.config/libvirt/qemu/save/{name}.save"
+    return f"{SYSTEM_SAVE_DIR}/{name}.save"
+
+
+def _remote_starts(host: Host, path: str) -> list[domainlog.QemuStart]:
+    with contextlib.suppress(OSError, VirtsaveError):
+        data = host.read_bytes(path)
+        if data:
+            return domainlog.parse_domain_log_text(data.decode("utf-8", errors="replace"))
+    return []
 
 
 def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
-              domain_log: str | os.PathLike[str] | None = None) -> list[str]:
-    """The QEMU command line libvirt used for *name*: the last start in its QEMU log, else
-    ``domxml-to-native qemu-argv`` of *xml* (an approximation: no fds, no runtime paths)."""
+              domain_log: str | os.PathLike[str] | None = None, *, host: Host | None = None,
+              conn_uri: str | None = None) -> list[str]:
+    """The QEMU command line libvirt used for *name*: the last start in its QEMU log (on *host*, the
+    daemon's, when given), else ``domxml-to-native qemu-argv`` of *xml* (an approximation: no fds,
+    no runtime paths)."""
+    if host is not None and domain_log is None:
+        starts = _remote_starts(host, domain_log_path(host, conn_uri, name))
+        if starts and starts[-1].argv:
+            return list(starts[-1].argv)
     path = Path(domain_log) if domain_log else QEMU_LOG_DIR / f"{name}.log"
-    if path.is_file():
+    if host is None and path.is_file():
         with contextlib.suppress(VirtsaveError):
             starts = domainlog.parse_domain_log(path)
             if starts and starts[-1].argv:
@@ -98,18 +146,42 @@ def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
     return []
 
 
-def image_info(path: str | os.PathLike[str] | None) -> tr.ImageInfo | None:
-    """Path, size and header fields of a save image (header None when unreadable)."""
+def read_header(host: Host | None, path: str, *, allow_partial: bool = True) -> saveimage.Header:
+    """The save-image header of *path* on *host* (this machine when None or local): for a remote
+    host only the header and its XML area come over the connection."""
+    if host is None or not host.remote:
+        return saveimage.read_header_path(path, allow_partial=allow_partial)
+    try:
+        fixed = host.read_bytes(path, 0, saveimage.HEADER_SIZE)
+        if fixed is None:
+            raise ImageError(f"cannot read image {path} on {host.label}: No such file or directory")
+        data_len = int.from_bytes(fixed[20:24], "little") if len(fixed) >= 24 else 0
+        more = host.read_bytes(path, len(fixed), min(data_len, saveimage.MAX_XML)) if data_len else b""
+    except OSError as exc:
+        raise ImageError(str(exc)) from None
+    return saveimage.read_header(io.BytesIO(fixed + (more or b"")), allow_partial=allow_partial)
+
+
+def image_info(path: str | os.PathLike[str] | None, host: Host | None = None) -> tr.ImageInfo | None:
+    """Path, size and header fields of a save image (on *host*; header None when unreadable)."""
     if not path:
         return None
     p = os.fspath(path)
-    try:
-        size: int | None = os.stat(p).st_size
-    except OSError:
+    if host is not None and host.remote:
+        try:
+            size: int | None = host.size(p) if host.exists(p) else None
+        except OSError:
+            size = None
+    else:
+        try:
+            size = os.stat(p).st_size
+        except OSError:
+            size = None
+    if size is None:
         return {"path": p, "size": None, "header": None}
     header = None
     with contextlib.suppress(ImageError):
-        header = saveimage.read_header_path(p).to_dict()
+        header = read_header(host, p).to_dict()
     return {"path": p, "size": size, "header": header}
 
 
@@ -143,19 +215,31 @@ def _parse_window(path: Path, name: str, since: _dt.datetime, until: _dt.datetim
 
 
 class _Run:
-    """One traced run: operations in order, each with its time window and result."""
+    """One traced run: operations in order, each with its time window and result.
 
-    def __init__(self, conn: libvirt.virConnect, name: str, progress: Progress | None) -> None:
+    *clock*: (offset of the daemon's clock from ours, its uncertainty) in seconds, to put the
+    windows on the clock of the log's timestamps."""
+
+    def __init__(self, conn: libvirt.virConnect, name: str, progress: Progress | None, host: Host,
+                 conn_uri: str | None, clock: tuple[float, float] = (0.0, 0.0)) -> None:
         self.conn = conn
         self.name = name
         self.progress = progress
+        self.host = host
+        self.conn_uri = conn_uri
+        self.clock = clock
         self.steps: list[dict[str, Any]] = []
+
+    def managed_save_path(self) -> str | None:
+        if not self.host.remote:
+            return lp.managed_save_path(self.conn, self.name)
+        return managed_save_path(self.host, self.conn_uri, self.name)
 
     def step(self, phase: str, operation: str, call: Callable[[], lp.OpResult],
              dom: libvirt.virDomain | None, image: str | None, options: dict[str, Any]) -> lp.OpResult:
         # A restore reads the image before it runs (start deletes a managed-save image); a save
         # after (before a following start can delete it).
-        img = image_info(image) if phase == "restore" else None
+        img = image_info(image, self.host) if phase == "restore" else None
         since = _dt.datetime.now(_dt.UTC)
         flags: dict[str, Any] = {}
         try:
@@ -168,9 +252,12 @@ class _Run:
             raise KeyboardInterrupt
         until = _dt.datetime.now(_dt.UTC)
         if phase == "save":
-            img = image_info(res.image or image)
+            img = image_info(res.image or image, self.host)
+        offset, slack = self.clock
         self.steps.append({"phase": phase, "operation": operation, "result": res, "since": since,
-                           "until": until, "image": img, "options": options})
+                           "until": until, "image": img, "options": options,
+                           "log_since": since + _dt.timedelta(seconds=offset - slack),
+                           "log_until": until + _dt.timedelta(seconds=offset + slack)})
         return res
 
 
@@ -186,22 +273,24 @@ def _check_op(op: str, file: str | None, image_format: str | None, parallel_chan
         raise UnsupportedError("--image-format is a save option (the image header says the format)")
 
 
-def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: str | os.PathLike[str] | None = None,
-                 *, uri: str | None = None, bypass_cache: bool = False, image_format: str | None = None,
-                 parallel_channels: int | None = None, state: str | None = None,
-                 progress: Progress | None = None, on_warning: Callable[[str], None] | None = None) -> tr.Trace:
-    """Run *op* on domain *name* with monitor logging on and return its trace (redacted).
+def _image_path(file: str | os.PathLike[str] | None, host: Host) -> str | None:
+    """*file* as the daemon sees it: made absolute here; on another host it must be absolute already."""
+    if not file:
+        return None
+    p = os.fspath(file)
+    if not host.remote:
+        return os.path.abspath(p)
+    if not os.path.isabs(p):
+        raise UnsupportedError(f"--file {p}: give an absolute path on the daemon's host {host.label}")
+    return p
 
-    *state* (``"running"``/``"paused"``) is the state after restore/start, as in ``virsh``.
-    """
-    file = os.path.abspath(os.fspath(file)) if file else None
-    _check_op(op, file, image_format, parallel_channels)
-    dom = lp.lookup(conn, name)
+
+def _check_domain(dom: libvirt.virDomain, op: str, file: str | None, host: Host) -> None:
     name = dom.name()
     if op == "restore":
         if dom.isActive():
             raise DomainStateError(f"cannot trace restore of {name}: it is running (save it first)")
-        hdr = saveimage.read_header_path(file, allow_partial=False)  # type: ignore[arg-type]
+        hdr = read_header(host, file or "", allow_partial=False)
         m = re.search(r"<uuid>\s*([^<\s]+)\s*</uuid>", hdr.xml)
         if m and m.group(1).lower() != dom.UUIDString().lower():
             other = re.search(r"<name>\s*([^<]+?)\s*</name>", hdr.xml)
@@ -209,87 +298,126 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
     elif not dom.isActive():
         raise DomainStateError(f"cannot trace {op} of {name}: domain is {lp.state_name(dom)}, not running")
 
-    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
-    options = {"bypass_cache": bypass_cache, "image_format": image_format,
-               "parallel_channels": parallel_channels, "state": state}
-    use_file = op in ("save", "restore") or (op == "cycle" and bool(file or image_format or parallel_channels))
-    tmpdir: Path | None = None
-    if op == "cycle" and use_file and not file:
-        # A private scratch image for the cycle (libvirt/iohelper run as root; QEMU gets an fd).
-        start = logcapture.proc_starttime(os.getpid())
-        tmpdir = _images_dir() / f"{os.getpid()}-{start}-{secrets.token_hex(4)}"
-        tmpdir.mkdir(mode=0o700, parents=True)
-        os.chmod(tmpdir.parent, 0o700)
-        file = str(tmpdir / f"{name}.save")
 
-    for left in stale_images():
+def _scratch_dir(host: Host) -> str:
+    """A private directory for a cycle's image, named after the process that stands for us there
+    (so :func:`stale_images` can tell whether its owner still runs)."""
+    pid, start = host.owner()
+    d = f"{_images_dir(host)}/{pid}-{start}-{secrets.token_hex(4)}"
+    if host.remote:
+        host.make_private_dir(d)
+        return d
+    Path(d).mkdir(mode=0o700, parents=True)
+    os.chmod(Path(d).parent, 0o700)
+    return d
+
+
+def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: str | os.PathLike[str] | None = None,
+                 *, uri: str | None = None, bypass_cache: bool = False, image_format: str | None = None,
+                 parallel_channels: int | None = None, state: str | None = None,
+                 progress: Progress | None = None, on_warning: Callable[[str], None] | None = None) -> tr.Trace:
+    """Run *op* on domain *name* with monitor logging on and return its trace (redacted).
+
+    *state* (``"running"``/``"paused"``) is the state after restore/start, as in ``virsh``. A daemon
+    on another host is traced over ssh (see the module docstring); transports without a shell there
+    (tls, tcp) raise :class:`~virtsave.core.errors.UnsupportedError`.
+    """
+    conn_uri = uri or _conn_uri(conn)
+    with transport.host_for(conn_uri) as host:
+        return _trace(conn, name, op, file, host, conn_uri, on_warning, options={
+            "bypass_cache": bypass_cache, "image_format": image_format, "parallel_channels": parallel_channels,
+            "state": state, "progress": progress})
+
+
+def _trace(conn: libvirt.virConnect, name: str, op: str, file_arg: str | os.PathLike[str] | None, host: Host,
+           conn_uri: str | None, on_warning: Callable[[str], None] | None, options: dict[str, Any]) -> tr.Trace:
+    file = _image_path(file_arg, host)
+    _check_op(op, file, options["image_format"], options["parallel_channels"])
+    dom = lp.lookup(conn, name)
+    name = dom.name()
+    _check_domain(dom, op, file, host)
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+    use_file = op in ("save", "restore") or (op == "cycle" and bool(
+        file or options["image_format"] or options["parallel_channels"]))
+    for left in stale_images(host):
         if on_warning:
             on_warning(f"image left by an interrupted trace: {left} (restore it with "
                        f"`virtsave restore {left}`, or delete it)")
-    run = _Run(conn, name, progress)
-    trace = tr.new_trace("libvirt", host=host_info(conn),
+    scratch: str | None = None
+    if op == "cycle" and use_file and not file:
+        # A private scratch image for the cycle (libvirt/iohelper write it; QEMU gets an fd).
+        scratch = _scratch_dir(host)
+        file = f"{scratch}/{name}.save"
+    run = _Run(conn, name, options.pop("progress"), host, conn_uri, host.clock_offset())
+    trace = tr.new_trace("libvirt", host=host_info(conn, host.remote),
                          domain={"name": name, "uuid": dom.UUIDString(), "xml": xml, "argv": []})
     try:
-        with logcapture.capture(uri or _conn_uri(conn), on_warning=on_warning) as cap:
+        with logcapture.capture(conn_uri, on_warning=on_warning, host=host) as cap:
             was_running = dom.isActive()
             try:
-                _do_ops(run, dom, op, file, use_file, bypass_cache, image_format, parallel_channels, state, options)
+                _do_ops(run, dom, op, file, use_file, options)
             except KeyboardInterrupt:
-                _recover_after_interrupt(conn, dom, op, was_running, file if use_file else None)
+                _recover_after_interrupt(conn, dom, op, was_running, file if use_file else None, host)
                 raise
-            window = cap.window_path()
-            keep = os.environ.get("VIRTSAVE_KEEP_WINDOW")
-            if keep:  # debugging aid: keep this run's raw log slice (0600)
-                from virtsave.core.files import private_writer
-
-                with private_writer(keep) as f:
-                    f.write(window.read_bytes())
-            for s in run.steps:
-                res: lp.OpResult = s["result"]
-                try:
-                    messages, monitor, unphased = _parse_window(window, name, s["since"], s["until"], s["phase"])
-                except LogError as exc:
-                    if res.ok:  # it worked, yet nothing was logged: the capture itself failed
-                        raise LogError(f"{s['operation']} of {name} succeeded but its monitor traffic was not "
-                                       f"captured ({exc}); were libvirtd's log settings changed meanwhile?") from None
-                    # failed before QEMU migrated anything: record the failure without messages
-                    messages, monitor, unphased = [], None, []
-                    if on_warning:
-                        on_warning(f"{s['phase']} phase: no migration found in the log ({exc})")
-                if unphased and on_warning:
-                    on_warning(f"{s['phase']} phase: {len(unphased)} message(s) of {name}'s monitor in the "
-                               f"operation's window were not placed in the phase ({', '.join(unphased[:6])}…)")
-                phase = tr.add_phase(trace, s["phase"], s["operation"], monitor=monitor, options=cast(
-                    tr.PhaseOptions, {k: v for k, v in s["options"].items() if v not in (None, False)}))
-                phase["ok"] = bool(res.ok)
-                phase["error"] = res.error
-                phase["image"] = s["image"]
-                phase["messages"] = messages
-                phase["seconds"] = res.seconds
-                phase["window"] = {"since": s["since"].isoformat(), "until": s["until"].isoformat()}
-                if unphased:
-                    phase["unphased"] = unphased
+            _fill_phases(trace, run, cap.window_path(), on_warning)
     finally:
-        if tmpdir is not None:
-            _drop_scratch(tmpdir, dom, run, on_warning)
-    trace["domain"]["argv"] = qemu_argv(conn, name, xml)
+        if scratch is not None:
+            _drop_scratch(scratch, dom, run, on_warning)
+    trace["domain"]["argv"] = qemu_argv(conn, name, xml, host=host if host.remote else None, conn_uri=conn_uri)
     return _redact(trace)
 
 
-def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_file: bool, bypass_cache: bool,
-            image_format: str | None, parallel_channels: int | None, state: str | None,
+def _fill_phases(trace: tr.Trace, run: _Run, window: Path, on_warning: Callable[[str], None] | None) -> None:
+    """One phase per step, its messages cut from this run's *window* of the daemon's log."""
+    keep = os.environ.get("VIRTSAVE_KEEP_WINDOW")
+    if keep:  # debugging aid: keep this run's raw log slice (0600)
+        from virtsave.core.files import private_writer
+
+        with private_writer(keep) as f:
+            f.write(window.read_bytes())
+    name = run.name
+    for s in run.steps:
+        res: lp.OpResult = s["result"]
+        try:
+            messages, monitor, unphased = _parse_window(window, name, s["log_since"], s["log_until"], s["phase"])
+        except LogError as exc:
+            if res.ok:  # it worked, yet nothing was logged: the capture itself failed
+                raise LogError(f"{s['operation']} of {name} succeeded but its monitor traffic was not "
+                               f"captured ({exc}); were libvirtd's log settings changed meanwhile?") from None
+            # failed before QEMU migrated anything: record the failure without messages
+            messages, monitor, unphased = [], None, []
+            if on_warning:
+                on_warning(f"{s['phase']} phase: no migration found in the log ({exc})")
+        if unphased and on_warning:
+            on_warning(f"{s['phase']} phase: {len(unphased)} message(s) of {name}'s monitor in the "
+                       f"operation's window were not placed in the phase ({', '.join(unphased[:6])}…)")
+        phase = tr.add_phase(trace, s["phase"], s["operation"], monitor=monitor, options=cast(
+            tr.PhaseOptions, {k: v for k, v in s["options"].items() if v not in (None, False)}))
+        phase["ok"] = bool(res.ok)
+        phase["error"] = res.error
+        phase["image"] = s["image"]
+        phase["messages"] = messages
+        phase["seconds"] = res.seconds
+        phase["window"] = {"since": s["since"].isoformat(), "until": s["until"].isoformat()}
+        if unphased:
+            phase["unphased"] = unphased
+
+
+def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_file: bool,
             options: dict[str, Any]) -> None:
     conn, name, progress = run.conn, run.name, run.progress
+    bypass_cache, state = options["bypass_cache"], options["state"]
+    image_format, parallel_channels = options["image_format"], options["parallel_channels"]
     save_opts = {k: options[k] for k in ("bypass_cache", "image_format", "parallel_channels")}
     rest_opts = {"bypass_cache": bypass_cache, "parallel_channels": parallel_channels, "state": state}
     if op in ("cycle", "managed-save") and not use_file:
         res = run.step("save", "managed-save", lambda: lp.managed_save(
             conn, name, bypass_cache=bypass_cache, progress=progress, raise_on_error=False),
-            dom, lp.managed_save_path(conn, name), save_opts)
+            dom, run.managed_save_path(), save_opts)
         if op == "cycle" and res.ok:
             run.step("restore", "start", lambda: lp.start(
                 conn, name, bypass_cache=bypass_cache, state=state, progress=progress, raise_on_error=False),
-                dom, res.image or lp.managed_save_path(conn, name), {"bypass_cache": bypass_cache, "state": state})
+                dom, res.image or run.managed_save_path(), {"bypass_cache": bypass_cache, "state": state})
         return
     if op in ("cycle", "save"):
         res = run.step("save", "save", lambda: lp.save(
@@ -304,62 +432,75 @@ def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_fi
         dom, file, {**rest_opts, "file": file})
 
 
-def _drop_scratch(tmpdir: Path, dom: libvirt.virDomain, run: _Run,
+def _drop_scratch(scratch: str, dom: libvirt.virDomain, run: _Run,
                   on_warning: Callable[[str], None] | None) -> None:
     """Remove a cycle's scratch image — unless it now holds the guest's only state (saved, not
     restored: the restore failed or was interrupted)."""
+    host = run.host
     saved = any(s["phase"] == "save" and s["result"].ok for s in run.steps)
     try:
         active = bool(dom.isActive())
     except libvirt.libvirtError:
         active = False
-    if saved and not active and any(tmpdir.glob("*.save")):
+    images = [f for f in _listdir(host, scratch) if f.endswith(".save")]
+    if saved and not active and images:
         if on_warning:
-            img = next(tmpdir.glob("*.save"))
-            on_warning(f"{dom.name()} is not running; its saved state is kept in {img} "
+            img = f"{scratch}/{images[0]}"
+            where = f" on {host.label}" if host.remote else ""
+            on_warning(f"{dom.name()} is not running; its saved state is kept in {img}{where} "
                        f"(restore it with `virtsave restore {img}`)")
         return
-    shutil.rmtree(tmpdir, ignore_errors=True)
+    with contextlib.suppress(OSError, VirtsaveError):
+        host.remove(scratch, tree=True)
 
 
-def _images_dir() -> Path:
-    return Path(config.STATE_DIR) / "trace-images"
+def _listdir(host: Host, path: str) -> list[str]:
+    with contextlib.suppress(OSError, VirtsaveError):
+        return host.listdir(path)
+    return []
 
 
-def stale_images() -> list[Path]:
-    """Scratch images of cycle traces whose virtsave process died (SIGKILL) before removing them.
+def _images_dir(host: Host | None = None) -> str:
+    return f"{(host or LocalHost()).info.state_dir}/trace-images"
+
+
+def stale_images(host: Host | None = None) -> list[str]:
+    """Scratch images of cycle traces whose virtsave process died (SIGKILL) before removing them
+    (on *host*: the daemon's; default this machine).
 
     They are never deleted automatically: after a kill between save and restore the image is the
     guest's only state."""
+    host = host or LocalHost()
+    top = _images_dir(host)
     out = []
-    with contextlib.suppress(OSError):
-        for d in _images_dir().iterdir():
-            pid, _, rest = d.name.partition("-")
-            start = rest.partition("-")[0]
-            if not pid.isdigit():
-                continue
-            now = logcapture.proc_starttime(int(pid))
-            if now is not None and str(now) == start:
-                continue  # its owner still runs
-            files = sorted(d.glob("*.save"))
-            if files:
-                out.extend(files)
-            else:
-                shutil.rmtree(d, ignore_errors=True)
+    for d in _listdir(host, top):
+        pid, _, rest = d.partition("-")
+        start = rest.partition("-")[0]
+        if not pid.isdigit():
+            continue
+        now = host.proc_starttime(int(pid))
+        if now is not None and str(now) == start:
+            continue  # its owner still runs
+        files = sorted(f for f in _listdir(host, f"{top}/{d}") if f.endswith(".save"))
+        if files:
+            out.extend(f"{top}/{d}/{f}" for f in files)
+        else:
+            with contextlib.suppress(OSError, VirtsaveError):
+                host.remove(f"{top}/{d}", tree=True)
     return out
 
 
 def _recover_after_interrupt(conn: libvirt.virConnect, dom: libvirt.virDomain, op: str, was_running: bool,
-                             file: str | None) -> None:
+                             file: str | None, host: Host) -> None:
     """After Ctrl-C: a cycle must not leave the guest saved-and-stopped."""
     if op != "cycle" or not was_running:
         return
-    with contextlib.suppress(libvirt.libvirtError, VirtsaveError):
+    with contextlib.suppress(libvirt.libvirtError, VirtsaveError, OSError):
         if dom.isActive():
             return  # the save was cancelled: libvirt resumed the guest
         if file is None and dom.hasManagedSaveImage(0):
             dom.create()
-        elif file is not None and os.path.exists(file):
+        elif file is not None and host.exists(file):
             conn.restore(file)
 
 

@@ -40,7 +40,7 @@ from typing import Any
 from virtsave.core.errors import LogError
 from virtsave.trace import argv as qargv
 
-__all__ = ["QemuStart", "argv_from_domain_log", "parse_domain_log", "start_at"]
+__all__ = ["QemuStart", "argv_from_domain_log", "parse_domain_log", "parse_domain_log_text", "start_at"]
 
 _START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): starting up (.*)$")
 _END = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): shutting down(?:, reason=(\S+))?")
@@ -149,6 +149,15 @@ def parse_domain_log(path: str | os.PathLike[str]) -> list[QemuStart]:
             return _read_starts(f)
     except OSError as exc:
         raise LogError(f"cannot read domain log {os.fspath(path)}: {exc.strerror or exc}") from None
+
+
+def parse_domain_log_text(text: str) -> list[QemuStart]:
+    """:func:`parse_domain_log` of a domain log's *text* (read from another host).
+
+    >>> parse_domain_log_text("no start here\\n")
+    []
+    """
+    return _read_starts(text.splitlines(keepends=True))
 
 
 def start_at(starts: list[QemuStart], when: float) -> QemuStart | None:

@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,14 @@ class Host(abc.ABC):
         """Create (or empty) *path* with mode 0600 in a directory made mode 0700."""
 
     @abc.abstractmethod
+    def make_private_dir(self, path: str) -> None:
+        """Create directory *path* (and its parents), mode 0700."""
+
+    @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]:
+        """Names in directory *path* (empty when it does not exist)."""
+
+    @abc.abstractmethod
     def size(self, path: str) -> int:
         """Size of *path* in bytes (0 when missing)."""
 
@@ -163,6 +172,11 @@ class Host(abc.ABC):
     @abc.abstractmethod
     def proc_starttime(self, pid: int) -> int | None:
         """Start time of process *pid* there, or None when it does not run."""
+
+    def clock_offset(self) -> tuple[float, float]:
+        """(seconds the host's clock is ahead of ours, uncertainty): the daemon stamps its log with
+        its own clock. This machine: (0, 0)."""
+        return 0.0, 0.0
 
     @abc.abstractmethod
     def owner(self) -> tuple[int, int | None]:
@@ -234,6 +248,16 @@ class LocalHost(Host):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.fchmod(fd, 0o600)
         os.close(fd)
+
+    def make_private_dir(self, path: str) -> None:
+        Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def size(self, path: str) -> int:
         try:
@@ -498,9 +522,29 @@ class SshHost(Host):
     def new_private_file(self, path: str) -> None:
         self._checked(_NEW_FILE_SCRIPT, path, what=f"cannot create {path}")
 
+    def make_private_dir(self, path: str) -> None:
+        self._checked('umask 077; mkdir -p -- "$1" && chmod 700 -- "$1"', path, what=f"cannot create {path}")
+
+    def listdir(self, path: str) -> list[str]:
+        proc = self.sh('[ -d "$1" ] || exit 0; cd -- "$1" && for f in * .[!.]*; do [ -e "$f" ] && '
+                       'printf "%s\\0" "$f"; done; exit 0', path)
+        if proc.returncode != 0:
+            raise OSError(f"cannot list {path} on {self.label}: {_last_line(proc.stderr)}")
+        return sorted(x.decode(errors="surrogateescape") for x in proc.stdout.split(b"\0") if x)
+
     def size(self, path: str) -> int:
         out = self.sh('stat -c %s -- "$1" 2>/dev/null || echo 0', path).stdout.strip()
         return int(out) if out.isdigit() else 0
+
+    def clock_offset(self) -> tuple[float, float]:
+        before = time.time()
+        out = self.run(["date", "+%s.%N"]).stdout.strip()
+        after = time.time()
+        try:
+            there = float(out)
+        except ValueError:
+            return 0.0, (after - before) / 2
+        return there - (before + after) / 2, (after - before) / 2 + 0.001
 
     def exists(self, path: str) -> bool:
         return self.sh('[ -e "$1" ]', path).returncode == 0
