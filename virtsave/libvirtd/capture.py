@@ -312,6 +312,18 @@ def _scratch_dir(host: Host) -> str:
     return d
 
 
+def require_traceable(conn_uri: str | None) -> None:
+    """:class:`~virtsave.core.errors.UnsupportedError` (one line) unless virtsave can switch the logging
+    of the daemon behind *conn_uri* on: a local daemon, or one reached over ssh.
+
+    >>> require_traceable("qemu+tls://h/system")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    virtsave.core.errors.UnsupportedError: qemu+tls://h/system: the tls transport gives no shell on ...
+    """
+    transport.host_for(conn_uri).close()
+
+
 def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: str | os.PathLike[str] | None = None,
                  *, uri: str | None = None, bypass_cache: bool = False, image_format: str | None = None,
                  parallel_channels: int | None = None, state: str | None = None,
@@ -426,9 +438,10 @@ def _do_ops(run: _Run, dom: libvirt.virDomain, op: str, file: str | None, use_fi
             dom, file, {**save_opts, "file": file})
         if op == "save" or not res.ok:
             return
+    header = read_header(run.host, file or "", allow_partial=False) if run.host.remote else None
     run.step("restore", "restore", lambda: lp.restore(
         conn, file, bypass_cache=bypass_cache, state=state,  # type: ignore[arg-type]
-        parallel_channels=parallel_channels, progress=progress, raise_on_error=False),
+        parallel_channels=parallel_channels, progress=progress, raise_on_error=False, header=header),
         dom, file, {**rest_opts, "file": file})
 
 

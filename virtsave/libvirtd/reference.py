@@ -48,7 +48,7 @@ from virtsave.core.errors import (
     VirtsaveError,
 )
 from virtsave.core.signals import deferred_signals
-from virtsave.image.saveimage import read_header_path
+from virtsave.image.saveimage import Header, read_header_path
 from virtsave.libvirtd import host
 
 DEFAULT_URI = "qemu:///system"
@@ -375,12 +375,16 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
         value = abortable(call, dom, flags)
     except libvirt.libvirtError as exc:
         err = map_error(exc, what, image=image if image_error else None)
+        lost = _connection_lost(dom)
+        if lost:  # the daemon may well have finished the job: say so, do not guess the state
+            err = ConnectionFailed(f"{err}; the connection to the daemon was lost, so whether the {operation} "
+                                   f"of {name} completed is not known here: `virtsave -c {lost} list` shows it")
         if flags.get("interrupted"):
             err = OperationFailed(f"interrupted: {err}")
             err.exit_code = 130
         res = OpResult(name, operation, False, round(time.monotonic() - t0, 3), image, None, str(err))
         res.detail.update(flags)
-        if after_fail:
+        if after_fail and not lost:
             res.detail.update(after_fail())
             if res.detail.get("state_after"):
                 # one line, but say where the guest is: a failed save leaves it running
@@ -395,6 +399,18 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
     res = OpResult(name, operation, True, round(time.monotonic() - t0, 3), image)
     res.detail.update(flags)  # "interrupted": Ctrl-C came too late to stop the job
     return res, value
+
+
+def _connection_lost(dom: libvirt.virDomain | None) -> str | None:
+    """The URI of *dom*'s connection when that connection is dead (its ssh killed, the daemon
+    gone), else None."""
+    if dom is None:
+        return None
+    try:
+        conn = dom.connect()
+        return None if conn.isAlive() else _uri(conn)
+    except libvirt.libvirtError:
+        return None
 
 
 def _require_active(dom: libvirt.virDomain, what: str) -> None:
@@ -487,14 +503,15 @@ _UUID = re.compile(r"<uuid>\s*([^<]+?)\s*</uuid>")
 
 def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_cache: bool = False,
             state: str | None = None, xml: str | None = None, parallel_channels: int | None = None,
-            progress: Progress | None = None, raise_on_error: bool = True) -> OpResult:
+            progress: Progress | None = None, raise_on_error: bool = True, header: Header | None = None) -> OpResult:
     """``virDomainRestoreFlags`` / ``virDomainRestoreParams``: start the domain saved in *path*.
 
     The image header is checked first (:func:`virtsave.image.saveimage.read_header_path`), so a
-    missing, truncated, partial or foreign file gives one line naming the offset.
+    missing, truncated, partial or foreign file gives one line naming the offset. *header*: the
+    header already read (from the daemon's host, when that is another machine).
     """
     path = os.path.abspath(os.fspath(path))
-    hdr = read_header_path(path, allow_partial=False)
+    hdr = header or read_header_path(path, allow_partial=False)
     m, u = _NAME.search(hdr.xml), _UUID.search(hdr.xml)
     name = m.group(1) if m else os.path.basename(path)
     dom_uuid = u.group(1) if u else None
