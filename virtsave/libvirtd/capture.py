@@ -58,7 +58,14 @@ from typing import Any, cast
 
 import libvirt
 
-from virtsave.core.errors import DomainStateError, ImageError, LogError, UnsupportedError, VirtsaveError
+from virtsave.core.errors import (
+    ConnectionFailed,
+    DomainStateError,
+    ImageError,
+    LogError,
+    UnsupportedError,
+    VirtsaveError,
+)
 from virtsave.image import saveimage
 from virtsave.libvirtd import domainlog, logcapture, transport
 from virtsave.libvirtd import reference as lp
@@ -371,12 +378,24 @@ def _trace(conn: libvirt.virConnect, name: str, op: str, file_arg: str | os.Path
             except KeyboardInterrupt:
                 _recover_after_interrupt(conn, dom, op, was_running, file if use_file else None, host)
                 raise
-            _fill_phases(trace, run, cap.window_path(), on_warning)
+            _fill_phases(trace, run, _window(cap, run), on_warning)
     finally:
         if scratch is not None:
             _drop_scratch(scratch, dom, run, on_warning)
     trace["domain"]["argv"] = qemu_argv(conn, name, xml, host=host if host.remote else None, conn_uri=conn_uri)
     return _redact(trace)
+
+
+def _window(cap: logcapture.CaptureSession, run: _Run) -> Path:
+    """This run's log window; when the daemon's host is gone and an operation already failed, that
+    failure (it says the connection was lost, and how to see the guest's state) is the error."""
+    try:
+        return cap.window_path()
+    except transport.HostUnreachable as exc:
+        failed = next((s["result"] for s in run.steps if not s["result"].ok), None)
+        if failed is None or not failed.error:
+            raise
+        raise ConnectionFailed(f"{failed.error} (no trace: {exc})") from None
 
 
 def _fill_phases(trace: tr.Trace, run: _Run, window: Path, on_warning: Callable[[str], None] | None) -> None:
