@@ -51,6 +51,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _running(pid: int) -> bool:
+    """*pid* exists and is not a zombie waiting to be reaped."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2:].split()[0] != b"Z"
+
+
 def _children(pid: int) -> list[int]:
     """Every descendant of *pid* (from /proc), deepest last."""
     parents: dict[int, list[int]] = {}
@@ -91,6 +100,7 @@ class SshBed:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._write_config()
+        self.stop_session_daemons()  # one left by an earlier run: the tests start from a fresh daemon
         self.start()
 
     def _write_config(self) -> None:
@@ -156,17 +166,32 @@ PrintMotd no
         self.stop_session_daemons()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def stop_session_daemons(self) -> None:
-        """The user's session libvirtd and virtlogd that the tests' logins autostarted (they would
-        exit by themselves after their idle timeout)."""
+    def _session_daemon(self, name: str) -> int | None:
+        """The pid of the user's session *name* (``libvirtd``/``virtlogd``), if one runs."""
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((self.home / ".cache" / "libvirt" / f"{name}.pid").read_text().strip())
+            st = os.stat(f"/proc/{pid}")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            if st.st_uid == self.pw.pw_uid and cmd.endswith(name.encode()):
+                return pid
+        return None
+
+    def stop_session_daemons(self, grace: float = 15) -> None:
+        """Stop the user's session libvirtd and virtlogd (autostarted by the tests' logins; they would
+        exit by themselves after their idle timeout). A session libvirtd can hang in its shutdown
+        here (its nodedev driver waits for a udev thread in this container): after *grace* seconds
+        it is killed, else the next autostart finds its pidfile locked and fails."""
         for name in ("libvirtd", "virtlogd"):
-            pidfile = self.home / ".cache" / "libvirt" / f"{name}.pid"
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(pidfile.read_text().strip())
-                st = os.stat(f"/proc/{pid}")
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-                if st.st_uid == self.pw.pw_uid and cmd.endswith(name.encode()):
-                    os.kill(pid, signal.SIGTERM)
+            pid = self._session_daemon(name)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     # -- for the tests
 

@@ -393,6 +393,18 @@ def _put_back(runner: Any, state: State) -> str | None:
     return None
 
 
+def _still_ours(cur_f: str, cur_o: str, state: State) -> bool:
+    """The daemon still shows what this capture applied. A session killed after applying its filters
+    but before recording libvirt's spelling of them (``filters_wrapped`` still unknown) left them in
+    its input form: a wrapping daemon shows each one wrapped."""
+    if not ls.same(cur_o, state.applied_outputs):
+        return False
+    if ls.same(cur_f, state.applied_filters):
+        return True
+    shown = " ".join(ls.wrap_filter(t) for t in ls.tokens(state.applied_filters))
+    return state.filters_wrapped is None and ls.same(cur_f, shown)
+
+
 def _restore(runner: Any, state: State, paths: Paths, host: Host) -> str | None:
     """Put the original settings back (only if the daemon still has ours); clean files.
 
@@ -410,7 +422,7 @@ def _restore(runner: Any, state: State, paths: Paths, host: Host) -> str | None:
         warning = f"daemon not reachable while restoring log settings ({exc}); state cleared"
     if cur is not None:
         cur_f, cur_o = cur
-        if ls.same(cur_f, state.applied_filters) and ls.same(cur_o, state.applied_outputs):
+        if _still_ours(cur_f, cur_o, state):
             warning = _put_back(runner, state)
         elif ls.same(cur_f, state.original_filters) and ls.same(cur_o, state.original_outputs):
             pass  # already back (e.g. libvirtd restarted with the same config)
@@ -540,6 +552,7 @@ class CaptureSession:
         self.notice: str | None = None
         self._window: Path | None = None
         self._active = False
+        self._touched = False  # this session may have changed the daemon's settings or the state file
 
     @property
     def log_path(self) -> Path:
@@ -554,10 +567,21 @@ class CaptureSession:
         """Join (or open) the shared session and mark the start of this window."""
         try:
             self._start()
+        except transport.HostUnreachable as exc:
+            # Cut off half-way: whatever was switched on there stays until a virtsave that can
+            # reach the host finds this session's owner gone (the state file says what to undo).
+            if self._touched:
+                self.warning = self._unreachable_warning(exc)
+            self._close_host()
+            raise
         except BaseException:
             self._close_host()
             raise
         return self
+
+    def _unreachable_warning(self, exc: Exception) -> str:
+        return (f"libvirtd's log settings on {self.host.label} could not be put back ({exc}); "
+                "the next virtsave command against that host will")
 
     def _start(self) -> None:
         host = self.host
@@ -570,6 +594,7 @@ class CaptureSession:
                 if not state.owners:  # every earlier owner died: repair, then start afresh
                     self.warning = _restore(self.runner, state, self.paths, host)
                     state = None
+            self._touched = True
             if state is None:
                 state = self._open(me)
             else:
@@ -631,7 +656,7 @@ class CaptureSession:
         raise_to = _quiet_level(state, self.host)
         want_o = ls.capture_outputs(state.original_outputs, self.paths.log, raise_to)
         cur_f, cur_o = get_settings(self.runner)
-        if not (ls.same(cur_f, state.applied_filters) and ls.same(cur_o, state.applied_outputs)):
+        if not _still_ours(cur_f, cur_o, state):
             return  # changed by someone else: the end of the session will say so
         state.raise_to, state.raised = raise_to, ls.raised_outputs(state.original_outputs, raise_to)[1]
         _, state.applied_outputs = set_settings(self.runner, None, want_o, outputs_first=True)
@@ -702,8 +727,7 @@ class CaptureSession:
         try:
             self._leave()
         except transport.HostUnreachable as exc:
-            self.warning = (f"libvirtd's log settings on {self.host.label} could not be put back ({exc}); "
-                            "the next virtsave command against that host will")
+            self.warning = self._unreachable_warning(exc)
         finally:
             self._close_host()
         return self.warning

@@ -35,6 +35,7 @@ import fcntl
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -331,11 +332,13 @@ def ssh_argv(target: uri.ConnURI, command: str, extra: Sequence[str] = ()) -> li
     return [*argv, *extra, "--", target.host or "localhost", command]
 
 
-# The account's directories (libvirt's rules: XDG_RUNTIME_DIR, else ~/.cache; virtsave's state dir
-# /var/lib/virtsave for root, else the XDG state directory).
+# The account's directories (libvirt's rules: XDG_RUNTIME_DIR, else ~/.cache; virtsave's state dir as
+# on this machine: $VIRTSAVE_STATE_DIR when the login sets it, /var/lib/virtsave for root, else the XDG
+# state directory).
 _INFO_SCRIPT = r"""
 u=$(id -u) || exit 1
-if [ "$u" = 0 ]; then s=/var/lib/virtsave; else s=${XDG_STATE_HOME:-$HOME/.local/state}/virtsave; fi
+if [ -n "${VIRTSAVE_STATE_DIR:-}" ]; then s=$VIRTSAVE_STATE_DIR
+elif [ "$u" = 0 ]; then s=/var/lib/virtsave; else s=${XDG_STATE_HOME:-$HOME/.local/state}/virtsave; fi
 if [ -e "$s/logcapture.json" ]; then c=1; else c=0; fi
 printf '%s\n' "$u" "$HOME" "${XDG_RUNTIME_DIR:-}" "$s" "$c"
 """
@@ -485,7 +488,8 @@ class SshHost(Host):
         except subprocess.TimeoutExpired:
             raise HostUnreachable(f"ssh to {self.label}: {argv[0]} timed out after {limit:.0f} s") from None
         if proc.returncode == _SSH_FAILED:
-            raise HostUnreachable(f"ssh to {self.label} failed: {_last_line(proc.stderr) or 'exit 255'}")
+            why = _last_line(proc.stderr) or "exit 255 without a message: the connection was cut"
+            raise HostUnreachable(f"ssh to {self.label} failed: {why}")
         return proc
 
     def _checked(self, script: str, *args: str, input: bytes | None = None, what: str) -> Completed:
@@ -566,7 +570,7 @@ class SshHost(Host):
             if not self._anchor.alive():
                 raise HostUnreachable(f"ssh to {self.label}: connection lost ({self._anchor.error()})")
             return self._anchor
-        self._mux_dir = tempfile.mkdtemp(prefix="vs-ssh-")
+        self._mux_dir = _new_mux_dir()
         command = shlex.join(["sh", "-c", _ANCHOR_SCRIPT, "sh", lock_path, str(ANCHOR_TIMEOUT)])
         try:
             self._anchor = _Anchor(ssh_argv(self.target, command, self._mux_options(True)), self.label)
@@ -598,6 +602,22 @@ class SshHost(Host):
         if self._mux_dir is not None:
             shutil.rmtree(self._mux_dir, ignore_errors=True)
             self._mux_dir = None
+
+
+def _new_mux_dir() -> str:
+    """A private directory for the ssh control socket, under ``$TMPDIR/virtsave-ssh-UID`` (0700, ours)
+    as ``PID-…``; directories of processes that no longer run (killed) are removed on the way."""
+    parent = Path(tempfile.gettempdir()) / f"virtsave-ssh-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        parent.mkdir(mode=0o700)
+    st = os.lstat(parent)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return tempfile.mkdtemp(prefix="virtsave-ssh-")  # not ours to trust: a private one of its own
+    for d in parent.iterdir():
+        pid = d.name.partition("-")[0]
+        if pid.isdigit() and proc_starttime(int(pid)) is None:
+            shutil.rmtree(d, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent)
 
 
 def _last_line(data: bytes) -> str:
