@@ -343,9 +343,12 @@ def trace_domain(conn: libvirt.virConnect, name: str, op: str = "cycle", file: s
     """
     conn_uri = uri or _conn_uri(conn)
     with transport.host_for(conn_uri) as host:
-        return _trace(conn, name, op, file, host, conn_uri, on_warning, options={
-            "bypass_cache": bypass_cache, "image_format": image_format, "parallel_channels": parallel_channels,
-            "state": state, "progress": progress})
+        try:
+            return _trace(conn, name, op, file, host, conn_uri, on_warning, options={
+                "bypass_cache": bypass_cache, "image_format": image_format, "parallel_channels": parallel_channels,
+                "state": state, "progress": progress})
+        except libvirt.libvirtError as exc:  # a call outside the operations (e.g. the connection died)
+            raise lp.map_error(exc, f"trace of {name} failed") from None
 
 
 def _trace(conn: libvirt.virConnect, name: str, op: str, file_arg: str | os.PathLike[str] | None, host: Host,

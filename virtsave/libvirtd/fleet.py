@@ -125,6 +125,8 @@ def _on_host(uri: str, work: Callable[[libvirt.virConnect, HostOutcome], None]) 
                 conn.close()
     except VirtsaveError as exc:
         out.ok, out.error = False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except libvirt.libvirtError as exc:  # the connection died between two calls
+        out.ok, out.error = False, str(lp.map_error(exc, f"{out.label}"))
     out.seconds = round(time.monotonic() - t0, 3)
     return out
 

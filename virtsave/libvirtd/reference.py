@@ -686,6 +686,9 @@ def _bulk(conn: libvirt.virConnect, names: list[str], parallel: int,
         except VirtsaveError as exc:
             res = getattr(exc, "result", None)
             return res or OpResult(name, operation, False, round(time.monotonic() - t0, 3), error=str(exc))
+        except libvirt.libvirtError as exc:  # e.g. the connection died between two calls
+            return OpResult(name, operation, False, round(time.monotonic() - t0, 3),
+                            error=str(map_error(exc, f"{operation} of {name} failed")))
 
     try:
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"virtsave-{operation}") as pool:
