@@ -88,11 +88,14 @@ def _repair_log_settings() -> None:
     when nothing is stale)."""
     from virtsave.core.errors import VirtsaveError
     from virtsave.libvirtd.logcapture import repair_if_stale
+    from virtsave.libvirtd.transport import HostUnreachable
 
     if OPTIONS.fan_out:
         return  # each host is repaired by the fan-out itself (an unreachable host is one failed row)
     try:
         msg = repair_if_stale(OPTIONS.uri)
+    except HostUnreachable:
+        return  # libvirt's own login fails the same way: the command says so in its one line
     except VirtsaveError as exc:
         info(f"warning: could not check libvirtd's log settings: {exc}")
         return
