@@ -166,10 +166,11 @@ def test_capture_state_lives_on_the_daemons_host_and_is_repaired_there(fake_ssh:
     owner = json.loads((state_dir / "logcapture.json").read_text())["owners"][0]["pid"]
     assert owner != os.getpid()  # the anchor there, not this process
     host.close()  # the connection dies: its anchor ends, the settings stay
+    (state_dir / "logcapture.json.tmp-99999").write_text("{")  # a write that was cut off half-way
     assert d.shown() != before
     msg = lc.repair_if_stale(fake_ssh, runner=d)
     assert msg and "restored libvirtd's log settings on user@far.invalid:2222/session" in msg
-    assert d.shown() == before and not (state_dir / "logcapture.json").exists()
+    assert d.shown() == before and not list(state_dir.glob("logcapture.json*"))
 
 
 # --------------------------------------------------------------------------- the CLI with several hosts

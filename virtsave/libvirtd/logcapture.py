@@ -366,8 +366,13 @@ def _prune(state: State, host: Host) -> list[Owner]:
 
 
 def _clear(host: Host, paths: Paths) -> None:
+    """Remove the state file, the capture directory and temporary state files of writers that were
+    killed (or cut off) half-way."""
     host.remove(str(paths.state))
     host.remove(str(paths.dir), tree=True)
+    for name in host.listdir(str(paths.base)):
+        if name.startswith(f"{STATE_NAME}.tmp-"):
+            host.remove(str(paths.base / name))
 
 
 # --------------------------------------------------------------------------- restoring

@@ -144,7 +144,8 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     def write_private(self, path: str, data: bytes) -> None:
-        """Replace *path* with *data* atomically, mode 0600 (its directory made if missing)."""
+        """Replace *path* with *data* atomically, mode 0600 (its directory made if missing), through a
+        temporary ``PATH.tmp-PID`` next to it."""
 
     @abc.abstractmethod
     def new_private_file(self, path: str) -> None:
@@ -364,7 +365,7 @@ if [ -n "$3" ]; then tail -c "+$2" -- "$1" | head -c "$3"; else tail -c "+$2" --
 """
 _WRITE_SCRIPT = r"""
 umask 077
-mkdir -p -- "$(dirname -- "$1")" && cat > "$1.tmp.$$" && mv -f -- "$1.tmp.$$" "$1"
+mkdir -p -- "$(dirname -- "$1")" && cat > "$1.tmp-$$" && mv -f -- "$1.tmp-$$" "$1"
 """
 _NEW_FILE_SCRIPT = r"""
 umask 077
@@ -601,6 +602,8 @@ class SshHost(Host):
             self._anchor = None
         if self._mux_dir is not None:
             shutil.rmtree(self._mux_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the per-user parent, when no other virtsave uses it
+                os.rmdir(os.path.dirname(self._mux_dir))
             self._mux_dir = None
 
 
@@ -617,7 +620,10 @@ def _new_mux_dir() -> str:
         pid = d.name.partition("-")[0]
         if pid.isdigit() and proc_starttime(int(pid)) is None:
             shutil.rmtree(d, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent)
+    try:
+        return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent)
+    except FileNotFoundError:  # another virtsave removed the empty parent just now
+        return _new_mux_dir()
 
 
 def _last_line(data: bytes) -> str:
