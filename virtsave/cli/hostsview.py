@@ -83,7 +83,8 @@ def _bulk_rows(out: fleet.Fanout, operation: str) -> list[tuple[str, ...]]:
                 how = ""
                 if operation == "start":
                     how = "from managed-save image" if r.detail.get("from_managed_save") else "cold boot"
-                detail = ", ".join(x for x in (how, r.detail.get("state_after") or "") if x)
+                state = getattr(r, "state", None) or r.detail.get("state_after") or ""  # OpResult old and new
+                detail = ", ".join(x for x in (how, state) if x)
             else:
                 detail = (r.error or "").removeprefix(f"{operation} of {r.domain} failed: ")
             rows.append((h.label, r.domain, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", _size(r.image_size),
