@@ -87,8 +87,8 @@ def _bulk_rows(out: fleet.Fanout, operation: str) -> list[tuple[str, ...]]:
                 detail = ", ".join(x for x in (how, state) if x)
             else:
                 detail = (r.error or "").removeprefix(f"{operation} of {r.domain} failed: ")
-            rows.append((h.label, r.domain, "ok" if r.ok else "FAILED", f"{r.seconds:.2f}", _size(r.image_size),
-                         detail))
+            rows.append((h.label, r.domain or "-", "ok" if r.ok else "FAILED", f"{r.seconds:.2f}",
+                         _size(r.image_size), detail))
     rows += [("-", n, "FAILED", "", "-", "domain not found on any host") for n in out.missing]
     return rows
 
