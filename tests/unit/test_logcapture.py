@@ -170,8 +170,14 @@ def test_configured_log_level(tmp_path: Path) -> None:
 
 def test_admin_uri_for() -> None:
     assert lc.admin_uri_for("qemu:///system") in ("libvirtd:///system", "virtqemud:///system")
-    with pytest.raises(UnsupportedError):
-        lc.admin_uri_for("qemu+ssh://other/system")
+    for no_shell in ("qemu+tcp://other/system", "qemu://other/system", "qemu+tls://other/system"):
+        with pytest.raises(UnsupportedError):
+            lc.admin_uri_for(no_shell)
+    # over ssh: the admin socket next to the daemon socket the URI names (no login needed to say so)
+    assert lc.admin_uri_for("qemu+ssh://other/system?socket=/run/libvirt/libvirt-sock") \
+        == "libvirtd:///system?socket=/run/libvirt/libvirt-admin-sock"
+    assert lc.admin_uri_for("qemu+ssh://u@other/session?socket=/h/.cache/libvirt/virtqemud-sock") \
+        == "virtqemud:///session?socket=/h/.cache/libvirt/virtqemud-admin-sock"
     with pytest.raises(UnsupportedError):
         lc.admin_uri_for("xen:///system")
 
@@ -450,3 +456,30 @@ def test_keep_log_outputs_is_a_live_trace_option(cli, fixtures_dir: Path) -> Non
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("virtsave: error: --from-log imports a log") and proc.stderr.count("\n") == 1
     assert "--keep-log-outputs" in cli("trace", "--help").stdout
+
+
+@pytest.mark.parametrize("wraps", [True, False], ids=["wrapping", "verbatim"])
+def test_killed_between_applying_and_recording_is_still_repaired(tmp_path: Path, wraps: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session killed right after the daemon took its settings, before the state file got libvirt's
+    spelling of them (seen over ssh, where that window is a round trip): the repair still knows them
+    as ours and puts the operator's back."""
+    d = FakeDaemon("3:remote 1:util.json", OP_OUTPUTS, wraps=wraps)
+    before = d.shown()
+    real_save, saves = lc._save_state, []
+
+    def save_then_die(host: object, paths: lc.Paths, state: lc.State) -> None:
+        saves.append(state.applied_filters)
+        if d.get_outputs() != before[1]:  # the daemon has ours: die before recording them
+            raise KeyboardInterrupt
+        real_save(host, paths, state)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lc, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        session(d, tmp_path)
+    monkeypatch.setattr(lc, "_save_state", real_save)
+    assert d.shown() != before and "1:monitor" in json.loads((tmp_path / "logcapture.json").read_text())[
+        "applied_filters"]
+    kill_owners(tmp_path)
+    assert "restored" in (lc.repair_if_stale(state_dir=tmp_path, runner=d) or "")
+    assert d.shown() == before

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -50,15 +51,34 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _hosts_file(path: Path) -> list[str]:
+    from virtsave.libvirtd.fleet import read_hosts_file
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
+                                 param_hint="--hosts") from None
+    uris = read_hosts_file(text)
+    if not uris:
+        raise typer.BadParameter(f"{path} names no host (one libvirt URI a line)", param_hint="--hosts")
+    return uris
+
+
 @app.callback()
 def _global(
-    connect: Annotated[str | None, typer.Option("-c", "--connect", help="libvirt URI "
-                       "(default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")] = None,
+    connect: Annotated[list[str] | None, typer.Option("-c", "--connect", metavar="URI", help="libvirt URI "
+                       "(default: $LIBVIRT_DEFAULT_URI, else qemu:///system); repeat it for several hosts: "
+                       "list, managed-save --all and start --all then run on each")] = None,
+    hosts: Annotated[Path | None, typer.Option("--hosts", metavar="FILE", help="more hosts: one libvirt URI "
+                     "a line (# comments)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable result on stdout")] = False,
     version: Annotated[bool, typer.Option("--version", help="print the version and exit",
                        is_eager=True, callback=_print_version)] = False,
 ) -> None:
-    OPTIONS.uri = connect or default_uri()
+    uris = [*(connect or []), *(_hosts_file(hosts) if hosts is not None else [])]
+    OPTIONS.uris = list(dict.fromkeys(uris)) or [default_uri()]
+    OPTIONS.fan_out = len(OPTIONS.uris) > 1 or hosts is not None
     OPTIONS.json = json_out
 
 
@@ -68,9 +88,14 @@ def _repair_log_settings() -> None:
     when nothing is stale)."""
     from virtsave.core.errors import VirtsaveError
     from virtsave.libvirtd.logcapture import repair_if_stale
+    from virtsave.libvirtd.transport import HostUnreachable
 
+    if OPTIONS.fan_out:
+        return  # each host is repaired by the fan-out itself (an unreachable host is one failed row)
     try:
         msg = repair_if_stale(OPTIONS.uri)
+    except HostUnreachable:
+        return  # libvirt's own login fails the same way: the command says so in its one line
     except VirtsaveError as exc:
         info(f"warning: could not check libvirtd's log settings: {exc}")
         return

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import typer
@@ -21,8 +21,8 @@ from typer.core import TyperGroup
 
 from virtsave.core.errors import VirtsaveError
 
-__all__ = ["DEFAULT_URI", "OPTIONS", "VirtsaveGroup", "default_uri", "emit_json", "err_console", "fail",
-           "handle_errors", "info"]
+__all__ = ["DEFAULT_URI", "OPTIONS", "SeveralHosts", "VirtsaveGroup", "default_uri", "emit_json", "err_console",
+           "fail", "handle_errors", "info"]
 
 DEFAULT_URI = "qemu:///system"
 
@@ -31,12 +31,34 @@ err_console = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class SeveralHosts(VirtsaveError):
+    """A one-host command was given several hosts (exit 2, one line)."""
+
+
 @dataclass
 class Options:
-    """Global options (``virtsave -c URI --json …``)."""
+    """Global options (``virtsave -c URI [-c URI…] [--hosts FILE] --json …``).
 
-    uri: str = DEFAULT_URI
+    ``uris``: every host given; ``fan_out``: several hosts, or ``--hosts`` (then ``list``,
+    ``managed-save --all`` and ``start --all`` run on each with a host column). :attr:`uri` is the one
+    host of every other command: asking for it when several were given is the one-line error.
+    """
+
+    uris: list[str] = field(default_factory=lambda: [DEFAULT_URI])
     json: bool = False
+    fan_out: bool = False
+
+    @property
+    def uri(self) -> str:
+        """The single host (``-c``, else ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system``)."""
+        if len(self.uris) != 1 or self.fan_out:
+            raise SeveralHosts(f"this command works on one host, and {len(self.uris)} were given with "
+                               "-c/--hosts (list, managed-save --all and start --all run on several)")
+        return self.uris[0]
+
+    @uri.setter
+    def uri(self, value: str) -> None:
+        self.uris, self.fan_out = [value], False
 
     @property
     def progress(self) -> bool:
@@ -49,7 +71,7 @@ def default_uri() -> str:
     return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
 
 
-OPTIONS = Options(uri=default_uri())
+OPTIONS = Options(uris=[default_uri()])
 
 
 def info(message: str) -> None:

@@ -8,6 +8,7 @@ Example::
     virtsave restore /var/tmp/vm1.img --paused
     virtsave managed-save --all --match 'web-*' --parallel 2   # summary table; exit 2 if any failed
     virtsave --json list
+    virtsave -c qemu:///system -c qemu+ssh://root@db2/system managed-save --all   # host column
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rich.table import Table
 from virtsave.cli.progress import job_progress
 from virtsave.core.errors import OperationFailed, VirtsaveError
 from virtsave.core.operation import OpResult
-from virtsave.image.saveimage import read_header_path
+from virtsave.image.saveimage import Header, read_header_path
 from virtsave.libvirtd import host
 from virtsave.libvirtd import reference as lp
 
@@ -132,6 +133,20 @@ def _bulk_report(results: list[OpResult], operation: str, seconds: float) -> Non
                               + ", ".join(str(r.domain) for r in failed))
 
 
+def _image_header(uri: str, file: Path) -> Header:
+    """The header of save image *file* on the daemon's host (this machine for a local URI)."""
+    from virtsave.libvirtd import capture, transport
+    from virtsave.libvirtd import uri as liburi
+
+    target = liburi.parse(uri)
+    if not target.is_ssh:
+        return read_header_path(file, allow_partial=False)
+    if not file.is_absolute():
+        raise ArgumentError(f"{file}: give an absolute path on the daemon's host {target.label}")
+    with transport.host_for(uri) as host:
+        return capture.read_header(host, str(file), allow_partial=False)
+
+
 def _select_args(doms: list[str] | None, all_: bool, match: str | None, command: str) -> str | None:
     """The single domain name, or None for a bulk run (--all)."""
     if match and not all_:
@@ -182,10 +197,21 @@ def managed_save_cmd(
     """Save a running domain's memory to its managed-save image and stop it (virsh managedsave).
 
     With --all: every running or paused domain (restricted to the DOMs named and/or --match),
-    --parallel at a time, then a summary table; exit 2 if any failed.
+    --parallel at a time, then a summary table; exit 2 if any failed. With several hosts (-c
+    repeated, --hosts FILE) on every host at once, with a host column.
     """
     state = _state(running, paused)
     one = _select_args(domains, all_, match, "managed-save")
+    if OPTIONS.fan_out and one is None:
+        from virtsave.libvirtd import fleet
+
+        from . import hostsview
+        with job_progress("managed-save") as cb:
+            out = fleet.managed_save_hosts(OPTIONS.uris, domains or None, parallel, match=match,
+                                           bypass_cache=bypass_cache, state=state,
+                                           progress=cb if OPTIONS.progress or OPTIONS.json else None)
+        hostsview.bulk_report(out, "managed-save")
+        return
     res = _one_or_all("managed-save", one, "no running domain matched", lp.managed_save, lp.managed_save_all,
                       domains, match=match, parallel=parallel, bypass_cache=bypass_cache, state=state)
     if res is None:
@@ -234,12 +260,13 @@ def restore_cmd(
     state = _state(running, paused)
     _check_channels(parallel_channels)
     dxml = _read_xml(xml)
-    # A missing, partial or corrupt image is reported (with its offset) before the daemon is asked.
-    read_header_path(file, allow_partial=False)
+    # A missing, partial or corrupt image is reported (with its offset) before the daemon is asked;
+    # FILE is on the daemon's host (read over ssh for a qemu+ssh:// daemon).
+    header = _image_header(OPTIONS.uri, file)
     conn = lp.connect(OPTIONS.uri)
     with job_progress("restore") as cb:
         res = lp.restore(conn, file, bypass_cache=bypass_cache, state=state, xml=dxml,
-                         parallel_channels=parallel_channels, progress=cb)
+                         parallel_channels=parallel_channels, progress=cb, header=header)
     _emit(res, f"{res.domain}: restored from {res.image} (format {res.detail.get('image_format')}, "
                f"{res.seconds:.2f} s); domain {res.state or '?'}")
 
@@ -255,10 +282,20 @@ def start_cmd(
     """Start a domain: from its managed-save image when it has one (says which happened).
 
     With --all: every shut-off domain that has a managed-save image (restricted to the DOMs
-    named and/or --match), --parallel at a time; summary table; exit 2 if any failed.
+    named and/or --match), --parallel at a time; summary table; exit 2 if any failed. With several
+    hosts (-c repeated, --hosts FILE) on every host at once, with a host column.
     """
     state = "paused" if paused else None
     one = _select_args(domains, all_, match, "start")
+    if OPTIONS.fan_out and one is None:
+        from virtsave.libvirtd import fleet
+
+        from . import hostsview
+        with job_progress("start") as cb:
+            out = fleet.start_hosts(OPTIONS.uris, domains or None, parallel, match=match, bypass_cache=bypass_cache,
+                             state=state, progress=cb if OPTIONS.progress or OPTIONS.json else None)
+        hostsview.bulk_report(out, "start")
+        return
     res = _one_or_all("start", one, "no domain with a managed-save image matched", lp.start, lp.start_all,
                       domains, match=match, parallel=parallel, bypass_cache=bypass_cache, state=state)
     if res is None:
@@ -282,7 +319,14 @@ def managed_save_remove_cmd(
 def list_cmd(
     match: Annotated[str | None, typer.Option("--match", metavar="GLOB", help="only names matching GLOB")] = None,
 ) -> None:
-    """Domains with state and managed-save image (exists, size, age)."""
+    """Domains with state and managed-save image (exists, size, age); on several hosts (-c repeated,
+    --hosts) with a host column, an unreachable host as one failed row (exit 2)."""
+    if OPTIONS.fan_out:
+        from virtsave.libvirtd import fleet
+
+        from . import hostsview
+        hostsview.list_report(fleet.list_hosts(OPTIONS.uris, match))
+        return
     conn = lp.connect(OPTIONS.uri)
     doms = lp.list_domains(conn, match)
     if OPTIONS.json:

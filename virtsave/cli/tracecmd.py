@@ -150,6 +150,7 @@ def trace_cmd(
     from virtsave.libvirtd import reference as lp
 
     state = "running" if running else "paused" if paused else None
+    capture.require_traceable(OPTIONS.uri)  # tls/tcp: say so before connecting
     conn = lp.connect(OPTIONS.uri)
     # No live progress bar here: polling libvirt's job stats sends query-migrate to QEMU, which
     # would put our own commands into the conversation being traced.

@@ -48,6 +48,9 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 DISK_DIR = GUEST_DIR.parent / "disks"
 #: libvirt's NAT network on 192.168.122.0/24 (``scripts/setup`` starts it); it carries only test guests.
 NETWORK = "default"
+#: Guests whose serial log is not in :data:`SERIAL_LOG_DIR` (a session daemon's guest cannot write
+#: there): name → directory, filled in by :func:`create`.
+SERIAL_DIRS: dict[str, Path] = {}
 
 
 def accel() -> str:
@@ -60,7 +63,7 @@ def accel() -> str:
 
 def serial_log(name: str) -> Path:
     """Where the guest's serial output is appended."""
-    return SERIAL_LOG_DIR / f"{name}-serial.log"
+    return SERIAL_DIRS.get(name, SERIAL_LOG_DIR) / f"{name}-serial.log"
 
 
 def _require_built() -> None:
@@ -70,8 +73,9 @@ def _require_built() -> None:
 
 
 def guest_xml(name: str, memory_mib: int = 256, fill_mib: int = 64, vcpus: int = 1,
-              domain_uuid: str | None = None) -> str:
-    """The domain XML of a test guest (template ``conf/guest.xml``)."""
+              domain_uuid: str | None = None, serial_dir: str | os.PathLike[str] | None = None) -> str:
+    """The domain XML of a test guest (template ``conf/guest.xml``); *serial_dir*: where its serial
+    log goes (default :data:`SERIAL_LOG_DIR`)."""
     _require_built()
     template = (resources.files("virtsave.harness") / "guest.xml").read_text()
     template = re.sub(r"<!--.*?-->\s*", "", template, flags=re.S)
@@ -84,7 +88,7 @@ def guest_xml(name: str, memory_mib: int = 256, fill_mib: int = 64, vcpus: int =
         kernel=GUEST_DIR / "vmlinuz",
         initrd=GUEST_DIR / "initrd.gz",
         fill_mib=fill_mib,
-        serial_log=serial_log(name),
+        serial_log=Path(serial_dir) / f"{name}-serial.log" if serial_dir is not None else serial_log(name),
     )
 
 
@@ -155,8 +159,11 @@ def create_real(conn: libvirt.virConnect, name: str, memory_mib: int = 256, fill
 
 
 def create(conn: libvirt.virConnect, name: str, memory_mib: int = 256, fill_mib: int = 64,
-           vcpus: int = 1, start: bool = True) -> libvirt.virDomain:
-    """Define (persistent) and optionally start a test guest."""
+           vcpus: int = 1, start: bool = True, serial_dir: str | os.PathLike[str] | None = None) -> libvirt.virDomain:
+    """Define (persistent) and optionally start a test guest. *serial_dir*: where its serial log goes
+    (a directory the daemon's QEMU user may write; default :data:`SERIAL_LOG_DIR`)."""
+    if serial_dir is not None:
+        SERIAL_DIRS[name] = Path(serial_dir)
     with contextlib.suppress(FileNotFoundError):
         serial_log(name).unlink()
     dom = conn.defineXML(guest_xml(name, memory_mib, fill_mib, vcpus))
@@ -188,6 +195,7 @@ def remove(conn: libvirt.virConnect, name: str) -> None:
     for log in (serial_log(name), SERIAL_LOG_DIR / f"{name}.log", disk_path(name)):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             log.unlink()
+    SERIAL_DIRS.pop(name, None)
 
 
 def ticks(name: str) -> list[int]:

@@ -40,7 +40,8 @@ from typing import Any
 from virtsave.core.errors import LogError
 from virtsave.trace import argv as qargv
 
-__all__ = ["QemuStart", "argv_from_domain_log", "last_start", "parse_domain_log", "start_at"]
+__all__ = ["QemuStart", "argv_from_domain_log", "last_start", "parse_domain_log", "parse_domain_log_text",
+           "start_at"]
 
 _START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})([+-]\d{4}): starting up (.*)$")
 _START_ANYWHERE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}[+-]\d{4}: starting up ", re.M)
@@ -172,6 +173,15 @@ def last_start(path: str | os.PathLike[str]) -> QemuStart | None:
         return None
     starts = _read_starts(text[at:].splitlines())
     return starts[-1] if starts else None
+
+
+def parse_domain_log_text(text: str) -> list[QemuStart]:
+    """:func:`parse_domain_log` of a domain log's *text* (read from another host).
+
+    >>> parse_domain_log_text("no start here\\n")
+    []
+    """
+    return _read_starts(text.splitlines(keepends=True))
 
 
 def start_at(starts: list[QemuStart], when: float) -> QemuStart | None:

@@ -28,6 +28,13 @@ trace at the same time on one daemon, so logging is a **refcounted shared sessio
 The originals are restored only when the daemon still holds what we applied; if someone changed
 the settings meanwhile (or libvirtd restarted), they are left alone and a warning is returned.
 
+**A daemon on another host** (``qemu+ssh://``): the same steps run there through a
+:class:`~virtsave.libvirtd.transport.SshHost` — ``virt-admin``, the state and lock files and the
+capture log live on the daemon's host, in the ssh account's state directory (``/var/lib/virtsave``
+for root, else ``$XDG_STATE_HOME/virtsave``); the owner recorded there is the anchor shell of this
+virtsave's ssh connection, so when that connection dies the next virtsave command against that host
+finds a dead owner and restores. Only this session's window of the log is copied back.
+
 Example (needs a running libvirtd, as root)::
 
     from virtsave.libvirtd import logcapture
@@ -41,15 +48,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as _dt
-import fcntl
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import struct
-import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,9 +66,11 @@ from urllib.parse import parse_qs, urlsplit
 from virtsave.core import paths as config
 from virtsave.core.errors import ConnectionFailed, LogError, UnsupportedError
 from virtsave.core.signals import Terminated, deferred_signals
-from virtsave.libvirtd import adminrpc
+from virtsave.libvirtd import adminrpc, transport
 from virtsave.libvirtd import logsettings as ls
+from virtsave.libvirtd import uri as liburi
 from virtsave.libvirtd.logsettings import CAPTURE_FILTERS
+from virtsave.libvirtd.transport import Host, LocalHost
 
 __all__ = [
     "CAPTURE_FILTERS",
@@ -96,7 +103,8 @@ LOG_NAME = "capture.log"
 
 
 class AdminRunner:
-    """Reads and sets the daemon's log filters/outputs.
+    """Reads and sets the daemon's log filters/outputs, on *host* (this machine by default; the
+    daemon's host over ssh for a remote daemon).
 
     Over the daemon's admin socket (:mod:`virtsave.libvirtd.adminrpc`, what ``virt-admin`` itself
     speaks, without a process per call) when the admin URI names a local socket; through
@@ -104,15 +112,16 @@ class AdminRunner:
     returned exactly as ``virt-admin`` shows them (see :func:`parse_admin_output`).
     """
 
-    def __init__(self, admin_uri: str) -> None:
+    def __init__(self, admin_uri: str, host: Host | None = None) -> None:
         self.admin_uri = admin_uri
+        self.host = host or LocalHost()
         self._holding = False
         self._held: adminrpc.AdminClient | None = None
 
     @property
     def socket(self) -> str | None:
         """The admin socket spoken to directly, or None: ``virt-admin`` is run."""
-        if os.environ.get("VIRTSAVE_ADMIN_CLIENT") == "virt-admin":
+        if self.host.remote or os.environ.get("VIRTSAVE_ADMIN_CLIENT") == "virt-admin":
             return None
         return adminrpc.socket_for(self.admin_uri)
 
@@ -143,24 +152,20 @@ class AdminRunner:
                 client.close()
 
     def _run(self, *args: str) -> str:
-        # start_new_session: a Ctrl-C on the terminal must not kill virt-admin half-way
-        # through putting the settings back. LC_ALL=C: the answer's labels are translated.
-        try:
-            proc = subprocess.run(["virt-admin", "-c", self.admin_uri, *args], capture_output=True,
-                                  text=True, timeout=60, start_new_session=True, check=False,
-                                  env={**os.environ, "LC_ALL": "C"})
-        except FileNotFoundError:
-            raise UnsupportedError("virt-admin not found: it is needed to switch libvirtd's logging on") from None
-        except subprocess.TimeoutExpired:
-            raise ConnectionFailed(f"virt-admin -c {self.admin_uri} {args[0]} timed out") from None
+        # The host starts it in its own session: a Ctrl-C on the terminal must not kill virt-admin
+        # half-way through putting the settings back. LC_ALL=C: the answer's labels are translated.
+        where = f" on {self.host.label}" if self.host.remote else ""
+        proc = self.host.run(["virt-admin", "-c", self.admin_uri, *args], env={"LC_ALL": "C"})
+        if proc.returncode == 127:
+            raise UnsupportedError(f"virt-admin not found{where}: it is needed to switch libvirtd's logging on")
         if proc.returncode != 0:
-            msg = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            raise ConnectionFailed(f"virt-admin -c {self.admin_uri} {args[0]}: {msg}")
-        return proc.stdout
+            msg = (proc.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
+            raise ConnectionFailed(f"virt-admin -c {self.admin_uri} {args[0]}{where}: {msg}")
+        return proc.stdout.decode(errors="replace")
 
     def daemon_identity(self) -> list[int] | None:
-        """``[pid, start time]`` of the daemon (see :func:`daemon_identity`)."""
-        return daemon_identity(self.admin_uri)
+        """``[pid, start time]`` of the daemon (see :func:`daemon_identity`; None for a remote one)."""
+        return None if self.host.remote else daemon_identity(self.admin_uri)
 
     def get_filters(self) -> str:
         return self.get_settings()[0]
@@ -237,25 +242,38 @@ def set_settings(runner: Any, filters: str | None, outputs: str | None, *,
     return runner.get_filters(), runner.get_outputs()
 
 
-def admin_uri_for(uri: str | None) -> str:
-    """The admin URI of the daemon behind libvirt URI *uri* (``qemu:///system`` → ``libvirtd:///system``).
+def admin_uri_for(uri: str | None, host: Host | None = None) -> str:
+    """The admin URI of the daemon behind libvirt URI *uri* (``qemu:///system`` → ``libvirtd:///system``,
+    or ``virtqemud:///…`` where the modular daemons run), as ``virt-admin`` on the daemon's host
+    (*host*; for an ssh URI made from it when not given) needs it.
 
-    ``$VIRTSAVE_ADMIN_URI`` wins. Remote URIs are refused: the capture file must be local.
+    ``$VIRTSAVE_ADMIN_URI`` wins for a local daemon. A ``socket=`` parameter names the daemon's socket:
+    its admin socket is the sibling ``…-admin-sock``. Transports without a shell on the daemon's host
+    (tls, tcp, ext) are refused.
     """
+    target = liburi.parse(uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system")
     env = os.environ.get("VIRTSAVE_ADMIN_URI")
-    if env:
+    if env and target.is_local:
         return env
-    uri = uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
-    parts = urlsplit(uri)
-    if parts.hostname or "+" in parts.scheme:
-        raise UnsupportedError(f"log capture needs a local daemon; {uri} is remote (use --from-log)")
-    if parts.scheme not in ("qemu", "libvirtd", "virtqemud"):
-        raise UnsupportedError(f"log capture supports qemu:// URIs only, not {uri}")
-    path = parts.path or "/system"
-    if parts.scheme != "qemu":
-        return f"{parts.scheme}://{path}"
+    if not target.is_local and not target.is_ssh:
+        raise UnsupportedError(f"log capture needs a shell on the daemon's host; {target.uri} uses the "
+                               f"{target.transport} transport (use qemu+ssh://, or trace --from-log)")
+    if target.driver not in ("qemu", "libvirtd", "virtqemud"):
+        raise UnsupportedError(f"log capture supports qemu:// URIs only, not {target.uri}")
+    path = target.path if target.is_local else target.remote_path
+    if target.driver != "qemu":
+        return f"{target.driver}://{path}"
+    sock = target.params.get("socket")
+    if sock:
+        name = sock.rsplit("/", 1)[-1]
+        daemon = "virtqemud" if name.startswith("virtqemud") else "libvirtd"
+        admin = f"{sock[: -len('-sock')]}-admin-sock" if sock.endswith("-sock") else f"{sock}-admin"
+        return f"{daemon}://{path}?socket={admin}"
+    host = host or transport.host_for(target.uri)
+    where = host.info.user_runtime_dir if path == "/session" else "/run/libvirt"
+    modular, monolithic = f"{where}/virtqemud-admin-sock", f"{where}/libvirt-admin-sock"
     # libvirtd (monolithic, as on this machine) or virtqemud (modular daemons).
-    if Path("/run/libvirt/virtqemud-admin-sock").exists() and not Path("/run/libvirt/libvirt-admin-sock").exists():
+    if host.exists(modular) and not host.exists(monolithic):
         return f"virtqemud://{path}"
     return f"libvirtd://{path}"
 
@@ -352,19 +370,9 @@ def output_policy(keep: bool = False, announce: Callable[[str], None] | None = N
 
 
 def proc_starttime(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of *pid*, or None when no such process: a recycled pid
-    has another start time, so (pid, start) names one process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm may contain spaces and parentheses: fields start after the last ')'.
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return int(fields[19])  # field 22 overall
-    except (IndexError, ValueError):
-        return None
+    """Start time (clock ticks since boot) of local process *pid*, or None when no such process: a
+    recycled pid has another start time, so (pid, start) names one process."""
+    return transport.proc_starttime(pid)
 
 
 @dataclass
@@ -376,8 +384,9 @@ class Owner:
     session: str
     since: str = ""
 
-    def alive(self) -> bool:
-        now = proc_starttime(self.pid)
+    def alive(self, host: Host | None = None) -> bool:
+        """Whether this process still runs (on *host*: where the state file is; default this machine)."""
+        now = host.proc_starttime(self.pid) if host is not None else proc_starttime(self.pid)
         return now is not None and (self.start is None or now == self.start)
 
 
@@ -425,7 +434,8 @@ class State:
 
 
 class Paths:
-    """Where the state, lock and capture files live (under ``config.STATE_DIR``)."""
+    """Where the state, lock and capture files live (under ``config.STATE_DIR``, or the state directory
+    of the host the daemon runs on)."""
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None) -> None:
         base = Path(state_dir) if state_dir is not None else Path(config.STATE_DIR)
@@ -436,39 +446,46 @@ class Paths:
         self.log = self.dir / LOG_NAME
 
 
-@contextlib.contextmanager
-def _locked(paths: Paths) -> Iterator[None]:
-    paths.base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock
+def _paths_for(host: Host, state_dir: str | os.PathLike[str] | None) -> Paths:
+    return Paths(state_dir if state_dir is not None else host.info.state_dir)
 
 
-def _load_state(paths: Paths) -> State | None:
-    try:
-        text = paths.state.read_text()
-    except FileNotFoundError:
+def _locked(host: Host, paths: Paths) -> contextlib.AbstractContextManager[None]:
+    return host.locked(str(paths.lock))
+
+
+def _load_state(host: Host, paths: Paths) -> State | None:
+    data = host.read_bytes(str(paths.state))
+    if data is None:
         return None
     try:
-        return State.from_json(text)
+        return State.from_json(data.decode())
     except (ValueError, TypeError, KeyError) as exc:
-        raise LogError(f"{paths.state}: unreadable log-capture state ({exc}); inspect it, fix the "
+        where = f" on {host.label}" if host.remote else ""
+        raise LogError(f"{paths.state}{where}: unreadable log-capture state ({exc}); inspect it, fix the "
                        "daemon's settings with virt-admin, then delete the file") from None
 
 
-def _save_state(paths: Paths, state: State) -> None:
+def _save_state(host: Host, paths: Paths, state: State) -> None:
     """Replace the state file atomically. No fsync: the file guards against a *process* dying
     (the rename is atomic for every later reader); a host crash restarts libvirtd with its
     configured log settings, which is all a repair would have put back — and an fsync right after
     a multi-GiB save waits for the disk's write-back (measured: 4-8 ms idle, far more then)."""
-    tmp = paths.state.with_name(f"{STATE_NAME}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(state.to_json())
-    os.replace(tmp, paths.state)
+    host.write_private(str(paths.state), state.to_json().encode())
+
+
+def _prune(state: State, host: Host) -> list[Owner]:
+    return state.prune(lambda o: o.alive(host))
+
+
+def _clear(host: Host, paths: Paths) -> None:
+    """Remove the state file, the capture directory and temporary state files of writers that were
+    killed (or cut off) half-way."""
+    host.remove(str(paths.state))
+    host.remove(str(paths.dir), tree=True)
+    for name in host.listdir(str(paths.base)):
+        if name.startswith(f"{STATE_NAME}.tmp-"):
+            host.remove(str(paths.base / name))
 
 
 # --------------------------------------------------------------------------- restoring
@@ -494,14 +511,30 @@ def _put_back(runner: Any, state: State) -> str | None:
     return None
 
 
-def _restore(runner: Any, state: State, paths: Paths) -> str | None:
+def _still_ours(cur_f: str, cur_o: str, state: State) -> bool:
+    """The daemon still shows what this capture applied. A session killed after applying its filters
+    but before recording libvirt's spelling of them (``filters_wrapped`` still unknown) left them in
+    its input form: a wrapping daemon shows each one wrapped."""
+    if not ls.same(cur_o, state.applied_outputs):
+        return False
+    if ls.same(cur_f, state.applied_filters):
+        return True
+    shown = " ".join(ls.wrap_filter(t) for t in ls.tokens(state.applied_filters))
+    return state.filters_wrapped is None and ls.same(cur_f, shown)
+
+
+def _restore(runner: Any, state: State, paths: Paths, host: Host) -> str | None:
     """Put the original settings back (only if the daemon still has ours); clean files.
 
-    Returns a warning when the settings were left alone or did not read back as before."""
+    Returns a warning when the settings were left alone or did not read back as before. A host that
+    cannot be reached (:class:`~virtsave.libvirtd.transport.HostUnreachable`) raises: its state stays
+    for the next try."""
     warning = None
     cur: tuple[str, str] | None = None
     try:
         cur = get_settings(runner)
+    except transport.HostUnreachable:
+        raise
     except ConnectionFailed as exc:
         # Daemon gone: its settings died with it. Nothing to restore.
         warning = f"daemon not reachable while restoring log settings ({exc}); state cleared"
@@ -510,16 +543,14 @@ def _restore(runner: Any, state: State, paths: Paths) -> str | None:
         warning = _restarted_note(state, now, cur)
     elif cur is not None:
         cur_f, cur_o = cur
-        if ls.same(cur_f, state.applied_filters) and ls.same(cur_o, state.applied_outputs):
+        if _still_ours(cur_f, cur_o, state):
             warning = _put_back(runner, state)
         elif ls.same(cur_f, state.original_filters) and ls.same(cur_o, state.original_outputs):
             pass  # already back (e.g. libvirtd restarted with the same config)
         else:
             warning = (f"libvirtd's log settings were changed by someone else during capture "
                        f"(filters {cur_f!r}, outputs {cur_o!r}); left as they are")
-    with contextlib.suppress(FileNotFoundError):
-        paths.state.unlink()
-    shutil.rmtree(paths.dir, ignore_errors=True)
+    _clear(host, paths)
     return warning
 
 
@@ -535,39 +566,62 @@ def _restarted_note(state: State, now: list[int], cur: tuple[str, str]) -> str:
             "capture state cleared")
 
 
-def _restore_force(runner: Any, state: State, paths: Paths) -> None:
+def _restore_force(runner: Any, state: State, paths: Paths, host: Host) -> None:
     """Best effort put-back after a failure while switching logging on."""
     with contextlib.suppress(Exception):
         _put_back(runner, state)
-    with contextlib.suppress(FileNotFoundError):
-        paths.state.unlink()
-    shutil.rmtree(paths.dir, ignore_errors=True)
+    with contextlib.suppress(Exception):
+        _clear(host, paths)
+
+
+def _maybe_stale(host: Host, paths: Paths, state_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether a state file may be there and is ours to repair (one ``stat``, or the ssh host's
+    first answer)."""
+    if host.remote:
+        return host.info.capture_state if state_dir is None else host.exists(str(paths.state))
+    return paths.state.exists() and os.access(paths.base, os.W_OK)  # a non-root user cannot repair
 
 
 def repair_if_stale(uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
-                    runner: Any = None) -> str | None:
+                    runner: Any = None, host: Host | None = None) -> str | None:
     """Restore the daemon's log settings if every virtsave that switched them on has died.
 
-    Cheap when there is nothing to do (one ``stat``). Returns a one-line description of what was
-    repaired (or a warning), else None.
+    Cheap when there is nothing to do (one ``stat``; for a daemon on another host one ssh command).
+    Returns a one-line description of what was repaired (or a warning), else None. URIs whose
+    transport gives no shell on the daemon's host have nothing virtsave could have left: None.
     """
-    paths = Paths(state_dir)
-    if not paths.state.exists() or not os.access(paths.base, os.W_OK):
-        return None  # nothing to repair, or not ours to repair (non-root user)
-    with deferred_signals(), _locked(paths):
-        state = _load_state(paths)
+    own = host is None
+    if host is None:
+        try:
+            host = transport.host_for(uri, state_dir=state_dir)
+        except UnsupportedError:
+            return None
+    try:
+        return _repair(host, _paths_for(host, state_dir), _maybe_stale(host, _paths_for(host, state_dir),
+                                                                        state_dir), runner)
+    finally:
+        if own:
+            host.close()
+
+
+def _repair(host: Host, paths: Paths, maybe: bool, runner: Any) -> str | None:
+    if not maybe:
+        return None
+    with deferred_signals(), _locked(host, paths):
+        state = _load_state(host, paths)
         if state is None:
             return None
-        dead = state.prune()
+        dead = _prune(state, host)
         if state.owners:
             if dead:
-                _save_state(paths, state)
+                _save_state(host, paths, state)
             return None
-        runner = runner or AdminRunner(state.admin_uri)
+        runner = runner or AdminRunner(state.admin_uri, host)
         with _one_connection(runner):
-            warning = _restore(runner, state, paths)
+            warning = _restore(runner, state, paths, host)
     pids = ", ".join(str(o.pid) for o in dead) or "none"
-    return warning or (f"restored libvirtd's log settings left by an interrupted virtsave (pid {pids}): "
+    where = f" on {host.label}" if host.remote else ""
+    return warning or (f"restored libvirtd's log settings{where} left by an interrupted virtsave (pid {pids}): "
                        f"filters {state.original_filters!r}, outputs {state.original_outputs!r}")
 
 
@@ -578,25 +632,17 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
-def _size(path: Path) -> int:
+def _quiet_level(state: State, host: Host) -> int:
+    """The quiet level for this daemon; its configured ``log_level`` is read from its configuration
+    file on its host (``/etc/libvirt/libvirtd.conf``, ``~/.config/libvirt/…`` for a session daemon)."""
+    if not host.remote:
+        return ls.quiet_level(state.original_filters, ls.configured_log_level(state.admin_uri))
     try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _ends_line(path: Path, size: int) -> bool:
-    """Whether the byte before offset *size* of *path* is a newline."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(size - 1)
-            return f.read(1) == b"\n"
+        conf = host.read_bytes(ls.config_file(state.admin_uri, host.info.home))
     except OSError:
-        return True  # gone: nothing more will come
-
-
-def _quiet_level(state: State) -> int:
-    return ls.quiet_level(state.original_filters, ls.configured_log_level(state.admin_uri))
+        conf = None
+    level = ls.log_level_setting(conf.decode(errors="replace")) if conf is not None else None
+    return ls.quiet_level(state.original_filters, level)
 
 
 def _raise_notice(state: State) -> str | None:
@@ -608,14 +654,26 @@ def _raise_notice(state: State) -> str | None:
 
 
 class CaptureSession:
-    """One process's share of the capture: its byte window of the shared log."""
+    """One process's share of the capture: its byte window of the shared log.
+
+    *host*: where the daemon runs (default: from *uri*; a host made here is closed by :meth:`stop`).
+    """
 
     def __init__(self, uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
-                 runner: Any = None, settle: float = 0.0, policy: OutputPolicy | None = None) -> None:
-        self.admin_uri = runner.admin_uri if runner is not None and hasattr(runner, "admin_uri") \
-            else admin_uri_for(uri)
-        self.runner = runner or AdminRunner(self.admin_uri)
-        self.paths = Paths(state_dir)
+                 runner: Any = None, settle: float = 0.0, policy: OutputPolicy | None = None,
+                 host: Host | None = None) -> None:
+        self._own_host = host is None
+        if host is None:
+            host = LocalHost(state_dir) if runner is not None else transport.host_for(uri, state_dir=state_dir)
+        self.host = host
+        try:
+            self.admin_uri = runner.admin_uri if runner is not None and hasattr(runner, "admin_uri") \
+                else admin_uri_for(uri, host)
+            self.paths = _paths_for(host, state_dir)
+        except BaseException:
+            self._close_host()
+            raise
+        self.runner = runner or AdminRunner(self.admin_uri, host)
         self.session = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.settle = settle
         self.policy = policy or _POLICY.get() or OutputPolicy()
@@ -628,44 +686,65 @@ class CaptureSession:
         self.notice: str | None = None
         self._window: Path | None = None
         self._active = False
+        self._touched = False  # this session may have changed the daemon's settings or the state file
 
     @property
     def log_path(self) -> Path:
         """The shared capture log (all concurrent sessions write into it)."""
         return self.paths.log
 
+    def _close_host(self) -> None:
+        if self._own_host:
+            self.host.close()
+
     def start(self) -> CaptureSession:
         """Join (or open) the shared session and mark the start of this window."""
-        me = Owner(pid=os.getpid(), start=proc_starttime(os.getpid()), session=self.session,
-                   since=_utcnow().isoformat())
-        with deferred_signals(), _locked(self.paths), _one_connection(self.runner):
-            state = _load_state(self.paths)
+        try:
+            self._start()
+        except transport.HostUnreachable as exc:
+            # Cut off half-way: whatever was switched on there stays until a virtsave that can
+            # reach the host finds this session's owner gone (the state file says what to undo).
+            if self._touched:
+                self.warning = self._unreachable_warning(exc)
+            self._close_host()
+            raise
+        except BaseException:
+            self._close_host()
+            raise
+        return self
+
+    def _unreachable_warning(self, exc: Exception) -> str:
+        return (f"libvirtd's log settings on {self.host.label} could not be put back ({exc}); "
+                "the next virtsave command against that host will")
+
+    def _start(self) -> None:
+        host = self.host
+        pid, start = host.owner()
+        me = Owner(pid=pid, start=start, session=self.session, since=_utcnow().isoformat())
+        with deferred_signals(), _locked(host, self.paths), _one_connection(self.runner):
+            state = _load_state(host, self.paths)
             if state is not None:
-                state.prune()
+                _prune(state, host)
                 restarted = state.daemon is not None and _identity(self.runner) not in (None, state.daemon)
                 if not state.owners or restarted:  # every earlier owner died, or the daemon lost our settings:
-                    self.warning = _restore(self.runner, state, self.paths)   # repair, then start afresh
+                    self.warning = _restore(self.runner, state, self.paths, host)  # repair, then start afresh
                     state = None
+            self._touched = True
             if state is None:
                 state = self._open(me)
             else:
                 self._join(state, me)
-            _save_state(self.paths, state)
+            _save_state(host, self.paths, state)
             self.notice = _raise_notice(state)
             if self.policy.keep and state.raised:
                 self.notice = (f"{self.notice}; another virtsave trace shares this capture without "
                                "--keep-log-outputs, so they stay raised until it ends")
-            self.start_offset = _size(self.paths.log)
+            self.start_offset = host.size(str(self.paths.log))
             self.since = _utcnow()
             self._active = True
-        return self
 
     def _new_capture_log(self) -> None:
-        self.paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.paths.dir, 0o700)
-        fd = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
-        os.close(fd)
+        self.host.new_private_file(str(self.paths.log))
 
     def _open(self, me: Owner) -> State:
         """First session: record the operator's settings, then switch ours on."""
@@ -680,13 +759,13 @@ class CaptureSession:
         state = State(admin_uri=self.admin_uri, original_filters=orig_f, original_outputs=orig_o,
                       applied_filters="", applied_outputs="", log=str(self.paths.log), owners=[me])
         if not self.policy.keep:
-            state.raise_to = _quiet_level(state)
+            state.raise_to = _quiet_level(state, self.host)
             state.raised = ls.raised_outputs(orig_o, state.raise_to)[1]
         want_f = ls.capture_filters(orig_f, None)
         want_o = ls.capture_outputs(orig_o, self.paths.log, state.raise_to)
         state.applied_filters, state.applied_outputs = want_f, want_o
         # State first: if we die between here and the end, the next run knows what to restore.
-        _save_state(self.paths, state)
+        _save_state(self.host, self.paths, state)
         try:
             # Outputs first (ours there, theirs raised) before the filters let monitor lines through.
             got_f, got_o = set_settings(self.runner, want_f, want_o, outputs_first=True)
@@ -694,13 +773,13 @@ class CaptureSession:
             right_f = ls.capture_filters(orig_f, state.filters_wrapped)
             if right_f != want_f:  # the daemon does not wrap: the operator's part needs its shown form
                 state.applied_filters = right_f
-                _save_state(self.paths, state)
+                _save_state(self.host, self.paths, state)
                 got_f, got_o = set_settings(self.runner, right_f, None, outputs_first=False)
             # libvirt's own spelling, so the "still ours?" check at the end compares equal.
             state.applied_filters, state.applied_outputs = got_f, got_o
             state.daemon = _identity(self.runner)
         except BaseException:
-            _restore_force(self.runner, state, self.paths)
+            _restore_force(self.runner, state, self.paths, self.host)
             raise
         return state
 
@@ -710,10 +789,10 @@ class CaptureSession:
         state.owners.append(me)
         if self.policy.keep or state.raise_to is not None:
             return
-        raise_to = _quiet_level(state)
+        raise_to = _quiet_level(state, self.host)
         want_o = ls.capture_outputs(state.original_outputs, self.paths.log, raise_to)
         cur_f, cur_o = get_settings(self.runner)
-        if not (ls.same(cur_f, state.applied_filters) and ls.same(cur_o, state.applied_outputs)):
+        if not _still_ours(cur_f, cur_o, state):
             return  # changed by someone else: the end of the session will say so
         state.raise_to, state.raised = raise_to, ls.raised_outputs(state.original_outputs, raise_to)[1]
         _, state.applied_outputs = set_settings(self.runner, None, want_o, outputs_first=True)
@@ -729,18 +808,19 @@ class CaptureSession:
         window's ``until`` and are cut off by time anyway. The marker read for is the newline that
         ends the last line (a line is never half-written with O_APPEND, but this does not assume
         it: bounded by *settle*). A positive *settle* (tests, other daemons) additionally waits
-        until the file stops growing for that long.
+        until the file stops growing for that long. The log is on the daemon's host.
         """
-        end = _size(self.paths.log)
+        log = str(self.paths.log)
+        end = self.host.size(log)
         deadline = time.monotonic() + max(self.settle * 5, 0.05)
-        while end and not _ends_line(self.paths.log, end) and time.monotonic() < deadline:
+        while end and not self._ends_line(log, end) and time.monotonic() < deadline:
             time.sleep(0.002)
-            end = _size(self.paths.log)
+            end = self.host.size(log)
         if self.settle <= 0:
             return end
         while time.monotonic() < deadline:
             time.sleep(self.settle / 3)
-            now = _size(self.paths.log)
+            now = self.host.size(log)
             if now == end:
                 break
             end = now
@@ -754,19 +834,38 @@ class CaptureSession:
             raise LogError("capture session not started")
         self.until = _utcnow()
         self.end_offset = self._settle()
+        if self.host.remote:
+            self._window = self._copy_remote_window(self.end_offset)
+        else:
+            self._window = self._copy_local_window(self.end_offset)
+        return self._window
+
+    def _ends_line(self, log: str, size: int) -> bool:
+        """Whether the byte before offset *size* of *log* is a newline (a file gone: nothing more comes)."""
+        last = self.host.read_bytes(log, size - 1, 1)
+        return last is None or last == b"\n"
+
+    def _copy_local_window(self, end: int) -> Path:
         path = self.paths.dir / f"window-{self.session}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out, open(self.paths.log, "rb") as src:
             src.seek(self.start_offset)
-            left = self.end_offset - self.start_offset
+            left = end - self.start_offset
             while left > 0:
                 chunk = src.read(min(left, 1 << 20))
                 if not chunk:
                     break
                 out.write(chunk)
                 left -= len(chunk)
-        self._window = path
         return path
+
+    def _copy_remote_window(self, end: int) -> Path:
+        """Only this window's bytes come over the connection, into a private local file."""
+        data = self.host.read_bytes(str(self.paths.log), self.start_offset, max(0, end - self.start_offset))
+        fd, name = tempfile.mkstemp(prefix=f"virtsave-window-{self.session}-", suffix=".log")  # mode 0600
+        with os.fdopen(fd, "wb") as out:
+            out.write(data or b"")
+        return Path(name)
 
     def window_path(self) -> Path:
         """Path of this session's log slice (valid until the session ends)."""
@@ -779,22 +878,32 @@ class CaptureSession:
     def stop(self) -> str | None:
         """Leave the shared session; the last one out restores the settings. Returns a warning, if any."""
         if not self._active:
+            self._close_host()
             return self.warning
-        with deferred_signals(), _locked(self.paths), _one_connection(self.runner):
-            self._active = False
-            if self._window is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self._window.unlink()
-            state = _load_state(self.paths)
-            if state is None:
-                return self.warning
-            state.owners = [o for o in state.owners if o.session != self.session]
-            state.prune()
-            if state.owners:
-                _save_state(self.paths, state)
-            else:
-                self.warning = _restore(self.runner, state, self.paths) or self.warning
+        try:
+            self._leave()
+        except transport.HostUnreachable as exc:
+            self.warning = self._unreachable_warning(exc)
+        finally:
+            self._close_host()
         return self.warning
+
+    def _leave(self) -> None:
+        host = self.host
+        self._active = False
+        if self._window is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._window.unlink()
+        with deferred_signals(), _locked(host, self.paths), _one_connection(self.runner):
+            state = _load_state(host, self.paths)
+            if state is None:
+                return
+            state.owners = [o for o in state.owners if o.session != self.session]
+            _prune(state, host)
+            if state.owners:
+                _save_state(host, self.paths, state)
+            else:
+                self.warning = _restore(self.runner, state, self.paths, host) or self.warning
 
 
 @contextlib.contextmanager
@@ -822,26 +931,34 @@ def _term_as_interrupt() -> Iterator[None]:
 @contextlib.contextmanager
 def capture(uri: str | None = None, *, state_dir: str | os.PathLike[str] | None = None,
             runner: Any = None, on_warning: Callable[[str], None] | None = None,
-            policy: OutputPolicy | None = None) -> Iterator[CaptureSession]:
+            policy: OutputPolicy | None = None, host: Host | None = None) -> Iterator[CaptureSession]:
     """Monitor logging on for the ``with`` block; settings restored on exit, error, Ctrl-C or SIGTERM.
 
     *policy* (default: the one :func:`output_policy` set, else raise the operator's outputs)
     decides what happens to the operator's own log outputs; its notice goes to
     ``policy.announce``, else to *on_warning*. Read the window (``window_text()``/``window_path()``)
-    inside the block: the per-session file is removed when the block ends.
+    inside the block: the per-session file is removed when the block ends. *host*: where the
+    daemon runs (default: from *uri*, closed at the end).
     """
-    repaired = repair_if_stale(uri, state_dir=state_dir, runner=runner)
-    if repaired and on_warning:
-        on_warning(repaired)
-    sess = CaptureSession(uri, state_dir=state_dir, runner=runner, policy=policy)
-    announce = sess.policy.announce or on_warning
-    with _term_as_interrupt():
-        try:
-            sess.start()  # a signal held during start() is raised after it: stop() still runs
-            if sess.notice and announce:
-                announce(sess.notice)
-            yield sess
-        finally:
-            warning = sess.stop()
-            if warning and on_warning:
-                on_warning(warning)
+    own = host is None
+    if host is None:
+        host = LocalHost(state_dir) if runner is not None else transport.host_for(uri, state_dir=state_dir)
+    try:
+        repaired = repair_if_stale(uri, state_dir=state_dir, runner=runner, host=host)
+        if repaired and on_warning:
+            on_warning(repaired)
+        sess = CaptureSession(uri, state_dir=state_dir, runner=runner, policy=policy, host=host)
+        announce = sess.policy.announce or on_warning
+        with _term_as_interrupt():
+            try:
+                sess.start()  # a signal held during start() is raised after it: stop() still runs
+                if sess.notice and announce:
+                    announce(sess.notice)
+                yield sess
+            finally:
+                warning = sess.stop()
+                if warning and on_warning:
+                    on_warning(warning)
+    finally:
+        if own:
+            host.close()

@@ -40,10 +40,12 @@ __all__ = [
     "capture_filters",
     "capture_output_spec",
     "capture_outputs",
+    "config_file",
     "configured_log_level",
     "detect_wrapping",
     "filter_input_forms",
     "glob_match",
+    "log_level_setting",
     "output_level",
     "quiet_level",
     "raised_outputs",
@@ -270,6 +272,28 @@ def quiet_level(operator_shown: str, default_level: int | None = None) -> int:
     return max(_source_level(operator_shown, s, default) for s in CAPTURE_SOURCES)
 
 
+def config_file(admin_uri: str, home: str, etc: str = "/etc/libvirt") -> str:
+    """The configuration file of the daemon behind *admin_uri* (``libvirtd.conf``/``virtqemud.conf``;
+    a session daemon's in *home*'s ``.config/libvirt``).
+
+    >>> config_file("libvirtd:///system", "/root"), config_file("virtqemud:///session", "/home/u")
+    ('/etc/libvirt/libvirtd.conf', '/home/u/.config/libvirt/virtqemud.conf')
+    """
+    daemon = admin_uri.split(":", 1)[0] or "libvirtd"
+    session = admin_uri.split("?", 1)[0].endswith("/session")
+    return f"{home}/.config/libvirt/{daemon}.conf" if session else f"{etc}/{daemon}.conf"
+
+
+def log_level_setting(text: str) -> int | None:
+    """The last ``log_level`` set in a daemon configuration file's *text*, None when unset.
+
+    >>> log_level_setting("#log_level = 1\\nlog_level = 4  # errors only\\n"), log_level_setting("")
+    (4, None)
+    """
+    found = _LEVEL_LINE.findall(text)
+    return int(found[-1]) if found else None
+
+
 def configured_log_level(admin_uri: str, etc: str | os.PathLike[str] = "/etc/libvirt") -> int | None:
     """``log_level`` from the daemon's configuration file (``libvirtd.conf``/``virtqemud.conf``),
     if set there: the admin API does not show the daemon's log level.
@@ -277,10 +301,9 @@ def configured_log_level(admin_uri: str, etc: str | os.PathLike[str] = "/etc/lib
     >>> configured_log_level("libvirtd:///system", "/nonexistent") is None
     True
     """
-    daemon = admin_uri.split(":", 1)[0] or "libvirtd"
+    path = config_file(admin_uri, os.path.expanduser("~"), os.fspath(etc))
     try:
-        text = (Path(etc) / f"{daemon}.conf").read_text(errors="replace")
+        text = Path(path).read_text(errors="replace")
     except OSError:
         return None
-    found = _LEVEL_LINE.findall(text)
-    return int(found[-1]) if found else None
+    return log_level_setting(text)

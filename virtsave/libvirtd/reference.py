@@ -51,8 +51,9 @@ from virtsave.core.errors import (
 from virtsave.core.operation import OpResult as OpResult  # re-exported: callers know it as lp.OpResult
 from virtsave.core.operation import domain_name
 from virtsave.core.signals import deferred_signals
-from virtsave.image.saveimage import read_header_path
+from virtsave.image.saveimage import Header, read_header_path
 from virtsave.libvirtd import host
+from virtsave.libvirtd import uri as conn_uri
 
 DEFAULT_URI = "qemu:///system"
 #: Where the system QEMU driver keeps managed-save images (``<save_dir>/<name>.save``).
@@ -468,7 +469,14 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
     except libvirt.libvirtError as exc:
         gone = _daemon_gone(dom)
         err = map_error(exc, what, image=image if image_error else None)
-        if gone:
+        lost = _connection_lost(dom) if gone else None
+        if lost and not _is_local_uri(lost):
+            # a remote daemon whose connection died (its ssh cut) may well have finished the job: say
+            # so, do not guess the state; a local daemon that went away is waited for below
+            err = ConnectionFailed(f"{err}; the connection to the daemon was lost, so whether the {operation} "
+                                   f"of {name} completed is not known here: `virtsave -c {lost} list` shows it")
+            gone = False
+        elif gone:
             err = ConnectionFailed(f"{what}: libvirtd went away before answering "
                                    f"({_first_line(exc.get_error_message() or str(exc))})")
         if flags.get("interrupted"):
@@ -480,7 +488,7 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
             res.state, tail = after_daemon_loss(dom, name, image)
             res.detail["daemon_lost"] = True
             err = _with_tail(err, tail)
-        elif after_fail:
+        elif after_fail and not lost:
             res.state = after_fail()
             if res.state:
                 # one line, but say where the guest is: a failed save leaves it running
@@ -494,6 +502,26 @@ def _run(name: str, operation: str, call: Callable[[], Any], *, raise_on_error: 
     res = OpResult(name, operation, True, round(time.monotonic() - t0, 3), image)
     res.detail.update(flags)  # "interrupted": Ctrl-C came too late to stop the job
     return res, value
+
+
+def _is_local_uri(text: str) -> bool:
+    """*text* names a daemon on this machine (its Unix socket); an unparsable URI counts as local."""
+    try:
+        return conn_uri.parse(text).is_local
+    except VirtsaveError:
+        return True
+
+
+def _connection_lost(dom: libvirt.virDomain | None) -> str | None:
+    """The URI of *dom*'s connection when that connection is dead (its ssh killed, the daemon
+    gone), else None."""
+    if dom is None:
+        return None
+    try:
+        conn = dom.connect()
+        return None if conn.isAlive() else _uri(conn)
+    except libvirt.libvirtError:
+        return None
 
 
 def _require_active(dom: libvirt.virDomain, what: str) -> None:
@@ -571,14 +599,15 @@ _UUID = re.compile(r"<uuid>\s*([^<]+?)\s*</uuid>")
 
 def restore(conn: libvirt.virConnect, path: str | os.PathLike[str], *, bypass_cache: bool = False,
             state: str | None = None, xml: str | None = None, parallel_channels: int | None = None,
-            progress: Progress | None = None, raise_on_error: bool = True) -> OpResult:
+            progress: Progress | None = None, raise_on_error: bool = True, header: Header | None = None) -> OpResult:
     """``virDomainRestoreFlags`` / ``virDomainRestoreParams``: start the domain saved in *path*.
 
     The image header is checked first (:func:`virtsave.image.saveimage.read_header_path`), so a
-    missing, truncated, partial or foreign file gives one line naming the offset.
+    missing, truncated, partial or foreign file gives one line naming the offset. *header*: the
+    header already read (from the daemon's host, when that is another machine).
     """
     path = os.path.abspath(os.fspath(path))
-    hdr = read_header_path(path, allow_partial=False)
+    hdr = header or read_header_path(path, allow_partial=False)
     u = _UUID.search(hdr.xml)
     name = domain_name(hdr.xml) or os.path.basename(path)
     dom_uuid = u.group(1) if u else None
@@ -744,6 +773,9 @@ def _bulk(conn: libvirt.virConnect, names: list[str], parallel: int,
         except VirtsaveError as exc:
             res = getattr(exc, "result", None)
             return res or OpResult(name, operation, False, round(time.monotonic() - t0, 3), error=str(exc))
+        except libvirt.libvirtError as exc:  # e.g. the connection died between two calls
+            return OpResult(name, operation, False, round(time.monotonic() - t0, 3),
+                            error=str(map_error(exc, f"{operation} of {name} failed")))
 
     try:
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"virtsave-{operation}") as pool:

@@ -112,8 +112,10 @@ __all__ = [
 ]
 
 RUN_BASE = Path(os.environ.get("VIRTSAVE_RUN_DIR", "/run/virtsave"))
-#: Where libvirt keeps a domain's master key: the one secret file a traced command line may name.
-MASTER_KEY_GLOBS = ("/var/lib/libvirt/qemu/domain-*/master-key.aes", "/run/libvirt/qemu/*/master-key.aes")
+#: Where libvirt keeps a domain's master key: the one secret file a traced command line may name
+#: (system daemon; a user's session daemon keeps it in ``~/.config/libvirt/qemu/lib/domain-*/``).
+MASTER_KEY_GLOBS = ("/var/lib/libvirt/qemu/domain-*/master-key.aes", "/run/libvirt/qemu/*/master-key.aes",
+                    "/*/.config/libvirt/qemu/lib/domain-*/master-key.aes")
 #: Device models whose chardev is the guest's serial port or console (its output goes to the serial log).
 SERIAL_DEVICES = frozenset({"isa-serial", "pci-serial", "pci-serial-2x", "pci-serial-4x", "usb-serial",
                             "spapr-vty", "sclpconsole", "sclplmconsole", "virtconsole"})
