@@ -77,6 +77,7 @@ FLAG_OPTIONS: frozenset[str] = frozenset({
     "-xen-domid-restrict", "-enable-sync-profile", "-perfmap", "-jitdump", "-alt-grab", "-ctrl-grab",
     "-no-frame", "-sdl", "-curses", "-portrait", "-rtc-td-hack", "-singlestep", "-show-cursor",
     "-semihosting", "-no-kvm-irqchip", "-no-kvm-pit", "-no-kvm-pit-reinjection", "-tdf",
+    "-async-teardown", "-audio-help",  # QEMU 7.2 (Debian 12); later: -run-with async-teardown=on
 })
 
 #: The implied key of an option's leading bare word (``-chardev socket,…`` is ``backend=socket``).
