@@ -136,6 +136,16 @@ def daemon_versions() -> dict[str, tuple[int, int, int]]:
 _PER_CALL_FORMATS = (11, 2, 0)
 _SPARSE_QEMU = (9, 0, 0)
 _COMPRESSORS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "lzop": "lzop", "zstd": "zstd"}
+#: libvirt reads (restores) zstd save images from 10.4 on (its save-image format id 5).
+_ZSTD_LIBVIRT = (10, 4, 0)
+
+
+def restore_unavailable(fmt: str) -> str | None:
+    """Why libvirt on this stack cannot restore an image in *fmt* (``virsh restore``), or None."""
+    v = daemon_versions()
+    if fmt == "zstd" and v["libvirt"] < _ZSTD_LIBVIRT:
+        return f"libvirt restores zstd images from {_show(_ZSTD_LIBVIRT)} on; the daemon is {_show(v['libvirt'])}"
+    return None
 
 
 def binding_version() -> tuple[int, int, int]:

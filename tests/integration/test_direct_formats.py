@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_mapped_ram
+from conftest import needs_mapped_ram, require_format, restore_unavailable
 
 from virtsave.core.operation import SaveOptions
 from virtsave.harness import guest
@@ -85,6 +85,8 @@ def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, w
             f.seek(hdr.stream_offset)
             head = subprocess.run([*saveimage.DECOMPRESSORS[fmt]], stdin=f, capture_output=True).stdout[:4]
         assert head == b"QEVM"
+        if restore_unavailable(fmt):  # the image is checked above; libvirt itself cannot read it here
+            pytest.skip(restore_unavailable(fmt))
         before = guest.tick_mark(name)  # QEMU quit after the save: its last tick is the counter saved
         conn.restore(str(img))
         c = guest.wait_ticks_continue(before, timeout=90)
@@ -124,6 +126,7 @@ def test_a_qemu_restored_from_sparse_saves_zstd_that_libvirt_restores(conn, work
 
 
 def test_replay_of_a_zstd_trace_writes_zstd_that_libvirt_restores(cli, conn, make_guest, workdir):
+    require_format("zstd")
     name = make_guest(256, 8)
     t, r, img, slog = workdir / "t.json", workdir / "r.json", workdir / "r.save", workdir / "serial.log"
     proc = cli("trace", name, "--image-format", "zstd", "-o", str(t))

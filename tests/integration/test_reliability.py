@@ -401,13 +401,13 @@ def _recorded_copy(trace_path: Path, d: Path) -> tuple[Path, Path]:
 
 def _no_false_success(out: Path, failed: str | None) -> None:
     """A replay that failed in phase *failed* wrote its trace as evidence, ending with that phase, which
-    does not claim success (``ok`` false, or null when QEMU died before the phase got anywhere; earlier
+    is marked failed (``ok`` false, also when QEMU died before the phase got anywhere; earlier
     phases may have succeeded: they did); an interrupted one (*failed* None) wrote no trace."""
     if failed is None:
         assert not out.exists(), "an interrupted replay wrote its trace as if complete"
         return
     phases = [(p["name"], p["ok"]) for p in tr.load(out)["phases"]]
-    assert phases and phases[-1][0] == failed and phases[-1][1] is not True, phases
+    assert phases and phases[-1][0] == failed and phases[-1][1] is False, phases
 
 
 # --------------------------------------------------------------------------- 2. QEMU killed

@@ -246,21 +246,23 @@ class ReplayFailed(OperationFailed):
         super().__init__(message)
 
 
-def _explain(exc: BaseException, proc: qemu_launch.QemuProcess) -> str:
-    """One line for a failed phase, with QEMU's last words if it died."""
+def _explain(exc: BaseException, proc: qemu_launch.QemuProcess | None) -> str:
+    """One line for a failed phase, with QEMU's last words if it died (*proc* None: it never started)."""
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if not proc.alive():
+    if proc is not None and not proc.alive():
         msg += f" (QEMU exited: {proc.last_stderr(2) or 'no output'})"
     return msg
 
 
 @contextlib.contextmanager
-def _evidence(phase: _trace.Phase, proc: qemu_launch.QemuProcess) -> Iterator[None]:
-    """A failure inside marks *phase* failed, with its one-line reason."""
+def _evidence(phase: _trace.Phase, proc: qemu_launch.QemuProcess | None) -> Iterator[None]:
+    """A failure inside marks *phase* failed, with its one-line reason, unless its outcome is already
+    known (failed: the first reason stays; succeeded: a later failure, e.g. ending QEMU, does not undo it)."""
     try:
         yield
     except BaseException as exc:
-        phase["ok"], phase["error"] = False, _explain(exc, proc)
+        if phase.get("ok") is None:
+            phase["ok"], phase["error"] = False, _explain(exc, proc)
         raise
 
 
@@ -384,8 +386,9 @@ def _restore_phase(run: _Run, traced: _trace.Phase, *, run_after: float,
                                            "replacement": f"-add-fd set={inc.fdset},fd={inc.fd}",
                                            "reason": "our image in the fdset the traced URI names"})
         t0 = time.monotonic()
-        proc = inc.start(plan)
-        with proc.connect(phase=phase) as s:
+        with _evidence(phase, None):  # QEMU that never started (or died at once) fails the phase too
+            proc = inc.start(plan)
+        with _evidence(phase, proc), proc.connect(phase=phase) as s:
             ph = _Phase(traced, phase, s, run.mode, inc, run.progress, pid=inc.reader_pid(), known=run.settings(s))
             with _evidence(phase, proc):
                 _replay_commands(ph, incoming=True)
