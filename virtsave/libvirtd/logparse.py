@@ -53,8 +53,16 @@ hands the tokens, in file order, to ONE state machine (:class:`_Machine`: monito
 reuse, jobs, attribution, and, for the chosen instances, their messages). :func:`list_monitors` is
 one summary pass. :func:`trace_from_log` is a summary pass (which also counts garbage, notes each
 instance's byte range and the runs of jobs that sent its commands) followed by a pass over only the
-chosen instances' byte ranges, the only place where JSON payloads are decoded. Memory stays constant:
-the file is mapped, not read, and the summary keeps one small record per monitor instance.
+chosen instances' byte ranges, the only place where JSON payloads are decoded. When the import names its
+monitors (``monitor=``), both passes hand the state machine the payload probes of those pointers only
+(the tokenizer still checks every probe, for the line counters); if a named monitor is not found, a
+whole summary gives the error its list. Memory stays constant: the file is mapped, not read, and the
+summary keeps one small record per monitor instance.
+
+Cost (CPU, the generated 300 MB log, warm, against ``grep -c QEMU_MONITOR`` ≈ 0.12–0.14 s on it):
+CPython's ``re`` finds a literal at about 1.4× grep's cost per pass and the summary needs three such
+passes (probes, attribution lines, job ends) — ≈ 5.4× grep before any Python runs; the import adds the
+line-statistics pass (≈ 2.7×). The rest is Python per probe line (≈ 1 µs each).
 
 Example::
 
