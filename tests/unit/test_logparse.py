@@ -777,3 +777,49 @@ def test_window_accepts_datetimes_and_iso(tmp_path):
     with pytest.raises(errors.LogError, match="cannot understand time"):
         logparse.trace_from_log(p, since="yesterday")
     assert logparse.scan(p).job_count == 0                 # monitor-only: no job lines
+
+
+def _imports_agree(path: Path, monkeypatch: pytest.MonkeyPatch, monitor, **kw) -> dict:
+    """An import naming its monitors (one pass following their pointers only) gives the trace the
+    whole summary gives (the same import with the focus switched off)."""
+    focused = logparse.trace_from_log(path, monitor=monitor, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(logparse, "_pointers", lambda monitor: None)
+        whole = logparse.trace_from_log(path, monitor=monitor, **kw)
+    focused.pop("created"), whole.pop("created")
+    assert focused == whole
+    return focused
+
+
+def test_import_naming_its_monitor_follows_only_that_pointer(tmp_path, monkeypatch):
+    for fixture, mon, *_ in CASES:
+        _imports_agree(FIX / fixture, monkeypatch, mon)
+    save = read("libvirt-9.0/managedsave-running.log")      # mon 0x7f06e4005180, ends with CLOSE
+    restore = _rewrite(read("libvirt-9.0/managedsave-restore.log"), "0x7f06d41ce2f0", "0x7f06e4005180")
+    reuse = write(tmp_path, "reuse.log", save + restore)
+    for monitor in ("0x7f06e4005180", "0x7f06e4005180#2"):
+        _imports_agree(reuse, monkeypatch, monitor)
+    big = tmp_path / "gen.log"
+    logsynth.generate_log(big, 3)
+    mons = [m for m in logparse.list_monitors(big) if m["role"] != "other"]
+    reused = next(m["key"] for m in logparse.list_monitors(big) if "#" in m["key"] and m["commands"])
+    for monitor in (mons[0]["key"], reused, reused.partition("#")[0], [mons[1]["key"], mons[2]["key"]],
+                    f"{mons[3]['key']}, {mons[4]['pointer']}"):
+        tr = _imports_agree(big, monkeypatch, monitor)
+        assert tr["phases"] and tr["log"]["unphased"] == 0
+    _imports_agree(big, monkeypatch, reused, since=mons[0]["last"])
+    # Handlers of the summary are not called for other pointers' payload probes.
+    seen: set[bytes] = set()
+    real = logparse._Machine.reply
+    monkeypatch.setattr(logparse._Machine, "reply", lambda self, ls, t, ptr, *a: seen.add(ptr) or real(
+        self, ls, t, ptr, *a))
+    logparse.trace_from_log(big, monitor=mons[0]["key"])
+    assert seen == {mons[0]["pointer"].encode()}
+
+
+def test_import_naming_an_unknown_monitor_lists_the_logs_monitors(tmp_path):
+    p = FIX / "libvirt-9.0/managedsave-running.log"
+    with pytest.raises(errors.LogError, match=r"monitor 0x1 not found in log; monitors: 0x7f06e4005180"):
+        logparse.trace_from_log(p, monitor="0x1")
+    with pytest.raises(errors.LogError, match=r"monitor 0x7f06e4005180#2 not found in log; monitors: 0x7f06e40"):
+        logparse.trace_from_log(p, monitor=iter(["0x7f06e4005180", "0x7f06e4005180#2"]))
