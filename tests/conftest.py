@@ -13,12 +13,19 @@ import importlib.metadata
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+# A run started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored,
+# and so would every virtsave the tests start: the Ctrl-C tests would then test nothing. Children get
+# SIGINT's default back (Python then raises KeyboardInterrupt in them, as at a terminal).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
