@@ -125,12 +125,13 @@ def managed_save_path(host: Host, conn_uri: str | None, name: str) -> str:
     return f"{SYSTEM_SAVE_DIR}/{name}.save"
 
 
-def _remote_starts(host: Host, path: str) -> list[domainlog.QemuStart]:
+def _remote_text(host: Host, path: str) -> str | None:
+    """The domain log at *path* on *host*, or None when it cannot be read."""
     with contextlib.suppress(OSError, VirtsaveError):
         data = host.read_bytes(path)
         if data:
-            return domainlog.parse_domain_log_text(data.decode("utf-8", errors="replace"))
-    return []
+            return data.decode("utf-8", errors="replace")
+    return None
 
 
 def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
@@ -141,13 +142,13 @@ def qemu_argv(conn: libvirt.virConnect, name: str, xml: str | None,
     start), else ``domxml-to-native qemu-argv`` of *xml* (an approximation: no fds, no runtime
     paths)."""
     path = Path(domain_log) if domain_log else QEMU_LOG_DIR / f"{name}.log"
-    starts: list[domainlog.QemuStart] = []
+    text: str | None = None
     if host is not None and domain_log is None:
-        starts = _remote_starts(host, domain_log_path(host, conn_uri, name))
+        text = _remote_text(host, domain_log_path(host, conn_uri, name))
     elif path.is_file():
-        with contextlib.suppress(VirtsaveError):
-            starts = domainlog.parse_domain_log(path)
-    start = (domainlog.start_at(starts, when) if when is not None else None) or (starts[-1] if starts else None)
+        with contextlib.suppress(OSError):
+            text = path.read_text(encoding="utf-8", errors="replace")
+    start = domainlog.running_at(text, when) if text else None
     if start is not None and start.argv:
         return list(start.argv)
     if domain_log:
@@ -267,7 +268,7 @@ def _await_job_ends(log: Path, offset: int, steps: list[dict[str, Any]], name: s
                 pending.remove(step)
         if not pending or time.monotonic() >= deadline:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)  # a late job end costs at most this much more
     return [st["phase"] for st in pending]
 
 
