@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -339,16 +340,34 @@ def _owners(bed: SshBed) -> list[int]:
     return []
 
 
+def _remote_trace_started(bed: SshBed, remote_guest: Any) -> tuple[Any, str, guest.TickMark, subprocess.Popen[str]]:
+    """A remote guest being saved by a ``virtsave trace`` (the log settings before it, the guest, its tick
+    mark, the virtsave process)."""
+    before = bed.log_settings()
+    name = remote_guest(512, 300)
+    mark = guest.tick_mark(name)
+    return before, name, mark, popen_cli("-c", bed.uri(), "trace", name, "-o", os.devnull)
+
+
+def _next_command_repairs(bed: SshBed, remote: libvirt.virConnect, name: str, mark: guest.TickMark,
+                          before: Any) -> None:
+    """The next virtsave command against the host puts its log settings back as they were, leaves no
+    capture state there, and the guest is not lost."""
+    p = remote_cli(bed, "list", "--match", name)
+    assert p.returncode == 0, p.stderr
+    assert f"restored libvirtd's log settings on {bed.label}" in p.stderr, p.stderr
+    assert bed.log_settings() == before
+    assert not list(bed.state_dir.glob("logcapture.json*")) and not (bed.state_dir / "logcapture").exists()
+    assert assert_not_lost(bed, remote, name, mark) in ("running", "saved")
+
+
 def _wait_owners_gone(bed: SshBed) -> None:
     """The owner recorded on the remote host (the anchor shell of the dead connection) has ended."""
     wait_for("the remote owner to end", lambda: all(not Path(f"/proc/{p}").exists() for p in _owners(bed)), 90)
 
 
 def test_remote_trace_killed_with_its_ssh_is_repaired_by_the_next_command(bed, remote, remote_guest):
-    before = bed.log_settings()
-    name = remote_guest(512, 300)
-    mark = guest.tick_mark(name)
-    proc = popen_cli("-c", bed.uri(), "trace", name, "-o", os.devnull)
+    before, name, mark, proc = _remote_trace_started(bed, remote_guest)
     try:
         wait_for("the remote capture to be on", lambda: (bed.state_dir / "logcapture.json").exists()
                  and _capture_on(bed), proc=proc)
@@ -359,22 +378,14 @@ def test_remote_trace_killed_with_its_ssh_is_repaired_by_the_next_command(bed, r
     assert _capture_on(bed), "the kill left nothing to repair: the test did not test"
     assert (bed.state_dir / "logcapture.json").exists()
 
-    p = remote_cli(bed, "list", "--match", name)
-    assert p.returncode == 0, p.stderr
-    assert f"restored libvirtd's log settings on {bed.label}" in p.stderr, p.stderr
-    assert bed.log_settings() == before
-    assert not list(bed.state_dir.glob("logcapture.json*")) and not (bed.state_dir / "logcapture").exists()
-    assert assert_not_lost(bed, remote, name, mark) in ("running", "saved")
+    _next_command_repairs(bed, remote, name, mark, before)
 
 
 def test_remote_trace_whose_ssh_dies_says_so_and_the_next_command_repairs(bed, remote, remote_guest):
     """The network to the host goes away during a trace (all its ssh connections die, no new login
     possible): the trace fails in one line, saying the settings there could not be put back; once
     the host is reachable again the next command puts them back."""
-    before = bed.log_settings()
-    name = remote_guest(512, 300)
-    mark = guest.tick_mark(name)
-    proc = popen_cli("-c", bed.uri(), "trace", name, "-o", os.devnull)
+    before, name, mark, proc = _remote_trace_started(bed, remote_guest)
     try:
         wait_for("the remote capture to be on", lambda: (bed.state_dir / "logcapture.json").exists()
                  and _capture_on(bed), proc=proc)
@@ -392,12 +403,7 @@ def test_remote_trace_whose_ssh_dies_says_so_and_the_next_command_repairs(bed, r
     _wait_owners_gone(bed)
     assert _capture_on(bed)
 
-    p = remote_cli(bed, "list", "--match", name)
-    assert p.returncode == 0, p.stderr
-    assert f"restored libvirtd's log settings on {bed.label}" in p.stderr, p.stderr
-    assert bed.log_settings() == before
-    assert not list(bed.state_dir.glob("logcapture.json*")) and not (bed.state_dir / "logcapture").exists()
-    assert assert_not_lost(bed, remote, name, mark) in ("running", "saved")
+    _next_command_repairs(bed, remote, name, mark, before)
 
 
 def test_bed_leaves_no_sshd_listening_beyond_loopback(bed):
