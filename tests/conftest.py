@@ -8,6 +8,7 @@ tests only ever touch domains they created, and remove them also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -31,6 +32,24 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 VIRTSAVE = [sys.executable, "-m", "virtsave.cli"]
 URI = os.environ.get("VIRTSAVE_TEST_URI", "qemu:///system")
+
+
+def kill_qemus(pids: list[int]) -> None:
+    """End the QEMUs this process's launcher started, then the ones a test started by hand (*pids*)."""
+    from virtsave.qemu import launch as qemu_launch
+
+    qemu_launch.stop_all()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def our_qemus() -> Iterator[list[int]]:
+    """Pids of QEMUs a test started or found; killed at teardown (only these, and the launcher's)."""
+    pids: list[int] = []
+    yield pids
+    kill_qemus(pids)
 
 
 @pytest.fixture(scope="session")

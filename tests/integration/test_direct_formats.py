@@ -9,12 +9,8 @@ filler's random data.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import uuid as _uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,6 @@ from conftest import needs_mapped_ram, require_format, restore_unavailable
 from virtsave.core.operation import SaveOptions
 from virtsave.harness import guest
 from virtsave.image import saveimage
-from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu import migration
 from virtsave.qemu.backend import DirectBackend
 from virtsave.trace import model as trace
@@ -31,16 +26,6 @@ from virtsave.trace import model as trace
 pytestmark = pytest.mark.integration
 
 GUEST_DIR = "/var/lib/virtsave/guest"
-
-
-@pytest.fixture
-def hand_qemus() -> Iterator[list[int]]:
-    pids: list[int] = []
-    yield pids
-    qemu_launch.stop_all()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _hand_started(name: str, uid: str, sock: Path, fill: int) -> list[str]:
@@ -63,14 +48,14 @@ SLOW = ("xz", "bzip2")
 @pytest.mark.parametrize(("fmt", "extra"), [
     *[pytest.param(f, (), marks=pytest.mark.slow) if f in SLOW else (f, ()) for f in migration.COMPRESSORS],
     pytest.param("zstd", ("--bypass-cache",), id="zstd-bypass-cache")])
-def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, workdir, hand_qemus, fmt, extra):
+def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, workdir, our_qemus, fmt, extra):
     name, uid, fill = guest.unique_name(), str(_uuid.uuid4()), 8
     xml_file = workdir / "dom.xml"
     xml_file.write_text(guest.guest_xml(name, 256, fill, domain_uuid=uid))
     sock = workdir / "qmp.sock"
     q = subprocess.Popen(_hand_started(name, uid, sock, fill), stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    hand_qemus.append(q.pid)
+    our_qemus.append(q.pid)
     try:
         guest.wait_tick(name, 2, timeout=120)
         img = workdir / f"g.{fmt}.save"
@@ -96,7 +81,7 @@ def test_direct_save_in_every_compressed_format_restores_in_libvirt(cli, conn, w
 
 
 @needs_mapped_ram
-def test_a_qemu_restored_from_sparse_saves_zstd_that_libvirt_restores(conn, workdir, hand_qemus):
+def test_a_qemu_restored_from_sparse_saves_zstd_that_libvirt_restores(conn, workdir, our_qemus):
     """Sparse save, restore reading with O_DIRECT (--bypass-cache), then a zstd save of that restored
     QEMU: mapped-ram, multifd and direct-io it was loaded with must not leak into the piped stream."""
     name, uid, fill = guest.unique_name(), str(_uuid.uuid4()), 8
@@ -104,7 +89,7 @@ def test_a_qemu_restored_from_sparse_saves_zstd_that_libvirt_restores(conn, work
     argv = _hand_started(name, uid, workdir / "qmp.sock", fill)[:-2]  # the backend adds its own QMP
     try:
         with DirectBackend(argv, serial_log=guest.serial_log(name)) as b:
-            hand_qemus.append(b.launch().pid)
+            our_qemus.append(b.launch().pid)
             guest.wait_tick(name, 2, timeout=120)
             sparse, zimg = workdir / "s.save", workdir / "z.save"
             b.save(b.target, sparse, SaveOptions(image_format="sparse", parallel_channels=2, bypass_cache=True,
@@ -113,7 +98,7 @@ def test_a_qemu_restored_from_sparse_saves_zstd_that_libvirt_restores(conn, work
             mark = guest.tick_mark(name)
             res = b.restore(sparse, SaveOptions(parallel_channels=2, bypass_cache=True))
             assert res.state == "running" and b.qemu is not None
-            hand_qemus.append(b.qemu.pid)
+            our_qemus.append(b.qemu.pid)
             assert guest.wait_ticks_continue(mark, timeout=60).survived
             b.save(b.target, zimg, SaveOptions(image_format="zstd", xml=xml))
         assert saveimage.read_header_path(zimg, allow_partial=False).format == "zstd"

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -78,13 +77,8 @@ def real_guest(conn):
 
 
 @pytest.fixture(autouse=True)
-def _kill_our_qemus():
-    pids: list[int] = []
-    yield pids
-    qemu_launch.stop_all()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def _kill_our_qemus(our_qemus: list[int]) -> list[int]:
+    return our_qemus
 
 
 def _sha(path: str | Path) -> str:

@@ -265,17 +265,6 @@ def full_fs() -> Iterator[Path]:
         yield d
 
 
-@pytest.fixture
-def our_qemus() -> Iterator[list[int]]:
-    """Pids of QEMUs a test started or found; killed at teardown (only these)."""
-    pids: list[int] = []
-    yield pids
-    qemu_launch.stop_all()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def big_trace(conn, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     """``virtsave trace`` of a 512 MiB guest (480 MiB filled): the input of the direct-path faults.

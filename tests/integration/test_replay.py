@@ -5,12 +5,10 @@ Each test kills every QEMU it launched (also on failure). Guests are 256 MiB.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import uuid as _uuid
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from badinput import make_qemu_wrapper
-from conftest import QEMU_VERSION, needs_mapped_ram, require_format
+from conftest import QEMU_VERSION, kill_qemus, needs_mapped_ram, require_format
 
 from virtsave.harness import guest
 from virtsave.image import saveimage
@@ -41,10 +39,7 @@ _RUN_DIRS: list[str] = []
 def _kill_our_qemus():
     pids: list[int] = []
     yield pids
-    qemu_launch.stop_all()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_qemus(pids)
     while _RUN_DIRS:  # left by 'direct restore' (its QEMU outlives the command)
         shutil.rmtree(_RUN_DIRS.pop(), ignore_errors=True)
 
