@@ -10,7 +10,7 @@ Per repetition (guest RAM ``ram_mib``, ``fill_mib`` of it filled with non-zero d
   managed save against an untraced one (P4);
 - direct: a QEMU launched from the libvirt domain's own command line, saved with mapped-ram +
   multifd straight into the image (O_DIRECT, QEMU's ``direct-io``) and ``quit``, restored to
-  running (pages read with O_DIRECT); then saved as zstd through ``zstd -T0``, written with
+  running (pages read with O_DIRECT); then saved as zstd through ``zstd`` (threads by CPU count), written with
   O_DIRECT (P8; libvirt's zstd save is measured plain, as the issue defines P8, and with
   ``--bypass-cache`` for context);
 - the disk's limits (:mod:`virtsave.harness.benchlimits`: the faster of ``dd`` O_DIRECT and buffered,
@@ -56,6 +56,7 @@ from virtsave.harness.benchreport import Figure, OpPair, Samples, render_table, 
 from virtsave.image import saveimage
 from virtsave.libvirtd import capture, domainlog, host, logparse
 from virtsave.libvirtd.backend import LibvirtBackend
+from virtsave.qemu import migration
 from virtsave.qemu.backend import DirectBackend
 
 __all__ = ["GOALS", "SAMPLES", "SCALE_SIZES", "Config", "Result", "figures", "machine_description", "run",
@@ -308,7 +309,8 @@ def _direct_rounds(cfg: Config, dq: DirectBackend, xml: str, work: Path, s: dict
         os.unlink(img)
         if not zstd:
             continue
-        log(f"[{r + 1}/{cfg.repeats}] direct save --image-format zstd --bypass-cache (zstd -T0, dd O_DIRECT) / restore")
+        log(f"[{r + 1}/{cfg.repeats}] direct save --image-format zstd --bypass-cache "
+            f"(zstd {migration.zstd_threads()}, dd O_DIRECT) / restore")
         target = dq.target
         zsave = SaveOptions(image_format="zstd", bypass_cache=True, xml=xml)
         s["direct zstd save"].values.append(_timed(lambda: dq.save(target, zimg, zsave))[0])  # noqa: B023

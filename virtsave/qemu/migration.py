@@ -63,25 +63,29 @@ from virtsave.image import saveimage
 from virtsave.qemu import launch as qemu_launch
 from virtsave.qemu.qmp import QMPSession
 
-__all__ = ["COMPRESSORS", "END_WAYS", "FDSET_URI", "UNLIMITED_BANDWIDTH", "Incoming", "Outgoing", "await_completion",
+__all__ = ["COMPRESSORS", "END_WAYS", "FDSET_URI", "UNLIMITED_BANDWIDTH", "ZSTD_THREADS", "Incoming", "Outgoing",
+           "await_completion",
            "compressor_argv", "create_image",
            "end_saved_qemu", "exec_restore_uri", "exec_save_uri", "has_file_uri", "loading",
-           "migration_progress", "open_image", "qemu_version", "saving", "synthesize_xml", "wait_exec_helper"]
+           "migration_progress", "open_image", "qemu_version", "saving", "synthesize_xml", "wait_exec_helper",
+           "zstd_threads"]
 
 #: libvirt's "unlimited" migration bandwidth (QEMU's default of 128 MiB/s would throttle us).
 UNLIMITED_BANDWIDTH = 9223372036853727232
 FDSET_URI = re.compile(r"^file:/dev/fdset/(\d+)(?:,offset=(0x[0-9a-fA-F]+|\d+))?$")
 TRANSPORTS = ("unix", "tcp")
+#: Stands in :data:`COMPRESSORS` for zstd's thread option, chosen by :func:`zstd_threads`.
+ZSTD_THREADS = "{zstd-threads}"
 #: Compressors of libvirt's compressed formats, best first: each reads QEMU's stream on stdin and
 #: writes what libvirt's ``FORMAT -dc`` reads back, at the tool's default level (libvirt runs
 #: ``FORMAT -c``). The multi-threaded ones are tried first (pigz / lbzip2 / pbzip2 when installed;
-#: ``xz -T0`` and ``zstd -T0``); lzop has no threads.
+#: ``xz -T0``); zstd's threads follow the CPUs (:func:`zstd_threads`); lzop has no threads.
 COMPRESSORS: dict[str, tuple[tuple[str, ...], ...]] = {
     "gzip": (("pigz", "-c"), ("gzip", "-c")),
     "bzip2": (("lbzip2", "-c"), ("pbzip2", "-c"), ("bzip2", "-c")),
     "xz": (("xz", "-c", "-T0"),),
     "lzop": (("lzop", "-c"),),
-    "zstd": (("zstd", "-c", "-q", "-T0"),),
+    "zstd": (("zstd", "-c", "-q", ZSTD_THREADS),),
 }
 #: The pipe between QEMU and the compressor (libvirt's iohelper pipe is 1 MiB as well).
 PIPE_SIZE = 1024 * 1024
@@ -126,11 +130,28 @@ def synthesize_xml(session: QMPSession) -> str:
             f"<vcpu>{cpus}</vcpu><os><type arch='x86_64'>hvm</type></os></domain>")
 
 
+def zstd_threads(cpus: int | None = None) -> str:
+    """zstd's thread option for a save on *cpus* CPUs (default: the CPUs this process may run on).
+
+    QEMU's migration thread and the writer behind zstd each keep a CPU busy; zstd's workers get the
+    rest, and with one or none to spare zstd compresses in its own I/O thread (``--single-thread``).
+    Measured on 2 CPUs (2 GiB guest, 1.5 GiB random data, 3 runs each): ``--single-thread`` 2.25–2.67 s,
+    ``-T1`` 2.68–3.02 s, ``-T2`` 2.85–2.89 s, ``-T0`` 2.94–3.42 s; the images' sizes within 0.02 %.
+
+    >>> zstd_threads(2), zstd_threads(3), zstd_threads(8)
+    ('--single-thread', '--single-thread', '-T6')
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0))
+    spare = cpus - 2
+    return "--single-thread" if spare <= 1 else f"-T{spare}"
+
+
 def compressor_argv(image_format: str) -> list[str]:
     """The compressor command for *image_format*: the first of :data:`COMPRESSORS` installed.
 
-    >>> compressor_argv("zstd")
-    ['zstd', '-c', '-q', '-T0']
+    >>> compressor_argv("zstd")[:3], compressor_argv("zstd")[3] == zstd_threads()
+    (['zstd', '-c', '-q'], True)
     >>> compressor_argv("sparse")
     Traceback (most recent call last):
     ...
@@ -141,7 +162,7 @@ def compressor_argv(image_format: str) -> list[str]:
         raise UnsupportedError(f"{image_format} is not a compressed image format")
     for argv in choices:
         if shutil.which(argv[0]):
-            return list(argv)
+            return [zstd_threads() if a == ZSTD_THREADS else a for a in argv]
     raise UnsupportedError(f"no compressor for {image_format} images installed "
                            f"({' or '.join(a[0] for a in choices)})")
 
