@@ -61,7 +61,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from virtsave.core import paths as config
 from virtsave.core.errors import ConnectionFailed, LogError, UnsupportedError
@@ -279,22 +278,13 @@ def admin_uri_for(uri: str | None, host: Host | None = None) -> str:
 
 
 def admin_socket(admin_uri: str) -> Path | None:
-    """The Unix socket behind admin URI *admin_uri* (its ``?socket=`` when given), or None.
+    """The Unix socket behind admin URI *admin_uri* (:func:`adminrpc.socket_for`), as a path, or None.
 
     >>> admin_socket("libvirtd:///system"), admin_socket("libvirtd:///system?socket=/tmp/a.sock")
     (PosixPath('/run/libvirt/libvirt-admin-sock'), PosixPath('/tmp/a.sock'))
     """
-    parts = urlsplit(admin_uri)
-    sock = parse_qs(parts.query).get("socket")
-    if sock:
-        return Path(sock[0])
-    name = {"libvirtd": "libvirt-admin-sock", "virtqemud": "virtqemud-admin-sock"}.get(parts.scheme)
-    if name is None:
-        return None
-    if parts.path.startswith("/session"):
-        runtime = os.environ.get("XDG_RUNTIME_DIR")
-        return Path(runtime) / "libvirt" / name if runtime else None
-    return Path("/run/libvirt") / name
+    path = adminrpc.socket_for(admin_uri)
+    return None if path is None else Path(path)
 
 
 def daemon_identity(admin_uri: str) -> list[int] | None:
