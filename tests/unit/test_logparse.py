@@ -428,6 +428,23 @@ def test_bench_p5_times_the_parser_against_grep(tmp_path):
     assert all(r > 1e6 for r in s["log import rate (CPU)"].values)
     ratios = bench.parser_ratios(s)
     assert set(ratios) == {"P5", "P5b"} and set(bench.GOALS) >= {"P5", "P5b"}
+    assert all(len(s[name].values) == 2 and min(s[name].values) >= 0 for name in bench.FLOORS.values())
+    floors = bench.parser_floors(s)
+    assert set(floors) == {"P5", "P5b"} and all(v == v for v in floors.values())      # measured, not NaN
+    assert "P5b" in bench.floor_notes(floors)[1]
+
+
+@pytest.mark.parametrize("name", ["libvirt-9.0-attributed/managedsave-running.log",
+                                  "libvirt-11.3-attributed/managedsave-running.log"])
+def test_scan_floor_runs_the_lexers_passes(name):
+    """The P5 floor visits what the parser's passes find: an import's passes add one match per line
+    (the line statistics) and one per IO_WRITE probe (the summary skips those) to the summary's."""
+    path = FIX / name
+    data = path.read_bytes()
+    summary, whole = logparse.scan_floor(path), logparse.scan_floor(path, whole=True)
+    probes = len(re.findall(rb"QEMU_MONITOR_(?:SEND_MSG|RECV_REPLY|RECV_EVENT|NEW|CLOSE|IO_SEND_FD): ", data))
+    assert summary >= probes > 0
+    assert whole - summary == data.count(b"\n") - data.endswith(b"\n") + data.count(b"QEMU_MONITOR_IO_WRITE: ")
 
 
 def test_restore_then_save_on_one_instance(tmp_path):

@@ -160,10 +160,16 @@ def _wait_filled(serial: Path, timeout: float = 900) -> None:
 # --------------------------------------------------------------------------- P5: the log parser
 
 
+#: The floors of P5 and P5b: the parser's own regex passes with nothing done per line
+#: (:func:`logparse.scan_floor`), timed on the same log in the same repetition.
+FLOORS = {"P5": "log import floor: its regex passes alone (CPU)",
+          "P5b": "log summary floor: its regex passes alone (CPU)"}
+
+
 def parser_samples() -> dict[str, Samples]:
     """The P5 sample series (CPU seconds and MB/s; wall seconds beside them, for the record)."""
     names = ("grep -c QEMU_MONITOR (CPU)", "log summary (CPU)", "log import (CPU)",
-             "grep -c QEMU_MONITOR (wall)", "log summary (wall)", "log import (wall)")
+             "grep -c QEMU_MONITOR (wall)", "log summary (wall)", "log import (wall)", *FLOORS.values())
     out = {n: Samples(n) for n in names}
     out.update({n: Samples(n, unit="B/s") for n in ("log summary rate (CPU)", "log import rate (CPU)")})
     return out
@@ -182,8 +188,9 @@ def measure_parser(path: Path, size_mb: float, repeats: int, s: dict[str, Sample
     """P5: generate a libvirtd log of *size_mb* MB at *path*, then per repetition time, warm and back to
     back, ``grep -c QEMU_MONITOR`` on it, the summary pass (:func:`logparse.list_monitors`) and a whole
     ``trace --from-log`` import (:func:`capture.import_log`, one save/restore monitor picked before
-    the clock starts). CPU time is the measure: on a shared machine a 0.1 s grep's wall time varies
-    several-fold with the load, what each costs does not. The file is removed afterwards.
+    the clock starts), and the floor of each (:data:`FLOORS`). CPU time is the measure: on a shared
+    machine a 0.1 s grep's wall time varies several-fold with the load, what each costs does not. The
+    file is removed afterwards.
     """
     logsynth.generate_log(path, size_mb)
     try:
@@ -199,21 +206,40 @@ def measure_parser(path: Path, size_mb: float, repeats: int, s: dict[str, Sample
             for what, (wall, cpu) in (("grep -c QEMU_MONITOR", grep), ("log summary", summary), ("log import", full)):
                 s[f"{what} (wall)"].values.append(wall)
                 s[f"{what} (CPU)"].values.append(cpu)
+            s[FLOORS["P5b"]].values.append(_cpu_timed(lambda: logparse.scan_floor(path))[1])
+            s[FLOORS["P5"]].values.append(_cpu_timed(lambda: logparse.scan_floor(path, whole=True))[1])
             s["log summary rate (CPU)"].values.append(size / max(summary[1], 1e-9))
             s["log import rate (CPU)"].values.append(size / max(full[1], 1e-9))
     finally:
         path.unlink(missing_ok=True)
 
 
+def _per_grep(s: dict[str, Samples], name: str) -> float:
+    """Median of *name* ÷ grep per repetition (each ran back to back with its grep)."""
+    grep = s["grep -c QEMU_MONITOR (CPU)"].values
+    pairs = [a / g for a, g in zip(s[name].values, grep, strict=True) if g > 0]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
 def parser_ratios(s: dict[str, Samples]) -> dict[str, float]:
     """P5 and P5b: median of the per-repetition ratios (each pair ran back to back with its grep)."""
-    grep = s["grep -c QEMU_MONITOR (CPU)"].values
+    return {"P5": _per_grep(s, "log import (CPU)"), "P5b": _per_grep(s, "log summary (CPU)")}
 
-    def ratio(name: str) -> float:
-        pairs = [a / g for a, g in zip(s[name].values, grep, strict=True) if g > 0]
-        return statistics.median(pairs) if pairs else float("nan")
 
-    return {"P5": ratio("log import (CPU)"), "P5b": ratio("log summary (CPU)")}
+def parser_floors(s: dict[str, Samples]) -> dict[str, float]:
+    """The floors of P5 and P5b, in the same unit (÷ grep): what the parser's regex passes alone cost."""
+    return {k: _per_grep(s, name) for k, name in FLOORS.items()}
+
+
+def floor_notes(floors: dict[str, float]) -> list[str]:
+    """The report's lines on the P5/P5b floors (what the goal is up against).
+
+    >>> floor_notes({"P5": 8.8, "P5b": 5.2})[1]
+    '  P5  8.8 × grep (goal <= 10), P5b 5.2 × grep (goal <= 5)'
+    """
+    return ["floor of P5/P5b: the parser's own regex passes with nothing done per line, same log and run:",
+            f"  P5 {floors['P5']:4.1f} × grep (goal {GOALS['P5'][1]} {GOALS['P5'][2]:g}), "
+            f"P5b {floors['P5b']:.1f} × grep (goal {GOALS['P5b'][1]} {GOALS['P5b'][2]:g})"]
 
 
 def machine_description() -> str:
@@ -436,12 +462,15 @@ def run(cfg: Config) -> Result:
     figs = figures(s, limits)
     samples = list(s.values())
     machine = machine_description()
+    floors = parser_floors(s)
+    notes = floor_notes(floors)
     meta = {"machine": machine, "preset": cfg.preset, "ram_mib": cfg.ram_mib,
             "fill_mib": cfg.fill_mib, "repeats": cfg.repeats, "channels": cfg.channels,
             "libvirt": vers.libvirt, "qemu": vers.qemu, "direct_image_header": header, "limits": limits,
-            "bulk": dataclasses.asdict(cfg.bulk), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "bulk": dataclasses.asdict(cfg.bulk), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "parser_floors": floors, "notes": notes}
     paths = write_results(cfg.outdir, figs, samples, meta, _operations(s))
-    return Result(figs, samples, paths, render_table(figs, samples, machine), meta)
+    return Result(figs, samples, paths, render_table(figs, samples, machine, notes), meta)
 
 
 def _scale_point(cfg: Config, lv: LibvirtBackend, ram: int, work: Path) -> list[dict[str, Any]]:

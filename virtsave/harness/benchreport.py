@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,22 @@ class Figure:
         return {**asdict(self), "passed": self.passed}
 
 
-def render_table(figures: list[Figure], samples: list[Samples], machine: str) -> str:
-    """Plain-text table (also pasted into the README)."""
+def render_table(figures: list[Figure], samples: list[Samples], machine: str, notes: Iterable[str] = ()) -> str:
+    """Plain-text table (also pasted into the README); *notes*: lines printed under the figures.
+
+    >>> lines = render_table([Figure("P9", "x ÷ y", 0.5, "<=", 1.0)], [], "m", ["a note"]).splitlines()
+    >>> lines[4].split()[-1], lines[5:7]
+    ('pass', ['', 'a note'])
+    """
     lines = [f"machine: {machine}", "",
              f"{'':4} {'figure':58} {'value':>8} {'goal':>9}  result",
              f"{'':4} {'-' * 58} {'-' * 8} {'-' * 9}  ------"]
     for f in figures:
         mark = "pass" if f.passed else "MISS"
         lines.append(f"{f.key:4} {f.title[:58]:58} {f.value:8.3f} {f.op + ' ' + format(f.goal, 'g'):>9}  {mark}")
+    notes = list(notes)
+    if notes:
+        lines += ["", *notes]
     lines += ["", f"{'samples':44} {'median':>10} {'spread':>10}  n"]
     for s in samples:
         if s.unit == "B/s":
@@ -106,7 +115,7 @@ def write_results(outdir: str | os.PathLike[str], figures: list[Figure], samples
     """Write ``bench.json``, ``bench.txt`` and (when matplotlib is there) ``bench.png``."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    table = render_table(figures, samples, meta.get("machine", "?"))
+    table = render_table(figures, samples, meta.get("machine", "?"), meta.get("notes", ()))
     paths = {"json": out / "bench.json", "txt": out / "bench.txt", "png": out / "bench.png"}
     paths["json"].write_text(json.dumps({"meta": meta, "figures": [f.to_dict() for f in figures],
                                          "samples": [s.to_dict() for s in samples],
