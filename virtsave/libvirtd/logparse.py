@@ -1487,8 +1487,9 @@ def scan_floor(path: str | os.PathLike[str], *, whole: bool = False) -> int:
     visited = 0
     with _Mapped(path) as log:
         buf, pos, size = log.buf, 0, len(log.buf)
+        chunks = _Lexer(buf, None, kinds=(), rules=False)       # its chunking only
         while pos < size:
-            end = size if size - pos <= _CHUNK else buf.find(b"\n", pos + _CHUNK) + 1 or size
+            end = chunks._chunk_end(pos, size)
             if whole:                               # the line statistics, as _Lexer._count_lines
                 visited += Counter(_RX_LINE_HEADS.findall(buf, max(pos - 1, 0), end - 1)).total()
             for rx in rxs:
